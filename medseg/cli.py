@@ -1,0 +1,85 @@
+"""``medseg <verb>``: the command line, with verbs in the order of a user's workflow.
+
+Every verb imports its work lazily (so ``medseg --help`` is instant) and every :class:`~medseg.errors.MedsegError`
+is printed as one readable line with a non-zero exit code; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from medseg.errors import MedsegError
+
+__all__ = ["main"]
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from medseg.data.prepare.command import run_prepare
+
+    return run_prepare(args.names, check=args.check, output=args.output, force=args.force, seed=args.seed)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from medseg.data.prepare.command import run_prepare
+
+    return run_prepare(args.datasets, check=True, only_check=True)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from medseg.data.convert import convert_dataset
+
+    convert_dataset(args.format, args.source, dataset_id=args.id, name=args.name, output=args.output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description="Adapt foundation models to CT and MRI segmentation.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    prepare = verbs.add_parser(
+        "prepare",
+        help="build a demo dataset (synthetic, mni-tissue) in $MEDSEG_DATA, or check one with --check",
+        description="Build the named datasets in the nnU-Net v2 layout, then (with --check) validate them. "
+        "A name that is not a builder is looked up as an existing dataset and only checked.",
+    )
+    prepare.add_argument("names", nargs="+", metavar="NAME", help="builder name (synthetic, mni-tissue) or dataset")
+    prepare.add_argument("--check", action="store_true", help="validate the dataset(s); exit non-zero on problems")
+    prepare.add_argument("--output", default=None, help="folder for the datasets (default: $MEDSEG_DATA)")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if the dataset already exists")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the builders' randomness")
+    prepare.set_defaults(func=_cmd_prepare)
+
+    validate = verbs.add_parser("validate", help="report every problem of a dataset in one pass (same as --check)")
+    validate.add_argument("datasets", nargs="+", metavar="DATASET", help="path, DatasetNNN_Name, ID or short name")
+    validate.set_defaults(func=_cmd_validate)
+
+    convert = verbs.add_parser("convert", help="convert a public dataset's download into the nnU-Net v2 layout")
+    convert.add_argument("format", help="source layout: msd, btcv, kits, amos, brats")
+    convert.add_argument("source", help="the downloaded (extracted) dataset folder")
+    convert.add_argument("--id", type=int, required=True, help="nnU-Net dataset ID (3 digits) for DatasetNNN_Name")
+    convert.add_argument("--name", default=None, help="dataset name (default: from the source)")
+    convert.add_argument("--output", default=None, help="folder for the dataset (default: $MEDSEG_DATA)")
+    convert.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MedsegError as err:
+        if args.debug:
+            raise
+        print(f"medseg {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Builders of ready-to-use datasets in the nnU-Net v2 raw layout (``medseg prepare NAME``)."""
