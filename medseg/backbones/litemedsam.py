@@ -33,6 +33,7 @@ __all__ = [
     "LiteMedSAMBackbone",
     "build_litemedsam_components",
     "locate_litemedsam_weights",
+    "verify_sha256",
 ]
 
 LITEMEDSAM_FILENAME = "lite_medsam.pth"
@@ -71,8 +72,12 @@ def locate_litemedsam_weights() -> Path:
     return path
 
 
-def verify_sha256(path: Path, expected: str = LITEMEDSAM_SHA256) -> None:
-    """Raise :class:`WeightsError` unless ``path`` hashes to ``expected`` (cached per path, size and mtime)."""
+def verify_sha256(path: Path, expected: str | None = None) -> None:
+    """Raise :class:`WeightsError` unless ``path`` hashes to ``expected`` (default :data:`LITEMEDSAM_SHA256`).
+
+    The hash is cached per path, size and modification time, so repeated builds do not re-read 39 MB.
+    """
+    expected = expected or LITEMEDSAM_SHA256
     stat = path.stat()
     actual = _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
     if actual != expected:
