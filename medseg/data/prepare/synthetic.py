@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medseg.data.prepare.writing import building_dataset, case_paths, write_dataset_json, write_nifti
+from medseg.data.formats import write_dataset_json
+from medseg.data.prepare.writing import building_dataset, case_paths, write_nifti
 from medseg.errors import ConfigError
 
 __all__ = [
@@ -106,19 +107,20 @@ class _Blob:
     amplitudes: np.ndarray  # (W,) fraction of the radius
 
     def inside(self, points: np.ndarray) -> np.ndarray:
+        """Membership of world points given as a ``(3, N)`` array in mm."""
         # Only points within the blob's reach can be inside; testing those alone keeps building fast.
         reach = self.semi_axes.max() * (1.0 + self.amplitudes.sum())
-        near = np.ones(len(points), dtype=bool)
+        near = np.abs(points[0] - self.center[0]) < reach
+        near &= np.abs(points[1] - self.center[1]) < reach
+        near &= np.abs(points[2] - self.center[2]) < reach
+        offset = points[:, near] - self.center[:, None]
+        radius_sq = np.zeros(offset.shape[1])
         for axis in range(3):
-            near &= np.abs(points[:, axis] - self.center[axis]) < reach
-        offset = points[near] - self.center
-        radius_sq = np.zeros(len(offset))
-        for axis in range(3):
-            radius_sq += (offset @ self.rotation[:, axis] / self.semi_axes[axis]) ** 2
-        wobble = np.zeros(len(offset))
+            radius_sq += (self.rotation[:, axis] @ offset / self.semi_axes[axis]) ** 2
+        wobble = np.zeros(offset.shape[1])
         for wave, phase, amplitude in zip(self.waves, self.phases, self.amplitudes):
-            wobble += amplitude * np.sin(offset @ wave + phase)
-        result = np.zeros(len(points), dtype=bool)
+            wobble += amplitude * np.sin(wave @ offset + phase)
+        result = np.zeros(points.shape[1], dtype=bool)
         result[near] = np.sqrt(radius_sq) + wobble < 1.0
         return result
 
@@ -187,10 +189,10 @@ class _Anatomy:
         )
 
     def evaluate(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Noise-free HU and labels at world points ``(N, 3)`` in mm; later structures paint over earlier ones."""
-        hu = np.full(len(points), HU["air"], dtype=np.float32)
-        label = np.zeros(len(points), dtype=np.uint8)
-        x, y, z = points[:, 0], points[:, 1], points[:, 2]
+        """Noise-free HU and labels at world points ``(3, N)`` in mm; later structures paint over earlier ones."""
+        hu = np.full(points.shape[1], HU["air"], dtype=np.float32)
+        label = np.zeros(points.shape[1], dtype=np.uint8)
+        x, y, z = points
         body = (x / self.body[0]) ** 2 + (y / self.body[1]) ** 2 < 1
         inner = (x / (self.body[0] - self.fat_mm)) ** 2 + (y / (self.body[1] - self.fat_mm)) ** 2 < 1
         hu[body] = HU["fat"]
@@ -216,8 +218,8 @@ class _Anatomy:
 
     def bias(self, points: np.ndarray, hu: np.ndarray) -> np.ndarray:
         """Apply the smooth world-defined bias: ``(HU + 1000) * (1 + g sin) - 1000 + o cos``."""
-        gain = 1.0 + self.bias_gain * np.sin(points @ self.bias_waves[0] + self.bias_phases[0])
-        offset = self.bias_offset_hu * np.cos(points @ self.bias_waves[1] + self.bias_phases[1])
+        gain = 1.0 + self.bias_gain * np.sin(self.bias_waves[0] @ points + self.bias_phases[0])
+        offset = self.bias_offset_hu * np.cos(self.bias_waves[1] @ points + self.bias_phases[1])
         return ((hu + 1000.0) * gain - 1000.0 + offset).astype(np.float32)
 
 
@@ -256,8 +258,13 @@ def make_phantom(
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     anatomy = _Anatomy.draw(rng)
     affine = phantom_affine(shape, spacing, orientation, oblique_degrees, oblique_axis)
-    indices = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
-    points = indices.reshape(-1, 3) @ affine[:3, :3].T + affine[:3, 3]
+    i, j, k = (np.arange(n, dtype=np.float64) for n in shape)
+    points = np.stack(
+        [
+            (a[0] * i[:, None, None] + a[1] * j[None, :, None] + a[2] * k[None, None, :] + a[3]).ravel()
+            for a in affine[:3]
+        ]
+    )  # (3, N) world mm of every voxel centre, in C order
     hu, label = anatomy.evaluate(points)
     if bias:
         hu = anatomy.bias(points, hu)
@@ -269,20 +276,21 @@ def make_phantom(
 
 
 def _case_geometry(rng: np.random.Generator, index: int, shape, reorient: bool, oblique: bool) -> dict:
-    """Per-case grid: ~100-115 mm in-plane field of view, 2-3 mm slices, orientation and tilt by case index."""
+    """Per-case grid: 100-115 mm in-plane field of view, slices 1.6-2.4x thicker than the in-plane spacing."""
     if shape is None:
         in_plane = int(rng.choice([64, 80, 96]))
         world_shape = (in_plane, in_plane, int(rng.choice([32, 40, 48])))
     else:
         world_shape = None
     fov = rng.uniform(100.0, 115.0)
-    slice_mm = rng.uniform(2.0, 3.0)
+    anisotropy = rng.uniform(1.6, 2.4)  # slice thickness / in-plane spacing, as in clinical CT
     code = _CASE_ORIENTATIONS[index % len(_CASE_ORIENTATIONS)] if reorient else "RAS"
     order = [_AXES[c][0] for c in code]  # world axis of each array axis
     if world_shape is None:
         array_shape = tuple(int(n) for n in shape)
         world_shape = tuple(array_shape[order.index(w)] for w in range(3))
-    world_spacing = (fov / world_shape[0], fov / world_shape[0], slice_mm)
+    in_plane_mm = fov / world_shape[0]
+    world_spacing = (in_plane_mm, in_plane_mm, in_plane_mm * anisotropy)
     tilt = rng.uniform(5.0, 15.0) * rng.choice([-1, 1]) if oblique and index % 3 == 2 else 0.0
     return {
         "shape": tuple(int(world_shape[w]) for w in order),

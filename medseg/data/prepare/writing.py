@@ -10,14 +10,12 @@ cases, so every dataset is built in a hidden temporary sibling folder and rename
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -27,7 +25,6 @@ from medseg.errors import DatasetError
 __all__ = [
     "building_dataset",
     "case_paths",
-    "write_dataset_json",
     "write_nifti",
 ]
 
@@ -60,46 +57,6 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike[s
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}"  # created with the umask's mode
     try:
         nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_dataset_json(
-    root: Path,
-    channel_names: Mapping[int, str],
-    labels: Mapping[str, int],
-    num_training: int,
-    file_ending: str = ".nii.gz",
-    **extra: Any,
-) -> Path:
-    """Write an nnU-Net v2 ``dataset.json`` atomically.
-
-    Delegates to :func:`medseg.data.formats.write_dataset_json` when that module is available, so there is one
-    writer of the format; the fallback writes the same content (``channel_names`` keys as strings, ``labels``
-    name -> value with ``background`` 0, ``numTraining``, ``file_ending``, then any extra fields).
-    """
-    try:
-        from medseg.data.formats import write_dataset_json as formats_writer
-    except ImportError:
-        formats_writer = None
-    if formats_writer is not None:
-        return formats_writer(Path(root), dict(channel_names), dict(labels), num_training, file_ending, **extra)
-    content: dict[str, Any] = {
-        "channel_names": {str(key): value for key, value in channel_names.items()},
-        "labels": {name: int(value) for name, value in labels.items()},
-        "numTraining": int(num_training),
-        "file_ending": file_ending,
-    }
-    content.update(extra)
-    path = Path(root) / "dataset.json"
-    temporary = Path(root) / f".dataset.json.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(temporary, "w") as stream:
-            json.dump(content, stream, indent=2)
-            stream.write("\n")
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
