@@ -103,7 +103,7 @@ def build_dinov2(
     channel_mode: str = "repeat",
     img_size: int | None = None,
     intermediate_norm: bool = False,
-    arch_overrides: Mapping | None = None,
+    arch: Mapping | None = None,
 ) -> TimmViTBackbone:
     """Build a DINOv2 backbone; the registry binds ``timm_name`` and ``filename`` for each name.
 
@@ -118,11 +118,11 @@ def build_dinov2(
             518. The position embeddings stay at the checkpoint's grid and are resampled per forward.
         intermediate_norm: apply the final LayerNorm to intermediates, like the official
             ``get_intermediate_layers(norm=True)``.
-        arch_overrides: timm keyword arguments replacing official ones (``depth``, ``embed_dim``, ``num_heads``,
+        arch: timm keyword arguments replacing official ones (``depth``, ``embed_dim``, ``num_heads``,
             ``img_size`` = side of the position-embedding grid in pixels); for tests with tiny models.
     """
-    native = int((arch_overrides or {}).get("img_size", DINOV2_INPUT_SPEC.image_size))
-    vit = build_timm_vit(timm_name, img_size=native, arch_overrides=arch_overrides)
+    native = int((arch or {}).get("img_size", DINOV2_INPUT_SPEC.image_size))
+    vit = build_timm_vit(timm_name, img_size=native, arch=arch)
     if checkpoint is not None:
         load_vit_checkpoint(vit, checkpoint, convert_dinov2_checkpoint, expected=f"the official DINOv2 {filename}")
     spec = dataclasses.replace(DINOV2_INPUT_SPEC, image_size=img_size or native)
@@ -130,10 +130,10 @@ def build_dinov2(
 
 
 def _register() -> None:
-    for name, (arch, timm_name) in _VARIANTS.items():
-        filename = f"dinov2_{arch}{'_reg4' if name.endswith('_reg') else ''}_pretrain.pth"
+    for name, (tag, timm_name) in _VARIANTS.items():
+        filename = f"dinov2_{tag}{'_reg4' if name.endswith('_reg') else ''}_pretrain.pth"
         builder = functools.partial(build_dinov2, timm_name=timm_name, filename=filename)
-        url = f"{DINOV2_URL_ROOT}/dinov2_{arch}/{filename}"
+        url = f"{DINOV2_URL_ROOT}/dinov2_{tag}/{filename}"
         register_backbone(BackboneEntry(name=name, family="dinov2", builder=builder, filename=filename, url=url))
 
 

@@ -72,7 +72,7 @@ def build_mae(
     channel_mode: str = "repeat",
     img_size: int | None = None,
     intermediate_norm: bool = False,
-    arch_overrides: Mapping | None = None,
+    arch: Mapping | None = None,
 ) -> TimmViTBackbone:
     """Build an MAE encoder backbone; the registry binds ``timm_name`` and ``filename`` for each name.
 
@@ -86,11 +86,11 @@ def build_mae(
         img_size: side in pixels the pipeline will feed (a multiple of the patch size); sets
             ``input_spec.image_size``, default 224. Position embeddings stay at the 224 grid and are resampled.
         intermediate_norm: apply the final LayerNorm to intermediates as well.
-        arch_overrides: timm keyword arguments replacing official ones (``depth``, ``embed_dim``, ``num_heads``,
+        arch: timm keyword arguments replacing official ones (``depth``, ``embed_dim``, ``num_heads``,
             ``img_size`` = side of the position-embedding grid in pixels); for tests with tiny models.
     """
-    native = int((arch_overrides or {}).get("img_size", MAE_INPUT_SPEC.image_size))
-    vit = build_timm_vit(timm_name, img_size=native, arch_overrides=arch_overrides)
+    native = int((arch or {}).get("img_size", MAE_INPUT_SPEC.image_size))
+    vit = build_timm_vit(timm_name, img_size=native, arch=arch)
     if checkpoint is not None:
         load_vit_checkpoint(vit, checkpoint, convert_mae_checkpoint, expected=f"the official MAE {filename}")
     spec = dataclasses.replace(MAE_INPUT_SPEC, image_size=img_size or native)

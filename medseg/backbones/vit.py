@@ -83,18 +83,18 @@ def resize_pos_embed(
     return grid.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)
 
 
-def build_timm_vit(timm_name: str, img_size: int, arch_overrides: Mapping | None = None) -> VisionTransformer:
+def build_timm_vit(timm_name: str, img_size: int, arch: Mapping | None = None) -> VisionTransformer:
     """Build timm architecture ``timm_name`` with standard random initialisation and no classifier head.
 
     Args:
         timm_name: a timm model name, e.g. ``"vit_small_patch14_dinov2"``; it fixes the official hyperparameters.
         img_size: side in pixels of the position-embedding grid, i.e. the checkpoint's grid times the patch size.
-        arch_overrides: extra ``timm.create_model`` keyword arguments that replace the official ones (``depth``,
+        arch: extra ``timm.create_model`` keyword arguments that replace the official ones (``depth``,
             ``embed_dim``, ``num_heads``, ``img_size``...). Meant for tests and ablations; a pretrained checkpoint
             only loads into the architecture it was trained with.
     """
     kwargs: dict = {"img_size": img_size, "num_classes": 0, "global_pool": "", "dynamic_img_size": True}
-    kwargs.update(arch_overrides or {})
+    kwargs.update(arch or {})
     return timm.create_model(timm_name, pretrained=False, **kwargs)
 
 
