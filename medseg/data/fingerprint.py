@@ -27,8 +27,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from medseg.data.checks import open_image
 from medseg.data.formats import DATASET_JSON, DatasetInfo
-from medseg.data.validate import open_image
 from medseg.errors import DatasetError, ReaderError
 
 __all__ = [
