@@ -276,10 +276,8 @@ def print_dataset_summary(info: DatasetInfo, fingerprint: Fingerprint, console=N
     intensity_lines = []
     for channel, name in info.channel_names.items():
         s = fingerprint.intensity[channel]
-        intensity_lines.append(
-            f"{channel} {name}: [{s['p00_5']:.4g}, {s['p99_5']:.4g}] (0.5-99.5 %), "
-            f"mean {s['mean']:.4g} ± {s['std']:.4g}, min {s['min']:.4g}, max {s['max']:.4g}"
-        )
+        intensity_lines.append(f"{channel} {name}: [{s['p00_5']:.4g}, {s['p99_5']:.4g}] (0.5-99.5 %)")
+        intensity_lines.append(f"  mean {s['mean']:.4g} ± {s['std']:.4g}, min {s['min']:.4g}, max {s['max']:.4g}")
     table = Table(title=f"Dataset {info.name}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")

@@ -161,7 +161,9 @@ def validate_dataset(
             only, which is much faster on large datasets but misses those problems.
 
     Returns:
-        The problems, dataset-level ones first, then files in folder order, then cases in id order.
+        The problems, dataset-level ones first, then files in folder order, then cases in id order. When
+        ``dataset.json`` itself is unusable only its problems are returned: without it the files cannot be
+        interpreted (channels, file ending, labels).
 
     Raises:
         DatasetError: ``path`` names no dataset folder at all.
