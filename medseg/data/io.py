@@ -121,7 +121,7 @@ def load_case(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) 
     if len(images) == 1:
         return first
     stacked = torch.cat([torch.as_tensor(i) for i in images], dim=0)
-    return MetaTensor(stacked, affine=first.affine, meta=dict(first.meta))
+    return MetaTensor(stacked, meta=dict(first.meta))
 
 
 class LoadCased(MapTransform):

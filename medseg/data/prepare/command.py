@@ -1,0 +1,81 @@
+"""``medseg prepare`` / ``medseg validate``: build the demo datasets, check datasets, print what they hold.
+
+Checking reports every problem of a dataset in one pass, one line per problem naming the file and the fix, and the
+exit code says whether any was found, so the command works in scripts and CI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from medseg.errors import MedsegError
+from medseg.paths import data_root, find_dataset
+
+__all__ = ["BUILDERS", "build_dataset", "run_prepare"]
+
+# Short name -> module with `DATASET_NAME` and `build(root, seed) -> Path`.
+BUILDERS = {
+    "synthetic": "medseg.data.prepare.synthetic",
+    "mni-tissue": "medseg.data.prepare.mni_tissue",
+}
+
+
+def build_dataset(name: str, root: Path, seed: int = 0, force: bool = False, console: Console | None = None) -> Path:
+    """Build the named demo dataset under ``root`` unless it is already there (``force`` rebuilds it)."""
+    console = console or Console(stderr=True)
+    module = importlib.import_module(BUILDERS[name])
+    target = root / module.DATASET_NAME
+    if target.is_dir() and not force:
+        console.print(f"[prepare] {name}: {target} exists, skipping the build (use --force to rebuild)")
+        return target
+    if target.is_dir():
+        shutil.rmtree(target)
+    root.mkdir(parents=True, exist_ok=True)
+    with console.status(f"[prepare] building {name} in {target}"):
+        path = module.build(root, seed=seed)
+    console.print(f"[prepare] {name}: built {path}")
+    return path
+
+
+def run_prepare(
+    names: Sequence[str],
+    check: bool = False,
+    output: str | None = None,
+    force: bool = False,
+    seed: int = 0,
+    only_check: bool = False,
+) -> int:
+    """Build (unless ``only_check``), then validate and summarise each dataset. Returns the exit code."""
+    from medseg.data.fingerprint import load_or_compute_fingerprint, print_dataset_summary
+    from medseg.data.formats import load_dataset_info
+    from medseg.data.validate import validate_dataset
+
+    console = Console()
+    root = Path(output).resolve() if output else data_root()
+    failed = 0
+    for name in names:
+        if name in BUILDERS and not only_check:
+            path = build_dataset(name, root, seed=seed, force=force)
+        else:
+            path = find_dataset(name, root)
+        if check or only_check:
+            problems = validate_dataset(path)
+            if problems:
+                failed += 1
+                console.print(f"[bold red]{path.name}: {len(problems)} problem(s)[/]")
+                for problem in problems:
+                    console.print(f"  - {problem}", markup=False, highlight=False, soft_wrap=True)
+                continue
+            console.print(f"[green]{path.name}: valid[/] (no problems found)")
+        try:
+            info = load_dataset_info(path)
+            print_dataset_summary(info, load_or_compute_fingerprint(info), console=console)
+        except MedsegError as err:
+            failed += 1
+            console.print(f"[bold red]{path.name}:[/] {err}", highlight=False)
+    return 1 if failed else 0
