@@ -23,6 +23,7 @@ from torch import nn
 
 from medseg.backbones import create_backbone, list_backbones
 from medseg.backbones.dinov2 import convert_dinov2_checkpoint
+from medseg.backbones.vit import InputShapeError
 from medseg.errors import WeightsError
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "backbone"
@@ -384,3 +385,14 @@ def test_config_composes_and_instantiates(name):
     model = hydra.utils.instantiate(cfg, pretrained=False, arch={"depth": 1})
     assert model.name == name and model.num_blocks == 1
     assert model(torch.randn(1, 1, 28, 42)).features.shape == (1, OFFICIAL[name[len("dinov2_vit")]][0], 2, 3)
+
+
+def test_img_size_sets_the_advertised_input_size_only(official):
+    reference, path = official["dinov2_vits14"]
+    model = tiny("dinov2_vits14", path, img_size=70)
+    assert model.input_spec.image_size == 70 and model.vit.patch_embed.grid_size == (4, 4)
+    x = torch.randn(1, 3, 70, 70)
+    with torch.no_grad():
+        assert max_diff(model.forward_features(x).features, reference(x)["patch"]) <= ATOL
+    with pytest.raises(InputShapeError, match="image_size 64"):
+        tiny("dinov2_vits14", img_size=64)
