@@ -63,7 +63,12 @@ def backbone(**kwargs) -> TimmViTBackbone:
     return TimmViTBackbone(vit, InputSpec(image_size=64), PosEmbedResize(), **kwargs)
 
 
-def test_gradient_checkpointing_changes_memory_not_results():
+def test_gradient_checkpointing_changes_memory_not_results(monkeypatch):
+    import medseg.backbones.vit as vit_module
+
+    calls = []
+    checkpoint = vit_module.activation_checkpoint
+    monkeypatch.setattr(vit_module, "activation_checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     torch.manual_seed(0)
     model = backbone()
     x = torch.randn(2, 1, 48, 64)
@@ -74,6 +79,7 @@ def test_gradient_checkpointing_changes_memory_not_results():
     model.set_grad_checkpointing(True)
     checked = model(x, layers=[0]).features
     checked.square().mean().backward()
+    assert len(calls) == TINY["depth"]
     assert torch.allclose(plain, checked)
     for a, p in zip(grads, model.parameters(), strict=True):
         assert torch.allclose(a, p.grad, atol=1e-6)
