@@ -48,8 +48,14 @@ def _images(folder: Path) -> list[tuple[str, Path]]:
 
 def plan(source: Path) -> ConversionPlan:
     """Read and check a BTCV ``RawData`` download."""
-    training = find_folder(source, ["RawData/Training", "Training", ""], "BTCV's RawData/Training (img/, label/)")
-    image_folder = find_folder(training, ["img"], "the training CT images (img/img0001.nii.gz ...)")
+    candidates = [source / "RawData" / "Training", source / "Training", source]
+    training = next((folder for folder in candidates if (folder / "img").is_dir()), None)
+    if training is None:
+        raise DatasetError(
+            f"No BTCV training images in {source}: expected {source}/RawData/Training/img/img0001.nii.gz (the "
+            "extracted RawData.zip), or SOURCE pointing at RawData or Training."
+        )
+    image_folder = training / "img"
     label_folder = find_folder(training, ["label"], "the training labels (label/label0001.nii.gz ...)")
     cases = []
     for number, image in _images(image_folder):
