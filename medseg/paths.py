@@ -89,6 +89,7 @@ def find_dataset(name: str | os.PathLike[str], root: Path | None = None) -> Path
     if not matches:
         raise DatasetError(
             f"Dataset '{name}' not found in {root} (set by {ENV_DATA}). Available: {available}. "
-            f"Give a path, a DatasetNNN_Name folder name, its ID, or build it with `medseg prepare {name}`."
+            f"Give a path, a DatasetNNN_Name folder name or its ID (demo datasets: `medseg prepare synthetic`, "
+            f"`medseg prepare mni-tissue`)."
         )
     raise DatasetError(f"Dataset '{name}' is ambiguous in {root}: {available}. Use the full folder name.")

@@ -213,8 +213,9 @@ class RandSliced(Randomizable, MapTransform):
 
 def build_transforms(items: Iterable[Any] | None) -> list[Any]:
     """Instantiate a list of transform configs (mappings with ``_target_``); objects already built pass through."""
-    from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
+
+    from medseg.config import instantiate
 
     built = []
     for item in items or []:

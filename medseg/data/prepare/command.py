@@ -31,14 +31,14 @@ def build_dataset(name: str, root: Path, seed: int = 0, force: bool = False, con
     module = importlib.import_module(BUILDERS[name])
     target = root / module.DATASET_NAME
     if target.is_dir() and not force:
-        console.print(f"[prepare] {name}: {target} exists, skipping the build (use --force to rebuild)")
+        console.print(f"prepare: {name}: {target} exists, skipping the build (use --force to rebuild)")
         return target
     if target.is_dir():
         shutil.rmtree(target)
     root.mkdir(parents=True, exist_ok=True)
-    with console.status(f"[prepare] building {name} in {target}"):
+    with console.status(f"prepare: building {name} in {target}"):
         path = module.build(root, seed=seed)
-    console.print(f"[prepare] {name}: built {path}")
+    console.print(f"prepare: {name}: built {path}")
     return path
 
 

@@ -1,0 +1,71 @@
+"""The command line as a user meets it: exit codes, one-line errors, every problem listed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.cli import main
+from medseg.data.prepare import synthetic
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_data")
+    synthetic.build(root, seed=1, num_train=4, num_test=1, shape=(32, 32, 12))
+    return root
+
+
+def test_prepare_builds_checks_and_summarises(tmp_path, capsys):
+    code = main(["prepare", "synthetic", "--check", "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (tmp_path / "Dataset990_Synthetic" / "dataset.json").is_file()
+    assert "valid" in out and "liver" in out and "median spacing" in out
+
+
+def test_broken_dataset_lists_every_problem_without_a_traceback(built, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "Dataset990_Synthetic"
+    shutil.copytree(built / "Dataset990_Synthetic", broken)
+    (broken / "labelsTr" / "phantom_000.nii.gz").unlink()  # a missing label
+    label = nib.load(str(broken / "labelsTr" / "phantom_001.nii.gz"))
+    data = np.asarray(label.dataobj).copy()
+    data[0, 0, 0] = 9  # an undeclared label value
+    nib.save(nib.Nifti1Image(data, label.affine), str(broken / "labelsTr" / "phantom_001.nii.gz"))
+    image = nib.load(str(broken / "imagesTr" / "phantom_002_0000.nii.gz"))
+    values = np.asarray(image.dataobj).astype(np.float32)
+    values[1, 1, 1] = np.nan  # a NaN voxel
+    nib.save(nib.Nifti1Image(values, image.affine), str(broken / "imagesTr" / "phantom_002_0000.nii.gz"))
+
+    code = main(["validate", str(broken)])
+    captured = capsys.readouterr()
+    text = " ".join((captured.out + captured.err).split())  # rich wraps long lines
+    assert code == 1
+    assert "3 problem(s)" in text
+    assert "phantom_000" in text and "phantom_001.nii.gz" in text and "phantom_002_0000.nii.gz" in text
+    assert "Traceback" not in text
+
+
+def test_unknown_dataset_is_one_line_and_exit_2(built, capsys, monkeypatch):
+    monkeypatch.setenv("MEDSEG_DATA", str(built))
+    code = main(["validate", "Dataset555_Nope"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("medseg validate: error: Dataset 'Dataset555_Nope' not found")
+    assert "MEDSEG_DATA" in err and "Dataset990_Synthetic" in err
+
+
+def test_console_script_is_installed_and_quiet_on_errors(tmp_path):
+    env = {**os.environ, "MEDSEG_DATA": str(tmp_path / "absent")}
+    result = subprocess.run(
+        [sys.executable, "-m", "medseg.cli", "validate", "mni-tissue"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 2
+    assert "MEDSEG_DATA" in result.stderr and "Traceback" not in result.stderr
