@@ -119,6 +119,4 @@ def test_nifti_and_dicom_of_one_scan_share_the_world_frame(scan):
     index = np.stack(np.meshgrid(*[np.arange(s) for s in from_dicom.shape[1:]], indexing="ij"), -1).reshape(-1, 3)
     world = index @ a_dicom[:3, :3].T + a_dicom[:3, 3]
     in_nifti = np.rint((world - a_nifti[:3, 3]) @ np.linalg.inv(a_nifti[:3, :3]).T).astype(int)
-    np.testing.assert_array_equal(
-        np.asarray(from_dicom[0]).reshape(-1), np.asarray(from_nifti[0])[tuple(in_nifti.T)]
-    )
+    np.testing.assert_array_equal(np.asarray(from_dicom[0]).reshape(-1), np.asarray(from_nifti[0])[tuple(in_nifti.T)])
