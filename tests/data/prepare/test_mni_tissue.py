@@ -85,7 +85,8 @@ def test_test_blocks_share_no_voxel_with_training_blocks(dataset):
     assert (
         np.intersect1d(keys(train), keys(train + np.array([0.0, 0.0, 2.0]))).size > 0
     )  # the key check can see overlaps
-    # Beyond disjointness: training slabs stop at least the 4 mm gap away from every test slab.
+    # Beyond disjointness: training slabs stop at least the 4 mm gap away from every test slab, in z, so neither a test
+    # block nor its left-right mirror image (the template is symmetric) overlaps or touches training data.
     train_z, test_z = np.unique(train[:, 2]), np.unique(test[:, 2])
     assert np.abs(train_z[:, None] - test_z[None, :]).min() >= 4.0 + 2.0 - 1e-6  # gap + one 2 mm voxel
     assert len(train) > len(test) > 0
