@@ -30,7 +30,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from medseg.data.convert import convert_dataset
 
-    convert_dataset(args.format, args.source, dataset_id=args.id, name=args.name, output=args.output)
+    options = {"modality": args.modality} if args.modality else {}
+    convert_dataset(
+        args.format, args.source, dataset_id=args.id, name=args.name, output=args.output, force=args.force, **options
+    )
     return 0
 
 
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--id", type=int, required=True, help="nnU-Net dataset ID (3 digits) for DatasetNNN_Name")
     convert.add_argument("--name", default=None, help="dataset name (default: from the source)")
     convert.add_argument("--output", default=None, help="folder for the dataset (default: $MEDSEG_DATA)")
+    convert.add_argument("--force", action="store_true", help="replace an existing dataset of the same name")
+    convert.add_argument("--modality", default=None, help="AMOS only: ct (default) or mri, which cases to convert")
     convert.set_defaults(func=_cmd_convert)
     return parser
 

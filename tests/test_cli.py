@@ -69,3 +69,34 @@ def test_console_script_is_installed_and_quiet_on_errors(tmp_path):
     )
     assert result.returncode == 2
     assert "MEDSEG_DATA" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_convert_msd_then_refuse_then_force(tmp_path, capsys):
+    import json
+
+    source = tmp_path / "Task09_Spleen"
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (source / folder).mkdir(parents=True)
+    affine = np.diag([0.8, 0.8, 5.0, 1.0])
+    for case in ("spleen_1", "spleen_2"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), affine), str(source / "imagesTr" / f"{case}.nii.gz"))
+        label = np.zeros((8, 8, 4), np.uint8)
+        label[2:5, 2:5, 1:3] = 1
+        nib.save(nib.Nifti1Image(label, affine), str(source / "labelsTr" / f"{case}.nii.gz"))
+    cases = ("spleen_1", "spleen_2")
+    description = {
+        "name": "Spleen", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"}, "numTraining": 2,
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases],
+        "test": [],
+    }  # fmt: skip
+    (source / "dataset.json").write_text(json.dumps(description))
+    out = tmp_path / "data"
+    assert main(["convert", "msd", str(source), "--id", "9", "--output", str(out)]) == 0
+    converted = out / "Dataset009_Spleen"
+    assert (converted / "imagesTr" / "spleen_1_0000.nii.gz").is_file()
+    assert json.loads((converted / "dataset.json").read_text())["labels"] == {"background": 0, "spleen": 1}
+    assert main(["validate", str(converted)]) == 0
+
+    assert main(["convert", "msd", str(source), "--id", "9", "--output", str(out)]) == 2
+    assert "Dataset009_Spleen" in capsys.readouterr().err
+    assert main(["convert", "msd", str(source), "--id", "9", "--output", str(out), "--force"]) == 0

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from medseg.atomic import atomic_write_json
 from medseg.data.checks import open_image
 from medseg.data.formats import DATASET_JSON, DatasetInfo
 from medseg.errors import DatasetError, ReaderError
@@ -76,7 +76,7 @@ class Fingerprint:
         data["intensity"] = {str(c): stats for c, stats in self.intensity.items()}
         data["label_voxels"] = {str(v): n for v, n in self.label_voxels.items()}
         if path is not None:
-            _write_json_atomic(Path(path), data)
+            atomic_write_json(Path(path), data)
         return data
 
     @classmethod
@@ -92,17 +92,6 @@ class Fingerprint:
             label_voxels={int(v): int(n) for v, n in data["label_voxels"].items()},
             num_cases=int(data["num_cases"]),
         )
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def ras_spacing_and_shape(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[float, ...], tuple[int, ...]]:
@@ -249,7 +238,7 @@ def load_or_compute_fingerprint(info: DatasetInfo, max_samples_per_case: int = 1
             _log.warning("Ignoring unreadable fingerprint cache %s (%s); recomputing.", cache, err)
     fingerprint = compute_fingerprint(info, max_samples_per_case=max_samples_per_case, seed=seed)
     try:
-        _write_json_atomic(cache, {"key": key, "version": _CACHE_VERSION, "fingerprint": fingerprint.to_json()})
+        atomic_write_json(cache, {"key": key, "version": _CACHE_VERSION, "fingerprint": fingerprint.to_json()})
     except OSError as err:
         _log.warning("Could not cache the fingerprint in %s (%s); it will be recomputed next time.", cache, err)
     return fingerprint

@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.atomic import atomic_write_json
 from medseg.errors import DatasetError
 from medseg.paths import find_dataset
 
@@ -278,17 +278,7 @@ def write_dataset_json(
     if issues:
         raise DatasetError(_issue_text(root / DATASET_JSON, issues))
     root.mkdir(parents=True, exist_ok=True)
-    target = root / DATASET_JSON
-    handle, tmp = tempfile.mkstemp(dir=root, prefix=".dataset.json.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=4)
-            stream.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_json(root / DATASET_JSON, data, indent=4)
 
 
 def _issue_text(json_path: Path, issues: list[tuple[str, str, str]]) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.atomic import atomic_write_json
 from medseg.errors import DatasetError
 
 __all__ = ["SPLITS_FILE", "label_fraction_subset", "load_or_create_splits", "make_kfold_splits"]
@@ -63,9 +64,7 @@ def load_or_create_splits(
             )
         return splits
     splits = make_kfold_splits(case_ids, num_folds, seed)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(splits, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, splits)
     return splits
 
 

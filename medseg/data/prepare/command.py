@@ -7,7 +7,6 @@ exit code says whether any was found, so the command works in scripts and CI.
 from __future__ import annotations
 
 import importlib
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,11 +32,9 @@ def build_dataset(name: str, root: Path, seed: int = 0, force: bool = False, con
     if target.is_dir() and not force:
         console.print(f"prepare: {name}: {target} exists, skipping the build (use --force to rebuild)")
         return target
-    if target.is_dir():
-        shutil.rmtree(target)
     root.mkdir(parents=True, exist_ok=True)
     with console.status(f"prepare: building {name} in {target}"):
-        path = module.build(root, seed=seed)
+        path = module.build(root, seed=seed, force=force)  # the old dataset stays until the new one is complete
     console.print(f"prepare: {name}: built {path}")
     return path
 

@@ -13,13 +13,13 @@ import contextlib
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from medseg.atomic import atomic_path
 from medseg.errors import DatasetError
 
 __all__ = [
@@ -52,15 +52,8 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike[s
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}"  # created with the umask's mode
-    try:
+    with atomic_path(path) as temporary:
         nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path
 
 
