@@ -41,7 +41,7 @@ def test_channels_on_different_grids_are_refused(tmp_path):
     shifted = np.diag([0.8, 0.8, 2.0, 1.0])
     shifted[:3, 3] = [5.0, 0.0, 0.0]
     b = _nifti(tmp_path / "c_0001.nii.gz", np.zeros((4, 5, 6), np.float32), shifted)
-    with pytest.raises(ReaderError, match="c_0001.nii.gz"):
+    with pytest.raises(ReaderError, match=r"c_0001\.nii\.gz"):
         load_case([a, b])
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -48,7 +49,7 @@ def test_label_fractions_are_nested_and_reproducible():
     fractions = [0.01, 0.1, 0.25, 0.5, 1.0]
     for seed in range(5):
         subsets = [set(label_fraction_subset(CASES, f, seed)) for f in fractions]
-        for small, large in zip(subsets, subsets[1:]):
+        for small, large in itertools.pairwise(subsets):
             assert small <= large
         assert subsets[-1] == set(CASES)
         assert [len(s) for s in subsets] == [1, 3, 6, 12, 23]
