@@ -6,7 +6,7 @@ message must name the file, field or variable at fault and say how to fix it.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DatasetError", "MedsegError", "ReaderError", "WeightsError"]
+__all__ = ["ConfigError", "DatasetError", "InputShapeError", "MedsegError", "ReaderError", "WeightsError"]
 
 
 class MedsegError(Exception):
@@ -27,3 +27,7 @@ class ReaderError(MedsegError):
 
 class WeightsError(MedsegError):
     """A checkpoint is missing, truncated, corrupted or of the wrong model."""
+
+
+class InputShapeError(MedsegError, ValueError):
+    """A tensor given to a model has the wrong channel count or a size the model cannot take."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from medseg.errors import ConfigError, InputShapeError
+
 __all__ = ["Backbone", "BackboneOutput", "ChannelAdapter", "InputSpec"]
 
 
@@ -65,7 +67,7 @@ class ChannelAdapter(nn.Module):
     def __init__(self, in_channels: int, out_channels: int = 3, mode: str = "repeat") -> None:
         super().__init__()
         if mode not in {"repeat", "project"}:
-            raise ValueError(f"channel mode must be 'repeat' or 'project', got {mode!r}")
+            raise ConfigError(f"channel_mode must be 'repeat' or 'project', got {mode!r}.")
         self.in_channels, self.out_channels, self.mode = in_channels, out_channels, mode
         self.proj: nn.Conv2d | None = None
         if mode == "project" and in_channels != out_channels:
@@ -75,7 +77,10 @@ class ChannelAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} input channels, got tensor of shape {tuple(x.shape)}")
+            raise InputShapeError(
+                f"expected {self.in_channels} input channels, got a tensor of shape {tuple(x.shape)}; set in_channels "
+                f"to the dataset's channel count."
+            )
         if self.in_channels == self.out_channels:
             return x
         if self.proj is not None:

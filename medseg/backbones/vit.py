@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from medseg.backbones.base import Backbone, BackboneOutput, InputSpec
 from medseg.backbones.weights import load_state_dict_strict, read_checkpoint, strip_prefixes
-from medseg.errors import MedsegError, WeightsError
+from medseg.errors import InputShapeError, WeightsError
 
 __all__ = [
     "InputShapeError",
@@ -39,10 +39,6 @@ __all__ = [
     "load_vit_checkpoint",
     "resize_pos_embed",
 ]
-
-
-class InputShapeError(MedsegError, ValueError):
-    """An input image whose height or width is not a multiple of the backbone's patch size."""
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,7 @@ from torch import nn
 
 from medseg.backbones import create_backbone, list_backbones
 from medseg.backbones.dinov2 import convert_dinov2_checkpoint
-from medseg.backbones.vit import InputShapeError
-from medseg.errors import WeightsError
+from medseg.errors import InputShapeError, WeightsError
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "backbone"
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 3, "img_size": 56}  # a 4 x 4 grid of 14 px patches

@@ -8,14 +8,13 @@ from timm.layers import resample_abs_pos_embed
 
 from medseg.backbones.base import InputSpec
 from medseg.backbones.vit import (
-    InputShapeError,
     PosEmbedResize,
     TimmViTBackbone,
     build_timm_vit,
     guess_checkpoint_family,
     resize_pos_embed,
 )
-from medseg.errors import MedsegError
+from medseg.errors import InputShapeError, MedsegError
 
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64}
 
