@@ -1,0 +1,27 @@
+"""Evaluation on full volumes in native geometry: per-case metrics, their empty-label policy, and ``summary.json``."""
+
+from __future__ import annotations
+
+from medseg.evaluation.metrics import (
+    EMPTY_LABEL_POLICY,
+    METRICS,
+    EvaluationError,
+    case_metrics,
+    foreground_classes,
+    spacing_from_affine,
+)
+from medseg.evaluation.summary import build_summary, evaluate_folder, is_complete, read_summary, write_summary
+
+__all__ = [
+    "EMPTY_LABEL_POLICY",
+    "METRICS",
+    "EvaluationError",
+    "build_summary",
+    "case_metrics",
+    "evaluate_folder",
+    "foreground_classes",
+    "is_complete",
+    "read_summary",
+    "spacing_from_affine",
+    "write_summary",
+]
