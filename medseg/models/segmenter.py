@@ -6,9 +6,10 @@ data config never depends on the backbone: ``input_range="unit"`` applies :meth:
 and SAM's pixel statistics; DINOv2/MAE: ImageNet mean/std; LiteMedSAM: unchanged); ``"zscore"`` first maps
 ``z -> z / 6 + 0.5`` (+-3 standard deviations onto [0, 1], nothing clipped), then normalises the same way.
 
-Input size. The backbone runs at ``img_size`` x ``img_size`` pixels: an input of another size is bilinearly resized
-to it and the logits are resized back, so the output always has the input's size. The 2-D slice sampler already
-produces ``data.sampling.size`` pixels, which the configs pass as ``img_size``, so normally nothing is resized.
+Input size. The backbone runs at ``img_size`` x ``img_size`` pixels, or with ``img_size=None`` at the input's size
+rounded to the nearest multiple of the patch size (DINOv2: 256 -> 252 px). An input of another size is bilinearly
+resized to it and the logits are resized back, so the output always has the input's size. With the slice sampler's
+size equal to ``img_size`` (or a patch multiple), nothing is resized.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from medseg.models.param_groups import make_param_groups
 __all__ = ["DECODERS", "INPUT_RANGES", "Segmenter", "apply_adapter_config", "build_segmenter"]
 
 DECODERS = ("linear", "unetr", "sam_mask")
-INPUT_RANGES = ("unit", "zscore")
+INPUT_RANGES = ("unit", "minmax", "zscore")  # minmax: [0, 1] as well (the MRI preprocessing's name)
 # Adapter "methods" whose parameters are pretrained backbone parameters trained in full, i.e. at the backbone rate.
 _FULL_METHODS = {"full", "trainable"}
 
@@ -70,9 +71,16 @@ class Segmenter(nn.Module):
         self.input_range = input_range
         self.adapter_names = set(adapter_names)
 
+    def working_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Side lengths (pixels) the backbone runs at: ``img_size``, or the input's snapped to the patch grid."""
+        if self.img_size is not None:
+            return (self.img_size, self.img_size)
+        patch = self.backbone.patch_size
+        return tuple(max(patch, round(s / patch) * patch) for s in size)
+
     def to_backbone_input(self, image: torch.Tensor) -> torch.Tensor:
         """Map the data pipeline's intensities to the backbone's pretrained convention (see the module docstring)."""
-        if self.input_range == "zscore":
+        if self.input_range == "zscore":  # +-3 SD onto [0, 1]
             image = image / 6.0 + 0.5
         return self.backbone.normalise(image)
 
@@ -90,8 +98,9 @@ class Segmenter(nn.Module):
             )
         size = tuple(image.shape[-2:])
         x = image
-        if self.img_size is not None and size != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        target = self.working_size(size)
+        if target != size:
+            x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
         x = self.to_backbone_input(x)
         logits = self.decoder(self.backbone(x, layers=self.decoder.layers), x)
         if tuple(logits.shape[-2:]) != size:
@@ -211,9 +220,10 @@ def build_segmenter(
         in_channels: image channels (from the data module).
         adapter: an ``AdapterConfig`` (``conf/adapter``), a mapping of its arguments, or ``None`` (full fine-tuning).
         img_size: side in pixels the backbone runs at (SAM: a multiple of 16, the encoder is built for it;
-            DINOv2: a multiple of 14; LiteMedSAM: 256). ``None``: the input's own size (must fit the patch size).
+            DINOv2: a multiple of 14; LiteMedSAM: 256). ``None``: the input's size snapped to the patch grid (SAM's
+            encoder is then built for 1024 px and interpolates its position embeddings).
         grad_checkpointing: recompute block activations in backward (saves memory at 1024 px; ~30% slower).
-        input_range: ``unit`` ([0, 1] input) or ``zscore`` (see the module docstring).
+        input_range: ``unit`` or ``minmax`` ([0, 1] input) or ``zscore`` (see the module docstring).
         channel_mode: how ``in_channels`` map onto RGB (``repeat`` or ``project``).
         arch: backbone architecture overrides, for tiny test models only.
         **decoder_kwargs: options of the decoder: ``linear``: ``batch_norm``; ``unetr``: ``layers``,
