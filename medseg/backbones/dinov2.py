@@ -15,7 +15,6 @@ timm's ``dynamic_img_size`` does not reproduce. ``img_size=`` only changes the a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from collections.abc import Mapping
@@ -26,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from medseg.backbones.base import InputSpec
 from medseg.backbones.registry import BackboneEntry, register_backbone
-from medseg.backbones.vit import PosEmbedResize, TimmViTBackbone, build_timm_vit, load_vit_checkpoint
+from medseg.backbones.vit import PosEmbedResize, TimmViTBackbone, build_vit_backbone
 
 __all__ = [
     "DINOV2_INPUT_SPEC",
@@ -94,39 +93,17 @@ def convert_dinov2_checkpoint(state: Mapping[str, torch.Tensor], vit: VisionTran
     return out
 
 
-def build_dinov2(
-    checkpoint: Path | None,
-    *,
-    timm_name: str,
-    filename: str,
-    in_channels: int = 1,
-    channel_mode: str = "repeat",
-    img_size: int | None = None,
-    intermediate_norm: bool = False,
-    arch: Mapping | None = None,
-) -> TimmViTBackbone:
+def build_dinov2(checkpoint: Path | None, **kwargs) -> TimmViTBackbone:
     """Build a DINOv2 backbone; the registry binds ``timm_name`` and ``filename`` for each name.
 
-    Args:
-        checkpoint: official checkpoint file, or ``None`` for the scratch twin (timm's standard initialisation,
-            LayerScale at 1e-5 as in DINOv2 training).
-        timm_name: timm architecture carrying the official hyperparameters.
-        filename: official file name, quoted in error messages.
-        in_channels, channel_mode: input channels of the medical image and how they map onto RGB
-            (see :class:`~medseg.backbones.base.ChannelAdapter`).
-        img_size: side in pixels the pipeline will feed (multiple of 14); sets ``input_spec.image_size``, default
-            518. The position embeddings stay at the checkpoint's grid and are resampled per forward.
-        intermediate_norm: apply the final LayerNorm to intermediates, like the official
-            ``get_intermediate_layers(norm=True)``.
-        arch: timm keyword arguments replacing official ones (``depth``, ``embed_dim``, ``num_heads``,
-            ``img_size`` = side of the position-embedding grid in pixels); for tests with tiny models.
+    The scratch twin keeps timm's initialisation with LayerScale at 1e-5, as in DINOv2 training. ``img_size``
+    defaults to 518 (the 37x37 grid of the released position embeddings); ``intermediate_norm=True`` matches the
+    official ``get_intermediate_layers(norm=True)``. Other options: :func:`~medseg.backbones.vit.build_vit_backbone`.
     """
-    native = int((arch or {}).get("img_size", DINOV2_INPUT_SPEC.image_size))
-    vit = build_timm_vit(timm_name, img_size=native, arch=arch)
-    if checkpoint is not None:
-        load_vit_checkpoint(vit, checkpoint, convert_dinov2_checkpoint, expected=f"the official DINOv2 {filename}")
-    spec = dataclasses.replace(DINOV2_INPUT_SPEC, image_size=img_size or native)
-    return TimmViTBackbone(vit, spec, DINOV2_POS_RESIZE, in_channels, channel_mode, intermediate_norm)
+    return build_vit_backbone(
+        checkpoint, family="DINOv2", input_spec=DINOV2_INPUT_SPEC, pos_resize=DINOV2_POS_RESIZE,
+        convert=convert_dinov2_checkpoint, **kwargs,
+    )  # fmt: skip
 
 
 def _register() -> None:

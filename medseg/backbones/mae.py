@@ -14,7 +14,6 @@ antialiasing), here at every forward and for non-square grids as well.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from medseg.backbones.base import InputSpec
 from medseg.backbones.registry import BackboneEntry, register_backbone
-from medseg.backbones.vit import PosEmbedResize, TimmViTBackbone, build_timm_vit, load_vit_checkpoint
+from medseg.backbones.vit import PosEmbedResize, TimmViTBackbone, build_vit_backbone
 
 __all__ = [
     "MAE_DROPPED_KEYS",
@@ -63,38 +62,16 @@ def convert_mae_checkpoint(state: Mapping[str, torch.Tensor], vit: VisionTransfo
     return {k: v for k, v in state.items() if not k.startswith(MAE_DROPPED_KEYS)}
 
 
-def build_mae(
-    checkpoint: Path | None,
-    *,
-    timm_name: str,
-    filename: str,
-    in_channels: int = 1,
-    channel_mode: str = "repeat",
-    img_size: int | None = None,
-    intermediate_norm: bool = False,
-    arch: Mapping | None = None,
-) -> TimmViTBackbone:
+def build_mae(checkpoint: Path | None, **kwargs) -> TimmViTBackbone:
     """Build an MAE encoder backbone; the registry binds ``timm_name`` and ``filename`` for each name.
 
-    Args:
-        checkpoint: official checkpoint file, or ``None`` for the scratch twin (timm's standard ViT initialisation,
-            learned position embeddings).
-        timm_name: timm architecture carrying the official hyperparameters.
-        filename: official file name, quoted in error messages.
-        in_channels, channel_mode: input channels of the medical image and how they map onto RGB
-            (see :class:`~medseg.backbones.base.ChannelAdapter`).
-        img_size: side in pixels the pipeline will feed (a multiple of the patch size); sets
-            ``input_spec.image_size``, default 224. Position embeddings stay at the 224 grid and are resampled.
-        intermediate_norm: apply the final LayerNorm to intermediates as well.
-        arch: timm keyword arguments replacing official ones (``depth``, ``embed_dim``, ``num_heads``,
-            ``img_size`` = side of the position-embedding grid in pixels); for tests with tiny models.
+    The scratch twin keeps timm's standard ViT initialisation with learned position embeddings; ``img_size``
+    defaults to 224. Other options: :func:`~medseg.backbones.vit.build_vit_backbone`.
     """
-    native = int((arch or {}).get("img_size", MAE_INPUT_SPEC.image_size))
-    vit = build_timm_vit(timm_name, img_size=native, arch=arch)
-    if checkpoint is not None:
-        load_vit_checkpoint(vit, checkpoint, convert_mae_checkpoint, expected=f"the official MAE {filename}")
-    spec = dataclasses.replace(MAE_INPUT_SPEC, image_size=img_size or native)
-    return TimmViTBackbone(vit, spec, MAE_POS_RESIZE, in_channels, channel_mode, intermediate_norm)
+    return build_vit_backbone(
+        checkpoint, family="MAE", input_spec=MAE_INPUT_SPEC, pos_resize=MAE_POS_RESIZE,
+        convert=convert_mae_checkpoint, **kwargs,
+    )  # fmt: skip
 
 
 def _register() -> None:

@@ -16,6 +16,7 @@ never re-written here: :func:`build_timm_vit` asks timm for it (``pretrained=Fal
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "PosEmbedResize",
     "TimmViTBackbone",
     "build_timm_vit",
+    "build_vit_backbone",
     "guess_checkpoint_family",
     "load_vit_checkpoint",
     "resize_pos_embed",
@@ -229,3 +231,44 @@ class TimmViTBackbone(Backbone):
 
         intermediates = [to_map(self.vit.norm(saved[i]) if self.intermediate_norm else saved[i]) for i in wanted]
         return BackboneOutput(features=to_map(out), intermediates=intermediates, cls_token=out[:, 0])
+
+
+def build_vit_backbone(
+    checkpoint: Path | None,
+    *,
+    timm_name: str,
+    filename: str,
+    family: str,
+    input_spec: InputSpec,
+    pos_resize: PosEmbedResize,
+    convert: Callable[[Mapping[str, torch.Tensor], VisionTransformer], dict[str, torch.Tensor]],
+    in_channels: int = 1,
+    channel_mode: str = "repeat",
+    img_size: int | None = None,
+    intermediate_norm: bool = False,
+    arch: Mapping | None = None,
+) -> TimmViTBackbone:
+    """Build a timm-ViT family backbone (DINOv2, MAE) from its official checkpoint, or its scratch twin.
+
+    Args:
+        checkpoint: official checkpoint file, or ``None`` for the scratch twin (timm's standard initialisation).
+        timm_name: timm architecture carrying the official hyperparameters.
+        filename: official file name, quoted in error messages.
+        family: family name for messages (``"DINOv2"``, ``"MAE"``).
+        input_spec: the family's pretrained input convention.
+        pos_resize: how the family's official code resamples position embeddings.
+        convert: maps the official key layout onto timm's (``convert(state, vit) -> state``).
+        in_channels, channel_mode: input channels of the medical image and how they map onto RGB
+            (see :class:`~medseg.backbones.base.ChannelAdapter`).
+        img_size: side in pixels the pipeline will feed (a multiple of the patch size); sets
+            ``input_spec.image_size``. The position embeddings stay at the checkpoint's grid and are resampled.
+        intermediate_norm: apply the final LayerNorm to intermediates as well.
+        arch: timm keyword arguments replacing official ones (``depth``, ``embed_dim``, ``num_heads``,
+            ``img_size`` = side of the position-embedding grid in pixels); for tests with tiny models.
+    """
+    native = int((arch or {}).get("img_size", input_spec.image_size))
+    vit = build_timm_vit(timm_name, img_size=native, arch=arch)
+    if checkpoint is not None:
+        load_vit_checkpoint(vit, checkpoint, convert, expected=f"the official {family} {filename}")
+    spec = dataclasses.replace(input_spec, image_size=img_size or native)
+    return TimmViTBackbone(vit, spec, pos_resize, in_channels, channel_mode, intermediate_norm)
