@@ -1,0 +1,162 @@
+"""``medseg evaluate``: predict the test cases of a run on their native grid and write its ``summary.json``.
+
+The reported metrics of a run are computed here and only here: each test volume is predicted whole (slice by slice or
+sliding window, :func:`medseg.inference.predict_logits`), its softmax is mapped back through the inverse of the
+deterministic transforms onto the input file's own grid and the argmax taken there
+(:func:`medseg.inference.native_label_map`), written as a label map with the input's affine, and scored against the
+reference file with :func:`medseg.evaluation.evaluate_folder` (Dice, HD95 in mm, NSD at a tolerance in mm).
+Validation cases never take part.
+
+``medseg train`` calls :func:`evaluate_model` after training; ``medseg evaluate run_dir=...`` re-evaluates a finished
+run from its saved config and checkpoint (``conf/evaluate.yaml``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from medseg.config import instantiate
+from medseg.errors import ConfigError
+
+__all__ = ["evaluate", "evaluate_model", "load_weights", "main"]
+
+log = logging.getLogger("medseg.evaluate")
+
+SUMMARY = "summary.json"
+
+
+def load_weights(task: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Load a Lightning checkpoint's weights into ``task`` (strictly: a mismatch is a wrong checkpoint)."""
+    state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    if "state_dict" not in state:
+        raise ConfigError(f"{checkpoint} is not a Lightning checkpoint (no 'state_dict').")
+    task.load_state_dict(state["state_dict"], strict=True)
+
+
+def _reference_labels(datamodule: Any) -> Path:
+    labels = [c.label for c in datamodule.info.test if c.label is not None]
+    if len(labels) != len(datamodule.info.test):
+        raise ConfigError(
+            f"{datamodule.info.root} has test images without reference labels (labelsTs/); a run can only be "
+            f"evaluated on labelled test cases."
+        )
+    return Path(labels[0]).parent
+
+
+def evaluate_model(
+    task: Any,
+    datamodule: Any,
+    run_dir: str | Path,
+    extras: dict[str, Any] | None = None,
+    started: float | None = None,
+    max_cases: int | None = None,
+    nsd_tolerance_mm: float = 2.0,
+) -> dict[str, Any]:
+    """Predict every test case whole, write it on the native grid, score it, and write ``run_dir/summary.json``.
+
+    Args:
+        task: a :class:`~medseg.tasks.SegmentationTask` (its model and ``inference`` settings are used).
+        datamodule: the run's datamodule; its ``deterministic_transform`` is inverted.
+        run_dir: the run folder; predictions go to ``predictions/``.
+        extras: run facts for the summary (trainable parameters, memory, times).
+        started: ``time.perf_counter()`` at the start of the run, for ``wall_time_s``.
+        max_cases: evaluate only the first cases (debug runs); ``None``: all.
+        nsd_tolerance_mm: NSD tolerance (mm).
+
+    Returns:
+        The summary (see :func:`medseg.evaluation.build_summary`).
+    """
+    from medseg.evaluation import evaluate_folder
+    from medseg.inference import native_label_map, predict_logits, write_label_map
+
+    run_dir = Path(run_dir)
+    eval_started = time.perf_counter()
+    datamodule.setup("test")
+    dataset = datamodule.dataset_for("test")
+    cases = [c for c in datamodule.info.test if c.case_id in set(datamodule.test_ids)]
+    if max_cases is not None:
+        cases = cases[:max_cases]
+    predictions = run_dir / "predictions"
+    predictions.mkdir(parents=True, exist_ok=True)
+    for stale in predictions.glob("*.nii.gz"):
+        stale.unlink()
+    model = task.model
+    device = next(model.parameters()).device
+    amp = device.type == "cuda"
+    suffix = datamodule.info.file_ending if hasattr(datamodule.info, "file_ending") else ".nii.gz"
+    for index, case in enumerate(cases):
+        item = dataset[datamodule.test_ids.index(case.case_id)]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = predict_logits(model, item["image"], spatial_dims=int(model.spatial_dims), **task.inference)
+        native = native_label_map(logits, item, datamodule.deterministic_transform)
+        write_label_map(native, case.images[0], predictions / f"{case.case_id}{suffix}")
+        log.info("Predicted test case %d/%d: %s", index + 1, len(cases), case.case_id)
+    facts = dict(extras or {})
+    facts["eval_wall_time_s"] = round(time.perf_counter() - eval_started, 1)
+    if started is not None:
+        facts["wall_time_s"] = round(time.perf_counter() - started, 1)
+    summary = evaluate_folder(
+        predictions, _reference_labels(datamodule), datamodule.label_names, nsd_tolerance_mm=nsd_tolerance_mm,
+        suffix=suffix, output=run_dir / SUMMARY, extras=facts,
+    )  # fmt: skip
+    log.info("Test foreground mean Dice %.4f -> %s", summary["foreground_mean"]["dice"] or 0.0, run_dir / SUMMARY)
+    return summary
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Re-evaluate a finished run: rebuild its data and model from ``<run_dir>/.hydra/config.yaml``, load a checkpoint.
+
+    Raises:
+        ConfigError: the run folder has no saved config or no checkpoint.
+    """
+    from medseg.runs import select_checkpoint
+    from medseg.train import _peak_memory_mb
+
+    started = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{saved} not found: run_dir must be a folder written by `medseg train`.")
+    run_cfg = OmegaConf.load(saved)
+    if cfg.get("overrides"):
+        run_cfg = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(list(cfg.overrides)))
+    checkpoint = select_checkpoint(run_dir, str(cfg.ckpt))
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir}/checkpoints holds no checkpoint ({cfg.ckpt}); train the run first.")
+    datamodule = instantiate(run_cfg.data)
+    datamodule.setup("test")
+    model = instantiate(run_cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
+    task = instantiate(run_cfg.task, model=model, label_names=datamodule.label_names)
+    load_weights(task, checkpoint)
+    device = torch.device(cfg.device if cfg.get("device") else ("cuda" if torch.cuda.is_available() else "cpu"))
+    task.to(device)
+    extras = {"checkpoint": checkpoint.name, **_peak_memory_mb()}
+    report = task.trainable_report()
+    extras.update({"trainable_params": int(report.get("trainable", 0)), "total_params": int(report.get("total", 0))})
+    return evaluate_model(
+        task, datamodule, run_dir, extras=extras, started=started, max_cases=cfg.get("max_cases"),
+        nsd_tolerance_mm=float(cfg.nsd_tolerance_mm),
+    )  # fmt: skip
+
+
+def main() -> None:
+    """Hydra entry point (``python -m medseg.evaluate``); ``medseg evaluate`` calls it with the overrides."""
+    import hydra
+
+    from medseg.train import CONFIG_DIR
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+    def _main(cfg: DictConfig) -> None:
+        evaluate(cfg)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""``medseg train``: build data, model, task and trainer from the Hydra config, train, then evaluate on the test cases.
+
+Everything is built with :func:`medseg.config.instantiate` from ``conf/train.yaml``; nothing about a particular model
+or dataset is written here. :func:`train` returns the run's metrics (``optimized_metric`` among them), which is what
+Hydra sweepers (Optuna) optimise. Re-running the same command resumes the run from ``checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from medseg.config import instantiate
+from medseg.errors import ConfigError
+from medseg.runs import resolve_resume, select_checkpoint
+
+__all__ = ["CONFIG_DIR", "build_callbacks", "build_loggers", "main", "resolve_precision", "train"]
+
+log = logging.getLogger("medseg.train")
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def resolve_precision(precision: Any) -> Any:
+    """``auto``: bf16 autocast on CUDA GPUs that support bf16, full fp32 elsewhere (CPU autocast is slower)."""
+    if str(precision) != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _built(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a ``_target_`` of a callbacks/logger group (entries set to null are skipped)."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The ``callbacks`` group's objects."""
+    return _built(cfg.get("callbacks"))
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """The ``logger`` group's objects (CSV and TensorBoard by default)."""
+    return _built(cfg.get("logger"))
+
+
+def _choice(cfg: DictConfig, key: str, default: str = "?") -> str:
+    value = OmegaConf.select(cfg, key, throw_on_missing=False, default=default)
+    try:
+        return str(value)
+    except Exception:  # an interpolation that cannot resolve outside a Hydra run
+        return default
+
+
+def _overview(cfg: DictConfig, datamodule: Any, task: Any) -> dict[str, Any]:
+    """What is being trained, logged once at the start and stored in ``summary.json``."""
+    report = task.trainable_report()
+    trainable = int(report.get("trainable", 0))
+    total = int(report.get("total", 0))
+    return {
+        "dataset": datamodule.info.root.name,
+        "fold": int(datamodule.fold),
+        "label_fraction": float(datamodule.label_fraction),
+        "backbone": _choice(cfg, "model.backbone", default="none"),  # baselines have none
+        "init": _choice(cfg, "init"),
+        "adapter": _choice(cfg, "adapter_name"),
+        "model": _choice(cfg, "model_name"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100.0 * trainable / max(total, 1), 4),
+        "num_train_cases": len(datamodule.train_ids),
+        "num_val_cases": len(datamodule.val_ids),
+        "num_test_cases": len(datamodule.test_ids),
+        "max_steps": int(cfg.trainer.get("max_steps", -1)),
+        "seed": int(cfg.seed),
+    }
+
+
+def _log_overview(facts: dict[str, Any]) -> None:
+    log.info(
+        "Training %s (init=%s, adapter=%s): %s of %s parameters trainable (%.3f %%)",
+        facts["model"], facts["init"], facts["adapter"], f"{facts['trainable_params']:,}",
+        f"{facts['total_params']:,}", facts["trainable_percent"],
+    )  # fmt: skip
+    log.info(
+        "Data %s, fold %d: %d training cases (label fraction %.2f), %d validation, %d test; %d steps",
+        facts["dataset"], facts["fold"], facts["num_train_cases"], facts["label_fraction"], facts["num_val_cases"],
+        facts["num_test_cases"], facts["max_steps"],
+    )  # fmt: skip
+
+
+def _peak_memory_mb() -> dict[str, float]:
+    """Peak GPU memory allocated by torch (MB) on CUDA, and the process's peak resident memory (MB)."""
+    import resource
+    import sys
+
+    peak: dict[str, float] = {}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak["peak_rss_mb"] = round(rss / (1024**2 if sys.platform == "darwin" else 1024), 1)
+    if torch.cuda.is_available():
+        peak["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 1024**2, 1)
+    return peak
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train one run and evaluate it on the test cases; return the metrics (``optimized_metric`` for sweeps).
+
+    Raises:
+        ConfigError: ``optimized_metric`` is not among the metrics the run produced.
+    """
+    started = time.perf_counter()
+    L.seed_everything(int(cfg.seed), workers=True)
+    run_dir = Path(cfg.run_dir)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
+    task = instantiate(cfg.task, model=model, label_names=datamodule.label_names)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False,
+        precision=resolve_precision(cfg.trainer.get("precision", "auto")),
+    )  # fmt: skip
+    facts = _overview(cfg, datamodule, task)
+    if trainer.is_global_zero:
+        _log_overview(facts)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    metrics: dict[str, float] = {}
+    if cfg.get("fit", True):
+        ckpt_path = resolve_resume(run_dir, bool(cfg.get("resume", True)), cfg.get("ckpt_path"))
+        if ckpt_path and trainer.is_global_zero:
+            log.info("Resuming from %s", ckpt_path)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    train_seconds = time.perf_counter() - started
+    memory = _peak_memory_mb()
+
+    if cfg.get("evaluate", True) and trainer.is_global_zero and not trainer.interrupted:
+        from medseg.evaluate import evaluate_model, load_weights
+
+        which = str(cfg.get("eval_ckpt", "best"))
+        checkpoint = None if trainer.fast_dev_run else select_checkpoint(run_dir, which)
+        if checkpoint is not None:
+            load_weights(task, checkpoint)
+        extras = {
+            **facts,
+            **memory,
+            "checkpoint": checkpoint.name if checkpoint is not None else "final weights",
+            "steps_trained": int(trainer.global_step),
+            "train_wall_time_s": round(train_seconds, 1),
+        }
+        summary = evaluate_model(task, datamodule, run_dir, extras=extras, started=started)
+        metrics["test/dice_fg"] = summary["foreground_mean"]["dice"]
+        for metric in ("hd95", "nsd"):
+            if summary["foreground_mean"].get(metric) is not None:
+                metrics[f"test/{metric}_fg"] = summary["foreground_mean"][metric]
+
+    wanted = cfg.get("optimized_metric")
+    if wanted and trainer.is_global_zero and metrics and wanted not in metrics:
+        raise ConfigError(
+            f"optimized_metric={wanted!r} was not produced by this run; available: {sorted(metrics)}. "
+            f"(val/* needs validation to run: trainer.check_val_every_n_epoch; test/* needs evaluate=true.)"
+        )
+    return metrics
+
+
+def main() -> float | None:
+    """Hydra entry point (``python -m medseg.train``); ``medseg train`` calls it with the overrides."""
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+    def _main(cfg: DictConfig) -> float | None:
+        metrics = train(cfg)
+        wanted = cfg.get("optimized_metric")
+        return metrics.get(wanted) if wanted else None
+
+    return _main()
+
+
+if __name__ == "__main__":
+    main()
