@@ -7,7 +7,9 @@ even a caller that feeds inputs requiring gradients (e.g. a trainable pre-proces
 of the backbone; its output is a constant for the decoder. See ``tools/bench_adapters.py`` for the memory it saves.
 
 Frozen BatchNorm layers (LiteMedSAM's convolution stages) would still update their running statistics in training
-mode, so a "frozen" backbone would drift; :func:`freeze_batchnorm_statistics` keeps them in evaluation mode.
+mode, so a "frozen" backbone would drift; :func:`freeze_batchnorm_statistics` keeps in evaluation mode every
+BatchNorm whose weight is not trained (all of them, except under ``full``; ``bitfit`` trains their biases only and
+keeps the pretrained statistics, which small medical batches would estimate badly).
 """
 
 from __future__ import annotations
@@ -51,11 +53,11 @@ class _EvalBatchNorm:
 
 
 def freeze_batchnorm_statistics(model: nn.Module) -> list[str]:
-    """Keep every BatchNorm whose affine parameters are all frozen in evaluation mode; returns their names."""
+    """Keep every BatchNorm whose weight is frozen in evaluation mode; returns their names."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-            p.requires_grad for p in module.parameters(recurse=False)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (
+            module.weight is not None and module.weight.requires_grad
         ):
             if not getattr(module, "_medseg_eval_bn", False):
                 module.register_forward_pre_hook(_EvalBatchNorm())
