@@ -107,7 +107,7 @@ def build_summary(
         "mean": mean,
         "foreground_mean": foreground_mean,
         "n_cases": len(cases),
-        "labels": {k: (list(v) if isinstance(v, Sequence) else int(v)) for k, v in labels.items()},
+        "labels": {k: ([int(x) for x in v] if isinstance(v, Sequence) else int(v)) for k, v in labels.items()},
         "empty_label_policy": EMPTY_LABEL_POLICY,
         **extras,
     }
