@@ -55,18 +55,18 @@ def _worker(name: str, batch: int, device: str, repeats: int, warmup: int) -> di
         torch.cuda.reset_peak_memory_stats()
     rss_model = _maxrss_mb()
 
-    def forward() -> float:
-        start = time.perf_counter()
+    def forward() -> tuple[float, float]:
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.inference_mode(), autocast:
             out = model(x)
         if device == "cuda":
             torch.cuda.synchronize()
         assert out.features.shape[0] == batch
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
     for _ in range(warmup):
         forward()
-    times = [forward() for _ in range(repeats)]
+    times, cpu_times = zip(*[forward() for _ in range(repeats)])
     record = {
         "name": name,
         "device": device,
@@ -79,6 +79,8 @@ def _worker(name: str, batch: int, device: str, repeats: int, warmup: int) -> di
         "latency_s_median": round(statistics.median(times), 4),
         "latency_s_min": round(min(times), 4),
         "ms_per_image": round(1000 * statistics.median(times) / batch, 1),
+        # CPU seconds of all threads: unlike wall time, barely inflated when other jobs share the cores.
+        "cpu_s_median": round(statistics.median(cpu_times), 4),
         "peak_rss_mb": round(_maxrss_mb(), 1),
         "forward_rss_delta_mb": round(_maxrss_mb() - rss_model, 1),
         "model_rss_delta_mb": round(rss_model - rss_import, 1),
@@ -117,16 +119,17 @@ def _write_atomic(path: Path, payload: dict) -> None:
 
 
 def _markdown(records: list[dict]) -> str:
+    """One row per record, for a README table."""
     lines = [
-        "| backbone | device | input | batch | params (M) | latency (s) | ms / image | peak RSS (MiB) "
-        "| CUDA peak (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backbone | device | input (px) | batch | params (M) | latency (s) | ms / image | CPU s | peak RSS (MiB) "
+        "| CUDA peak (MiB) | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        cuda = r.get("cuda_peak_allocated_mb", "")
         lines.append(
             f"| {r['name']} | {r['device']} ({r['dtype']}) | {r['image_size']} | {r['batch']} | {r['params_m']} | "
-            f"{r['latency_s_median']} | {r['ms_per_image']} | {r['peak_rss_mb']} | {cuda} |"
+            f"{r['latency_s_median']} | {r['ms_per_image']} | {r.get('cpu_s_median', '')} | {r['peak_rss_mb']} | "
+            f"{r.get('cuda_peak_allocated_mb', '')} | {r.get('loadavg_1m_before', '')} |"
         )
     return "\n".join(lines)
 
@@ -141,12 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--resume", action="store_true", help="keep records already in --output and skip them")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
+    parser.add_argument("--table", action="store_true", help="only print the markdown table of --output")
     parser.add_argument("--worker", nargs=5, metavar=("NAME", "BATCH", "DEVICE", "REPEATS", "WARMUP"), help="internal")
     args = parser.parse_args(argv)
 
     if args.worker:
         name, batch, device, repeats, warmup = args.worker
         print(json.dumps(_worker(name, int(batch), device, int(repeats), int(warmup))))
+        return 0
+
+    if args.table:
+        print(_markdown(json.loads(args.output.read_text())["results"]))
         return 0
 
     import torch
@@ -158,13 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(args.output.read_text()) if args.resume and args.output.is_file() else {}
     records: list[dict] = list(previous.get("results", []))
     done = {(r["name"], r["device"], r["batch"]) for r in records}
-    payload = {"machine": _machine(), "command": " ".join(sys.argv), "results": records, "failures": []}
+    commands = [*previous.get("commands", []), " ".join(["python", *sys.argv])]
+    payload = {"machine": _machine(), "commands": commands, "results": records, "failures": []}
     for name in names:
         for device in devices:
             for batch in args.batch_sizes:
                 if (name, device, batch) in done:
                     continue
                 print(f"[bench] {name} {device} batch {batch} ...", file=sys.stderr, flush=True)
+                load = os.getloadavg()[0]  # other work on the machine inflates CPU latencies: keep it on record
                 command = [sys.executable, __file__, "--worker", name, str(batch), device]
                 command += [str(args.repeats), str(args.warmup)]
                 try:
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     payload["failures"].append({"name": name, "device": device, "batch": batch, "error": error})
                     print(f"[bench]   failed: {error}", file=sys.stderr, flush=True)
                     continue
-                record = json.loads(proc.stdout.strip().splitlines()[-1])
+                record = {**json.loads(proc.stdout.strip().splitlines()[-1]), "loadavg_1m_before": round(load, 2)}
                 records.append(record)
                 print(f"[bench]   {record['latency_s_median']} s, peak {record['peak_rss_mb']} MiB", file=sys.stderr)
                 _write_atomic(args.output, payload)
