@@ -182,12 +182,13 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | Mapping[str, Any]) 
         options = {k: v for k, v in spec.items() if k != "method"}
         trained[spec["method"]] = METHODS[spec["method"]](model, **options)
     if config.trainable:
+        for pattern in config.trainable:
+            if not iter_matching_parameters(model, [pattern]):
+                raise TargetError(
+                    f"trainable pattern {pattern!r} matches no module with parameters in {type(model).__name__}. "
+                    f"Modules of this model:\n{module_name_summary(model)}"
+                )
         extra = iter_matching_parameters(model, config.trainable)
-        if not extra:
-            raise TargetError(
-                f"trainable patterns {config.trainable} match no parameter of {type(model).__name__}. "
-                f"Modules of this model:\n{module_name_summary(model)}"
-            )
         for _, param in extra:
             param.requires_grad_(True)
         trained["trainable"] = [n for n, _ in extra]

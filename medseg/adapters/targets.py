@@ -67,12 +67,14 @@ def module_name_summary(model: nn.Module, types: tuple[type[nn.Module], ...] | N
     ``image_encoder.blocks.0.attn.qkv`` ... ``image_encoder.blocks.11.attn.qkv`` become one line
     ``image_encoder.blocks.*.attn.qkv (Linear)``, so a user sees the patterns they could write.
     """
-    seen: dict[str, str] = {}
+    seen: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         if not name or is_adapter_name(name) or (types is not None and not isinstance(module, types)):
             continue
-        seen.setdefault(_INDEX.sub("*", name), type(module).__name__)
-    lines = [f"  {pattern} ({kind})" for pattern, kind in seen.items()]
+        kinds = seen.setdefault(_INDEX.sub("*", name), [])
+        if type(module).__name__ not in kinds:
+            kinds.append(type(module).__name__)
+    lines = [f"  {pattern} ({', '.join(kinds)})" for pattern, kinds in seen.items()]
     more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
     return "\n".join(lines[:limit]) + more
 
