@@ -37,6 +37,33 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from medseg.launch import run_hydra_entry
+    from medseg.train import CONFIG_DIR, main
+
+    return run_hydra_entry(main, CONFIG_DIR, "train", args.overrides, prog="medseg train")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.evaluate import main
+    from medseg.launch import run_hydra_entry
+    from medseg.train import CONFIG_DIR
+
+    return run_hydra_entry(main, CONFIG_DIR, "evaluate", args.overrides, prog="medseg evaluate")
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from medseg.quickstart import run_quickstart
+
+    return run_quickstart(args.overrides)
+
+
+_HYDRA_EPILOG = (
+    "Overrides are Hydra's: key=value, group=option, +new_key=value; -m sweeps comma-separated values "
+    "(e.g. adapter=lora,ssf init=pretrained,scratch). --cfg job prints the composed config."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description="Adapt foundation models to CT and MRI segmentation.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
@@ -68,6 +95,34 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="replace an existing dataset of the same name")
     convert.add_argument("--modality", default=None, help="AMOS only: ct (default) or mri, which cases to convert")
     convert.set_defaults(func=_cmd_convert)
+
+    train = verbs.add_parser(
+        "train",
+        help="train (or resume) a run from conf/train.yaml with Hydra overrides, then evaluate it on the test cases",
+        description="Train one run, e.g. `medseg train experiment=quickstart trainer.max_steps=10`, or a sweep with "
+        "-m. Re-running the same command resumes from the run folder's last.ckpt.",
+        epilog=_HYDRA_EPILOG,
+    )
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides and flags (-m, --cfg job)")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = verbs.add_parser(
+        "evaluate",
+        help="re-evaluate a trained run on its test cases (native grid) and rewrite its summary.json",
+        description="e.g. `medseg evaluate run_dir=results/Dataset991_MNITissue/... ckpt=last`",
+        epilog=_HYDRA_EPILOG,
+    )
+    evaluate.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides (run_dir=..., ckpt=...)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    quickstart = verbs.add_parser(
+        "quickstart",
+        help="LiteMedSAM + LoRA on mni-tissue, pretrained vs scratch with the same budget, on CPU; prints a table",
+        description="Trains and evaluates experiment=quickstart twice (init=pretrained, init=scratch) and prints "
+        "the test metrics side by side. Extra Hydra overrides apply to both arms.",
+    )
+    quickstart.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides for both arms")
+    quickstart.set_defaults(func=_cmd_quickstart)
     return parser
 
 

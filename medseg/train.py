@@ -124,8 +124,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     model = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
     task = instantiate(cfg.task, model=model, label_names=datamodule.label_names)
+    loggers = build_loggers(cfg)
+    callbacks = [
+        c for c in build_callbacks(cfg) if loggers or not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)
+    ]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False,
+        cfg.trainer, callbacks=callbacks, logger=loggers or False,
         precision=resolve_precision(cfg.trainer.get("precision", "auto")),
     )  # fmt: skip
     facts = _overview(cfg, datamodule, task)

@@ -1,0 +1,107 @@
+"""``medseg quickstart``: does pretraining help? LiteMedSAM + LoRA on mni-tissue, pretrained vs scratch, same budget.
+
+Both arms are ``medseg train experiment=quickstart`` runs that differ only in ``init`` (the backbone's initial
+weights); each trains, then predicts the held-out test cases whole and scores them on the native grid. The arms run
+one after the other as separate processes (each ``medseg train`` is a normal, resumable run in its own run folder),
+and the table is read from their ``summary.json`` files. A finished arm is not retrained: re-running the command
+prints the table again, and an interrupted arm resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import MedsegError
+
+__all__ = ["ARMS", "format_table", "run_dir_for", "run_quickstart"]
+
+ARMS = ("pretrained", "scratch")
+EXPERIMENT = "experiment=quickstart"
+
+
+def run_dir_for(overrides: Sequence[str]) -> tuple[Path, int]:
+    """The run folder and step budget that ``medseg train <overrides>`` would use (composed, not run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from medseg.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return Path(str(cfg.hydra.run.dir)), int(cfg.trainer.max_steps)
+
+
+def _finished(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
+    from medseg.evaluation import is_complete, read_summary
+
+    path = run_dir / "summary.json"
+    if not is_complete(path):
+        return None
+    summary = read_summary(path)
+    return summary if summary.get("steps_trained") == max_steps else None
+
+
+def format_table(summaries: dict[str, dict[str, Any]]) -> Any:
+    """A rich table: one row per arm, Dice per class, foreground Dice / HD95 (mm) / NSD, parameters and times."""
+    from rich.table import Table
+
+    first = next(iter(summaries.values()))
+    classes = list(first["mean"])
+    table = Table(title=f"Test cases of {first.get('dataset', '?')} (native grid, {first['n_cases']} cases)")
+    table.add_column("init")
+    for name in classes:
+        table.add_column(f"Dice {name}", justify="right")
+    for column in ("Dice fg", "HD95 fg (mm)", "NSD fg (2 mm)", "trainable", "steps", "train (s)", "eval (s)"):
+        table.add_column(column, justify="right")
+
+    def number(value: Any, digits: int = 3) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    for arm, summary in summaries.items():
+        fg = summary["foreground_mean"]
+        table.add_row(
+            arm,
+            *(number(summary["mean"][c]["dice"]) for c in classes),
+            number(fg["dice"]), number(fg["hd95"], 1), number(fg["nsd"]),
+            f"{summary.get('trainable_params', 0):,} ({summary.get('trainable_percent', 0):.1f} %)",
+            str(summary.get("steps_trained", "?")), number(summary.get("train_wall_time_s"), 0),
+            number(summary.get("eval_wall_time_s"), 0),
+        )  # fmt: skip
+    return table
+
+
+def run_quickstart(overrides: Sequence[str] = ()) -> int:
+    """Train and evaluate both arms (unless already finished) and print the comparison table.
+
+    Raises:
+        MedsegError: an arm's training failed (its output above says why).
+    """
+    from rich.console import Console
+
+    console = Console()
+    summaries: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+    for arm in ARMS:
+        arm_overrides = [EXPERIMENT, f"init={arm}", *overrides]
+        run_dir, max_steps = run_dir_for(arm_overrides)
+        summary = _finished(run_dir, max_steps)
+        if summary is None:
+            console.rule(f"quickstart: init={arm} -> {run_dir}")
+            code = subprocess.call([sys.executable, "-m", "medseg.train", *arm_overrides])
+            if code != 0:
+                raise MedsegError(f"the init={arm} arm failed (exit code {code}); see its output above.")
+            summary = _finished(run_dir, max_steps)
+            if summary is None:
+                raise MedsegError(f"the init={arm} arm finished without a complete {run_dir}/summary.json.")
+        else:
+            console.print(f"quickstart: init={arm} already finished in {run_dir}")
+        summaries[arm] = summary
+    console.print(format_table(summaries))
+    console.print(f"quickstart: {time.perf_counter() - started:.0f} s in total; summaries in the run folders above.")
+    return 0
