@@ -11,7 +11,8 @@ Each (backbone, method) runs in its own subprocess, so peak memory is that confi
 A training step: batch 2 at the backbone's native size (litemedsam 256 x 256, real weights; sam_vit_b 1024 x 1024,
 ``pretrained=False``: the official file is not needed for timing), forward through the adapted backbone, a 1x1
 convolution head on the 256-channel features, binary cross-entropy against a fixed random mask at feature
-resolution, backward, Adam step. Times are wall-clock seconds per step after ``--warmup`` untimed steps.
+resolution, backward, Adam step. Times are wall-clock seconds per step after ``--warmup`` untimed steps; with
+``--jobs N`` that many workers run at once (each with ``--threads`` intra-op threads), which the JSON records.
 
 Usage::
 
@@ -29,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 METHODS = ("full", "frozen", "bitfit", "norm", "lora", "lora_bonly", "dora", "adaptformer", "adapter3d", "ssf")
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--mem-limit-gb", type=float, default=0.0, help="address-space cap per worker (CPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="configurations run at once (use with --threads 1)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/adapters.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -190,13 +193,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    results = []
-    for backbone in args.backbones:
-        methods = args.sam_methods if backbone.startswith("sam") and args.sam_methods else args.methods
-        for method in methods:
-            result = _run_worker(args, backbone, method)
+    configs = [
+        (backbone, method)
+        for backbone in args.backbones
+        for method in (args.sam_methods if backbone.startswith("sam") and args.sam_methods else args.methods)
+    ]
+    order = {config: i for i, config in enumerate(configs)}
+    results: list[dict] = []
+    # longest first, so that with --jobs > 1 the short configurations fill in around them
+    queue = sorted(configs, key=lambda c: (not c[0].startswith("sam"), order[c]))
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(_run_worker, args, b, m): (b, m) for b, m in queue}
+        for future in as_completed(futures):
+            result = future.result()
             print(json.dumps(result), flush=True)
             results.append(result)
+            results.sort(key=lambda r: order[(r["backbone"], r["method"])])
             _write(args, results)  # partial results survive an interrupted run
     print(markdown(results))
     return 0
@@ -225,6 +237,9 @@ def _write(args: argparse.Namespace, results: list[dict]) -> None:
         "batch": BATCH,
         "input_sizes": SIZES,
         "steps": {b: _steps(args, b) for b in args.backbones},
+        "threads_per_worker": args.threads or "torch default",
+        "concurrent_workers": args.jobs,
+        "mem_limit_gb_per_worker": args.mem_limit_gb or None,
         "warmup": args.warmup,
         "step": "adapted backbone -> 1x1 conv head on the 256-channel features -> BCE vs fixed random mask -> Adam",
         "methods_by_backbone": {

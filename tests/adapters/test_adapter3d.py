@@ -86,3 +86,20 @@ def test_lora_composes_with_norm_and_the_decoder_trains(build, inputs, with_head
     other = with_head(build("dinov2"))
     apply_adapters(other.backbone, {"methods": [{"method": "norm"}, {"method": "lora", "rank": 2}]})
     assert {n for n, p in other.named_parameters() if p.requires_grad} == trainable
+
+
+def test_adapted_model_deepcopies_with_its_hooks(build, inputs):
+    """Hooks hold their adapters: a deep copy (EMA weights, a second fold) runs its own copies, not the original's."""
+    import copy
+
+    model = build("dinov2")
+    apply_adapters(model, {"methods": [{"method": "adapter3d", "bottleneck": 4}, {"method": "vpt", "num_tokens": 2}]})
+    _activate(model)
+    twin = copy.deepcopy(model)
+    x = inputs("dinov2", batch=4)
+    with torch.no_grad(), volume_depth(twin, 2), volume_depth(model, 2):
+        torch.testing.assert_close(twin(x).features, model(x).features)
+        for module in twin.modules():
+            if isinstance(module, Adapter3d):
+                module.up.weight.zero_()
+        assert not torch.allclose(twin(x).features, model(x).features)
