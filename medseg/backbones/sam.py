@@ -177,7 +177,7 @@ def build_sam_components(
     pretrained: bool = True,
     checkpoint: str | Path | None = None,
     *,
-    img_size: int = SAM_IMAGE_SIZE,
+    img_size: int | None = None,
     arch: Mapping[str, Any] | None = None,
 ) -> SamComponents:
     """SAM's image encoder, prompt encoder and mask decoder, with their pretrained weights loaded strictly.
@@ -190,16 +190,19 @@ def build_sam_components(
         name: ``sam_vit_b``, ``sam_vit_l``, ``sam_vit_h`` or ``litemedsam``.
         pretrained: ``False`` gives the same modules with standard initialisation (the scratch twin).
         checkpoint: explicit path of the official full-SAM file.
-        img_size: side length in pixels the modules are built for (SAM: multiple of 16, default 1024).
+        img_size: side length in pixels the modules are built for (SAM: a multiple of 16, default 1024; LiteMedSAM:
+            256 only).
         arch: overrides of :data:`SAM_ARCHS` entries (``depth``, ``embed_dim``, ``num_heads``,
             ``global_attn_indexes``), for tiny test models only; official files do not fit them.
     """
     entry = get_entry(name)
     if entry.family == "litemedsam":
-        from medseg.backbones.litemedsam import build_litemedsam_components
+        from medseg.backbones.litemedsam import LITEMEDSAM_IMAGE_SIZE, build_litemedsam_components
 
+        if arch or img_size not in (None, LITEMEDSAM_IMAGE_SIZE):
+            raise ValueError(f"LiteMedSAM has one architecture at {LITEMEDSAM_IMAGE_SIZE} px: no img_size or arch")
         return build_litemedsam_components(pretrained, checkpoint)
-    components = _build_modules(name, img_size, arch)
+    components = _build_modules(name, img_size or SAM_IMAGE_SIZE, arch)
     if pretrained:
         path = resolve_checkpoint(entry, checkpoint)
         container = nn.ModuleDict(components._asdict())

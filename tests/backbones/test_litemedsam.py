@@ -134,3 +134,10 @@ def test_only_256_inputs_are_accepted():
     assert backbone.input_spec.image_size == 256 and backbone.input_spec.value_range == (0.0, 1.0)
     with pytest.raises(ValueError, match="256x256"):
         backbone(torch.zeros(1, 1, 128, 128))
+
+
+def test_components_have_one_architecture():
+    components = build_sam_components("litemedsam", pretrained=False)
+    assert components.prompt_encoder.image_embedding_size == (64, 64)
+    with pytest.raises(ValueError, match="one architecture"):
+        build_sam_components("litemedsam", pretrained=False, img_size=512)
