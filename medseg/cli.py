@@ -58,6 +58,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(args.overrides)
 
 
+_HYDRA_VERBS = ("train", "evaluate", "quickstart")
 _HYDRA_EPILOG = (
     "Overrides are Hydra's: key=value, group=option, +new_key=value; -m sweeps comma-separated values "
     "(e.g. adapter=lora,ssf init=pretrained,scratch). --cfg job prints the composed config."
@@ -128,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Hydra's own flags (-m, --cfg job, ...) pass through to the Hydra verbs untouched.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if args.verb not in _HYDRA_VERBS:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*unknown, *args.overrides]
     try:
         return int(args.func(args) or 0)
     except MedsegError as err:

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from medseg.errors import ConfigError
 
@@ -88,14 +88,18 @@ def check_config(config_dir: str, config_name: str, overrides: Sequence[str], mu
         ConfigError: an override is malformed, names an unknown group option or key, or a ``???`` value is left.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
 
     for job in _jobs(list(overrides), multirun):
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             try:
-                cfg = compose(config_name=config_name, overrides=job, return_hydra_config=False)
+                cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
             except HydraException as err:
                 raise ConfigError(_one_line(err)) from None
+        HydraConfig.instance().set_config(cfg)  # so that ${hydra:...} values resolve as in the real run
+        with open_dict(cfg):
+            cfg.pop("hydra")
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(
