@@ -17,7 +17,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
-from monai.transforms import Randomizable
+from monai.data import Dataset
+from monai.transforms import Randomizable, Transform
+from torch.utils.data import Dataset as TorchDataset
 
 __all__ = ["RandomStateCheckpoint", "StepProgressBar", "WeightsDigest", "state_digest"]
 
@@ -59,18 +61,22 @@ class StepProgressBar(RichProgressBar):
 
 
 def _randomizable(obj: Any, found: list[Randomizable], seen: set[int]) -> None:
-    """Every MONAI ``Randomizable`` reachable from a dataset's transform, in a stable order."""
+    """Every MONAI ``Randomizable`` reachable from a dataset, in a stable order.
+
+    Dictionary transforms hold array transforms with their own generators (``RandAffined.rand_affine`` and its
+    ``rand_affine_grid``), so every attribute that is a transform (or a list of them) is followed, not only
+    ``Compose.transforms``. Data (cached items, arrays) is not walked.
+    """
     if id(obj) in seen:
         return
     seen.add(id(obj))
     if isinstance(obj, Randomizable):
         found.append(obj)
-    for child in getattr(obj, "transforms", ()) or ():
-        _randomizable(child, found, seen)
-    for name in ("transform", "dataset"):
-        child = getattr(obj, name, None)
-        if child is not None and not isinstance(child, (str, bytes)):
-            _randomizable(child, found, seen)
+    for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
+        children = value if isinstance(value, (list, tuple)) else (value,)
+        for child in children:
+            if isinstance(child, (Transform, Dataset, TorchDataset)):
+                _randomizable(child, found, seen)
 
 
 def _train_transforms(trainer: L.Trainer) -> list[Randomizable]:
@@ -80,6 +86,17 @@ def _train_transforms(trainer: L.Trainer) -> list[Randomizable]:
         for dataloader in loader if isinstance(loader, (list, tuple)) else [loader]:
             _randomizable(getattr(dataloader, "dataset", None), found, set())
     return found
+
+
+def _np_state_to_plain(state: tuple) -> tuple:
+    """A NumPy ``RandomState`` state with its key as a tensor, so checkpoints load with ``weights_only=True``."""
+    name, key, pos, has_gauss, cached = state
+    return (name, torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _np_state_from_plain(state: tuple) -> tuple:
+    name, key, pos, has_gauss, cached = state
+    return (name, np.asarray(key.numpy(), dtype=np.uint32), pos, has_gauss, cached)
 
 
 class RandomStateCheckpoint(Callback):
@@ -98,9 +115,9 @@ class RandomStateCheckpoint(Callback):
     def _capture(self, trainer: L.Trainer) -> dict[str, Any]:
         state = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": _np_state_to_plain(np.random.get_state()),
             "torch": torch.get_rng_state(),
-            "transforms": [t.R.get_state() for t in _train_transforms(trainer)],
+            "transforms": [_np_state_to_plain(t.R.get_state()) for t in _train_transforms(trainer)],
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
@@ -120,14 +137,14 @@ class RandomStateCheckpoint(Callback):
             return
         state, self._pending = self._pending, None
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        np.random.set_state(_np_state_from_plain(state["numpy"]))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
         transforms = _train_transforms(trainer)
         if len(transforms) == len(state["transforms"]):
             for transform, saved in zip(transforms, state["transforms"]):
-                transform.R.set_state(saved)
+                transform.R.set_state(_np_state_from_plain(saved))
 
 
 def state_digest(module: torch.nn.Module) -> str:

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from medseg.errors import ConfigError
@@ -70,7 +71,11 @@ class SegmentationTask(L.LightningModule):
         label_names: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "loss", "optimizer", "scheduler"])
+        # Plain containers only: checkpoints must load with torch.load(weights_only=True) on resume.
+        inference = OmegaConf.to_container(inference, resolve=True) if isinstance(inference, DictConfig) else inference
+        self.save_hyperparameters(
+            {"backbone_lr_scale": backbone_lr_scale, "layer_decay": layer_decay, "inference": dict(inference or {})}
+        )
         self.model = model
         self.loss = loss
         self.optimizer_factory = optimizer
