@@ -125,7 +125,7 @@ def _markdown(records: list[dict]) -> str:
         "| CUDA peak (MiB) | load before |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in records:
+    for r in sorted(records, key=lambda r: (r["name"], r["device"], r["batch"])):
         lines.append(
             f"| {r['name']} | {r['device']} ({r['dtype']}) | {r['image_size']} | {r['batch']} | {r['params_m']} | "
             f"{r['latency_s_median']} | {r['ms_per_image']} | {r.get('cpu_s_median', '')} | {r['peak_rss_mb']} | "
