@@ -127,7 +127,9 @@ class ForegroundZScored(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             normalised = torch.stack([self._normalise(c) for c in torch.as_tensor(image).float()])
-            d[key] = MetaTensor(normalised, meta=image.meta) if isinstance(image, MetaTensor) else normalised
+            if isinstance(image, MetaTensor):  # keep the geometry and the trace that inversion replays
+                normalised = MetaTensor(normalised, meta=image.meta, applied_operations=image.applied_operations)
+            d[key] = normalised
         return d
 
 

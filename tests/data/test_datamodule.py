@@ -64,8 +64,11 @@ def test_label_fraction_keeps_a_nested_subset(data_root):
     assert half.val_ids == full.val_ids  # validation never shrinks with the budget
 
 
-def test_validation_prediction_inverts_onto_the_native_grid(data_root):
-    dm = make_datamodule(data_root, "data.cache=memory")
+@pytest.mark.parametrize("preset", ["ct", "mri"])
+def test_validation_prediction_inverts_onto_the_native_grid(data_root, preset):
+    dm = make_datamodule(
+        data_root, "data.cache=memory", f"data/preprocess={preset}", "data.preprocess.spacing=[1.5,1.5,2.5]"
+    )
     dm.setup()
     item = dm.dataset_for("val")[0]
     native = nib.load(str(dict((c.case_id, c) for c in dm.info.training)[item["case_id"]].label))
@@ -87,6 +90,18 @@ def test_disk_cache_key_changes_with_the_preprocessing(data_root, tmp_path):
     abdomen.dataset_for("val")[0]
     first = abdomen.cache_path
     assert first.is_dir() and any(first.iterdir())
+    cached = abdomen.dataset_for("val")[0]  # read back from disk: still a MetaTensor with its inversion trace
+    assert [op["class"] for op in cached["image"].applied_operations] == [
+        "Orientation",
+        "SpatialResample",
+        "CropForeground",
+    ]
+    cached["pred"] = cached["label"].clone()
+    back = Invertd(keys="pred", transform=abdomen.deterministic_transform, orig_keys="label", nearest_interp=True)(
+        cached
+    )["pred"]
+    native = nib.load(str(dict((c.case_id, c) for c in abdomen.info.training)[cached["case_id"]].label))
+    assert tuple(back.shape[1:]) == native.shape
     again = make_datamodule(data_root, "data.cache=disk", f"data.cache_dir={tmp_path}")
     again.setup()
     assert again.cache_path == first

@@ -65,12 +65,19 @@ def test_mri_minmax_mode_and_background_value():
     assert 0.3 < float(out[inside].mean()) < 0.7
 
 
-def test_zscore_keeps_meta():
+def test_zscore_keeps_meta_and_the_inversion_trace():
+    from monai.transforms import Compose, Invertd, Orientationd
+
     image, _ = _head_like(np.random.default_rng(2))
-    meta_image = MetaTensor(image, affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
-    out = ForegroundZScored(keys="image")({"image": meta_image})["image"]
-    assert isinstance(out, MetaTensor)
-    np.testing.assert_allclose(np.asarray(out.affine), np.diag([2.0, 2.0, 2.0, 1.0]))
+    meta_image = MetaTensor(image, affine=torch.diag(torch.tensor([-2.0, 2.0, 2.0, 1.0])))
+    pipeline = Compose([Orientationd(keys="image", axcodes="RAS"), ForegroundZScored(keys="image")])
+    out = pipeline({"image": meta_image})
+    assert isinstance(out["image"], MetaTensor)
+    np.testing.assert_allclose(np.asarray(out["image"].affine)[:3, :3], np.diag([2.0, 2.0, 2.0]))
+    assert [op["class"] for op in out["image"].applied_operations] == ["Orientation"]
+    out["pred"] = out["image"].clone()
+    back = Invertd(keys="pred", transform=pipeline, orig_keys="image")(out)["pred"]
+    np.testing.assert_allclose(np.asarray(back.affine), np.diag([-2.0, 2.0, 2.0, 1.0]))
 
 
 def _volume_with_organ(depth=30, organ=range(20, 24)):
