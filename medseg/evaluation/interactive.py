@@ -233,9 +233,9 @@ def summarize_interactive(
         max_clicks: the NoC cap used, recorded with the results.
 
     Returns:
-        ``{"protocol", "per_case", "per_class": {name: means}, "mean": means over objects, "foreground_mean": mean
-        of the per-class means}``; every mean holds ``dice_at_k`` (list), ``noc85``, ``noc90``, and ``box_dice`` /
-        ``propagation_dice`` where scored.
+        ``{"protocol", "max_clicks", "per_case": {case: {"objects", "mean"}}, "per_class": {name: means}, "mean":
+        means over all objects, "foreground_mean": mean of the per-class means}``; every mean holds ``dice_at_k``
+        (list), ``noc85``, ``noc90``, and ``box_dice`` / ``propagation_dice`` where scored.
     """
     everything = [obj for objects in cases.values() for obj in objects]
     names = sorted({str(obj["class"]) for obj in everything})
@@ -256,7 +256,9 @@ def summarize_interactive(
     return {
         "protocol": protocol,
         "max_clicks": max_clicks,
-        "per_case": {case: [dict(obj) for obj in objects] for case, objects in cases.items()},
+        "per_case": {
+            case: {"objects": [dict(o) for o in objects], "mean": _means(objects)} for case, objects in cases.items()
+        },
         "per_class": per_class,
         "mean": _means(everything),
         "foreground_mean": foreground,

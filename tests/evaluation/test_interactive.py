@@ -142,6 +142,9 @@ def test_case_results_per_component_and_propagation_summarise_per_class():
     means = [summary["per_class"][n]["dice_at_k"] for n in ("liver", "spleen")]
     np.testing.assert_allclose(summary["foreground_mean"]["dice_at_k"], np.mean(means, axis=0))
     assert len(summary["mean"]["dice_at_k"]) == 10
+    case_b = summary["per_case"]["b"]
+    assert case_b["mean"]["n_objects"] == 3 and case_b["objects"][0]["class"] == "liver"
+    assert case_b["mean"]["noc85"] == pytest.approx(np.mean([o["noc85"] for o in cases["b"]]))
 
     # evaluate_case_interactive finds the same objects itself
     per_case = evaluate_case_interactive(
