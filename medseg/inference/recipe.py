@@ -161,7 +161,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def embed_slices(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    channels = model.backbone.channel_adapter.in_channels
+    channels = getattr(model, "in_channels", 1)
     return model.encode(batch.to(model_device(model)).expand(-1, channels, -1, -1))
 
 

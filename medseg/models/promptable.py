@@ -135,6 +135,11 @@ class PromptableSegmenter(nn.Module):
         self.input_range = input_range
         self.adapter_names = set(adapter_names)
 
+    @property
+    def in_channels(self) -> int:
+        """Image channels :meth:`encode` takes (the backbone's channel adapter maps them onto its stem)."""
+        return self.backbone.channel_adapter.in_channels
+
     def encoder_modules(self) -> dict[str, nn.Module]:
         """The modules an image embedding depends on (hashed by :func:`medseg.inference.cache.weights_hash`)."""
         return {"backbone": self.backbone} | ({"neck": self.neck} if self.neck is not None else {})
