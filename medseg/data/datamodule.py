@@ -19,6 +19,7 @@ from monai.transforms import Compose
 
 from medseg.data.formats import CaseFiles, DatasetInfo, load_dataset_info
 from medseg.data.io import LoadCased
+from medseg.data.sampling import EpochSeededSampler
 from medseg.data.splits import label_fraction_subset, load_or_create_splits
 from medseg.data.transforms import build_transforms, transform_cache_key
 from medseg.errors import ConfigError
@@ -84,6 +85,7 @@ class SegmentationDataModule(L.LightningDataModule):
         cache: ``none``, ``memory`` (CacheDataset) or ``disk`` (PersistentDataset under ``cache_dir/<key>``).
         cache_dir: folder for the disk cache (default ``<dataset>/.medseg_cache``).
         data_root: folder of datasets, overriding ``$MEDSEG_DATA``.
+        seed: seed of the training order and augmentation, per epoch (see :class:`EpochSeededSampler`).
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class SegmentationDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         data_root: str | None = None,
         pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if cache not in _CACHE_MODES:
@@ -112,7 +115,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.deterministic_config = _transform_list(preprocess)
         self.random_config = _transform_list(sampling) + _transform_list(augment)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
-        self.cache, self.cache_dir = cache, cache_dir
+        self.cache, self.cache_dir, self.seed = cache, cache_dir, seed
         self.info = load_dataset_info(find_dataset(dataset, Path(data_root) if data_root else None))
         self.target_spacing: tuple[float, ...] | None = None
         self.train_ids: list[str] = []
@@ -191,11 +194,12 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._datasets[split]
 
     def train_dataloader(self) -> DataLoader:
-        # Lightning wraps this sampler in a DistributedSampler under DDP, so each rank draws a disjoint shard and
-        # reshuffles every epoch; MONAI's DataLoader seeds each worker's random transforms differently.
+        # Order, worker seeds and augmentation follow (seed, epoch), so resuming replays the same epochs. Workers are
+        # not persistent: they must be re-seeded each epoch. Under DDP Lightning shards this order across ranks.
+        sampler = EpochSeededSampler(self.dataset_for("train"), seed=self.seed)
         return DataLoader(
-            self.dataset_for("train"), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, drop_last=False,
+            self.dataset_for("train"), batch_size=self.batch_size, sampler=sampler, generator=sampler.generator,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=False,
         )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:

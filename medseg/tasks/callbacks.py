@@ -17,9 +17,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
-from monai.data import Dataset
-from monai.transforms import Randomizable, Transform
-from torch.utils.data import Dataset as TorchDataset
+
+from medseg.data.sampling import EpochSeededSampler
 
 __all__ = ["RandomStateCheckpoint", "StepProgressBar", "WeightsDigest", "state_digest"]
 
@@ -60,71 +59,56 @@ class StepProgressBar(RichProgressBar):
         self.refresh()
 
 
-def _randomizable(obj: Any, found: list[Randomizable], seen: set[int]) -> None:
-    """Every MONAI ``Randomizable`` reachable from a dataset, in a stable order.
-
-    Dictionary transforms hold array transforms with their own generators (``RandAffined.rand_affine`` and its
-    ``rand_affine_grid``), so every attribute that is a transform (or a list of them) is followed, not only
-    ``Compose.transforms``. Data (cached items, arrays) is not walked.
-    """
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, Randomizable):
-        found.append(obj)
-    for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
-        children = value if isinstance(value, (list, tuple)) else (value,)
-        for child in children:
-            if isinstance(child, (Transform, Dataset, TorchDataset)):
-                _randomizable(child, found, seen)
-
-
-def _train_transforms(trainer: L.Trainer) -> list[Randomizable]:
-    loader = trainer.train_dataloader
-    found: list[Randomizable] = []
-    if loader is not None:
-        for dataloader in loader if isinstance(loader, (list, tuple)) else [loader]:
-            _randomizable(getattr(dataloader, "dataset", None), found, set())
-    return found
-
-
 def _np_state_to_plain(state: tuple) -> tuple:
-    """A NumPy ``RandomState`` state with its key as a tensor, so checkpoints load with ``weights_only=True``."""
-    name, key, pos, has_gauss, cached = state
-    return (name, torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+    """NumPy's RNG state with plain types, so it loads under ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, cached = state
+    return name, torch.as_tensor(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
 
 
 def _np_state_from_plain(state: tuple) -> tuple:
-    name, key, pos, has_gauss, cached = state
-    return (name, np.asarray(key.numpy(), dtype=np.uint32), pos, has_gauss, cached)
+    name, keys, pos, has_gauss, cached = state
+    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
+
+
+def _epoch_seeded_samplers(trainer: L.Trainer) -> list[EpochSeededSampler]:
+    """The training loaders' :class:`EpochSeededSampler` s, also when Lightning wrapped them for DDP."""
+    found = []
+    for loader in trainer.fit_loop._combined_loader.flattened if trainer.fit_loop._combined_loader else []:
+        for sampler in (
+            getattr(loader, "sampler", None),
+            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        ):
+            inner = getattr(
+                getattr(sampler, "dataset", None), "_sampler", None
+            )  # Lightning's DistributedSamplerWrapper
+            for candidate in (sampler, inner):
+                if isinstance(candidate, EpochSeededSampler) and candidate not in found:
+                    found.append(candidate)
+    return found
 
 
 class RandomStateCheckpoint(Callback):
-    """Saves the random states (Python, NumPy, torch, CUDA, the training transforms) with every checkpoint.
+    """Makes a resumed run continue exactly as the uninterrupted run would have.
 
-    States are captured at the end of each training epoch (checkpoints for resuming are written there) and put back
-    at the start of the first epoch after a restore, after the dataloader has been built and before it draws its
-    shuffling, so the continuation draws exactly what the uninterrupted run drew. With ``num_workers > 0`` each
-    worker's seed derives from torch's restored state, so this holds too.
+    Data randomness (order, sampled slices or patches, augmentation) is a function of ``(seed, epoch)`` through
+    :class:`~medseg.data.sampling.EpochSeededSampler`. This callback tells the sampler the epoch computed from the
+    optimisation step count, which a checkpoint restores exactly; Lightning's own epoch counter can run one ahead after
+    a restore. The global Python, NumPy and torch states (dropout and other model randomness) are saved with each
+    checkpoint (written at epoch ends) and put back at the start of the first epoch after a restore.
     """
 
     def __init__(self) -> None:
         self._snapshot: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
 
-    def _capture(self, trainer: L.Trainer) -> dict[str, Any]:
-        state = {
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._snapshot = {
             "python": random.getstate(),
             "numpy": _np_state_to_plain(np.random.get_state()),
             "torch": torch.get_rng_state(),
-            "transforms": [_np_state_to_plain(t.R.get_state()) for t in _train_transforms(trainer)],
         }
         if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._snapshot = self._capture(trainer)
+            self._snapshot["cuda"] = torch.cuda.get_rng_state_all()
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._snapshot) if self._snapshot is not None else {}
@@ -132,19 +116,32 @@ class RandomStateCheckpoint(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict) or None
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written as an epoch ended records that epoch's last batch as the current one; Lightning 2.x
+        # then resumes "inside" the next epoch and runs a stray batch before it. Marking the epoch's batch progress as
+        # reset (it is: the epoch is over) makes the resumed run start the next epoch cleanly.
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        batches = loop.get("epoch_loop.batch_progress")
+        if batches and batches.get("is_last_batch"):
+            batches["current"] = dict.fromkeys(batches["current"], 0)
+            batches["is_last_batch"] = False
+            schedulers = loop.get("epoch_loop.scheduler_progress")
+            if schedulers:
+                schedulers["current"] = dict.fromkeys(schedulers["current"], 0)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._pending is None:
-            return
-        state, self._pending = self._pending, None
-        random.setstate(state["python"])
-        np.random.set_state(_np_state_from_plain(state["numpy"]))
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        transforms = _train_transforms(trainer)
-        if len(transforms) == len(state["transforms"]):
-            for transform, saved in zip(transforms, state["transforms"]):
-                transform.R.set_state(_np_state_from_plain(saved))
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            random.setstate(state["python"])
+            np.random.set_state(_np_state_from_plain(state["numpy"]))
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+        batches = trainer.num_training_batches
+        if isinstance(batches, int | float) and 0 < batches < float("inf"):
+            epoch = int(trainer.global_step * trainer.accumulate_grad_batches // int(batches))
+            for sampler in _epoch_seeded_samplers(trainer):
+                sampler.set_epoch(epoch)
 
 
 def state_digest(module: torch.nn.Module) -> str:

@@ -163,7 +163,9 @@ class SegmentationTask(L.LightningModule):
             return optimizer
         kwargs = {}
         keyword = total_steps_keyword(self.scheduler_factory)
-        if keyword is not None:
+        # The run's length fills the schedule's length unless the config sets it (an explicit value must win, or a
+        # run cut short and resumed would follow a different schedule).
+        if keyword is not None and keyword not in getattr(self.scheduler_factory, "keywords", {}):
             kwargs[keyword] = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
