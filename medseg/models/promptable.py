@@ -218,6 +218,7 @@ def build_promptable(
     channel_mode: str = "repeat",
     decoder_from: str = "litemedsam",
     arch: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
 ) -> PromptableSegmenter:
     """Build a 2-D promptable model; ``pretrained`` (the ``init`` switch) changes initial weights only.
 
@@ -234,6 +235,8 @@ def build_promptable(
         channel_mode: ``repeat`` or ``project``.
         decoder_from: ``litemedsam`` or ``sam_vit_*``: whose prompt encoder and mask decoder a non-SAM backbone gets.
         arch: architecture overrides for tiny test models.
+        num_classes: accepted so that the training code can pass the data module's values to every model builder
+            alike; a promptable model segments one object per prompt set, whatever the number of label classes.
 
     Raises:
         ConfigError: an image size the backbone cannot take or a bad ``decoder_from``.

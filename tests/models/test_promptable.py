@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,3 +148,19 @@ def test_scratch_litemedsam_differs_only_in_values(checkpoint):
         assert {k: v.shape for k, v in part.items()} == {k: v.shape for k, v in expected.items()}
         weights = [k for k, v in part.items() if v.is_floating_point() and v.numel() > 1]
         assert all(not torch.equal(part[k], expected[k]) for k in weights if k.endswith("weight"))
+
+
+def test_hydra_config_builds_the_model():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = str(Path(__file__).resolve().parents[2] / "conf")
+    overrides = ["+backbone=sam_vit_b", "backbone.pretrained=false", "backbone.img_size=64"]
+    arch = "+model.arch={depth:2,embed_dim:32,num_heads:2,global_attn_indexes:[1]}"
+    with initialize_config_dir(config_dir=conf, version_base=None):
+        cfg = compose(config_name=None, overrides=["+model=promptable_2d", *overrides, arch])
+    model = instantiate(cfg.model, in_channels=1, num_classes=3)
+    assert model.image_size == 64 and model.in_channels == 1 and model.neck is None
+    with torch.no_grad():
+        logits, iou = model(torch.rand(1, 1, 64, 64), Prompts(box=[[2.0, 3.0, 40.0, 50.0]]))
+    assert logits.shape == (1, 1, 64, 64) and iou.shape == (1, 1)
