@@ -41,7 +41,7 @@ from medseg.inference.recipe import (
 )
 from medseg.prompts.contract import Prompts
 
-__all__ = ["PropagationConfig", "PropagationResult", "propagate"]
+__all__ = ["PropagationConfig", "PropagationResult", "propagate", "slice_box"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,17 @@ class PropagationResult:
     last: int
     stopped: dict[str, str] = field(default_factory=dict)
     encoded: int = 0
+
+
+def slice_box(box: Sequence[float], axis: int) -> tuple[int, tuple[float, float, float, float]]:
+    """The slice index and 2-D box of a 3-D box flat along ``axis`` (prompts-file / VISTA3D ``(i0, j0, k0, i1, j1,
+    k1)``, e.g. :func:`medseg.evaluation.interactive.middle_slice_box`), for :func:`propagate`."""
+    values = [float(v) for v in box]
+    if len(values) != 6 or values[axis] != values[axis + 3]:
+        raise ConfigError(f"a propagation box must be 6 numbers, flat along axis {axis} (lo == hi there), got {box}.")
+    lo = [v for a, v in enumerate(values[:3]) if a != axis]
+    hi = [v for a, v in enumerate(values[3:]) if a != axis]
+    return int(values[axis]), (lo[0], lo[1], hi[0], hi[1])
 
 
 def _carried(mask: torch.Tensor, logits: torch.Tensor, config: PropagationConfig, size: int) -> Prompts:

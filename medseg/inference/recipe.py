@@ -39,6 +39,7 @@ __all__ = [
     "scaled_prompts",
     "segment_slice",
     "slice_geometry",
+    "slice_predictor",
     "to_uint8",
 ]
 
@@ -236,3 +237,35 @@ def segment_slice(
         ``(H, W)`` boolean mask.
     """
     return predict_slice(model, slice_2d, box, points, point_labels, None, recipe, multimask, cache, threshold).mask
+
+
+def slice_predictor(
+    model: torch.nn.Module,
+    slice_2d: np.ndarray,
+    recipe: SliceRecipe | None = None,
+    cache: EmbeddingCache | None = None,
+    multimask: bool = False,
+):
+    """A ``predict_fn(prompts, prev_mask) -> mask`` on one raw slice, for :func:`medseg.prompts.interactive_loop`
+    and :mod:`medseg.evaluation.interactive`.
+
+    Prompts are 2-D :class:`~medseg.prompts.contract.Prompts` (batch of one) on the slice's grid. When the loop passes a
+    ``prev_mask``, the model gets its own previous low-resolution logits as SAM's mask input (SAM's refinement
+    protocol), which the thresholded mask the loop holds cannot replace. The embedding is computed once (``cache``
+    defaults to a private one).
+    """
+    cache = cache if cache is not None else EmbeddingCache(max_items=1)
+    state: dict[str, torch.Tensor] = {}
+
+    def predict(prompts: Prompts, prev_mask: torch.Tensor | None) -> np.ndarray:
+        box = None if prompts.box is None else prompts.box[0].tolist()
+        points = labels = None
+        if prompts.point_coords is not None:
+            real = prompts.point_labels[0] >= 0
+            points, labels = prompts.point_coords[0][real].tolist(), prompts.point_labels[0][real].tolist()
+        previous = state.get("logits") if prev_mask is not None else None
+        result = predict_slice(model, slice_2d, box, points, labels, previous, recipe, multimask, cache)
+        state["logits"] = result.logits
+        return result.mask
+
+    return predict

@@ -11,7 +11,8 @@ from nilearn.datasets import load_mni152_template
 from torch import nn
 
 from medseg.errors import ConfigError
-from medseg.inference.propagate import PropagationConfig, propagate
+from medseg.inference.cache import EmbeddingCache
+from medseg.inference.propagate import PropagationConfig, propagate, slice_box
 from medseg.inference.recipe import (
     SliceRecipe,
     predict_slice,
@@ -19,6 +20,7 @@ from medseg.inference.recipe import (
     scaled_prompts,
     segment_slice,
     slice_geometry,
+    slice_predictor,
     to_uint8,
 )
 from medseg.models.promptable import build_promptable
@@ -114,13 +116,19 @@ class BrightInBox(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
         self.encoded = 0
+        self.prev_masks: list = []
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         self.encoded += images.shape[0]
         return images
 
     def decode(self, embeddings, prompts, multimask=False):
-        i0, j0, i1, j1 = prompts.box[0].long().tolist()
+        self.prev_masks.append(None if prompts.prev_mask is None else tuple(prompts.prev_mask.shape))
+        if prompts.box is not None:
+            i0, j0, i1, j1 = prompts.box[0].long().tolist()
+        else:  # a click: the 13 x 13 window around it
+            i, j = prompts.point_coords[0, 0].long().tolist()
+            i0, j0, i1, j1 = i - 4, j - 4, i + 4, j + 4
         inside = torch.zeros_like(embeddings, dtype=torch.bool)
         inside[..., max(i0 - 2, 0) : i1 + 3, max(j0 - 2, 0) : j1 + 3] = True
         logits = torch.where(inside & (embeddings > 0.5), 10.0, -10.0)
@@ -154,6 +162,48 @@ def test_propagation_follows_the_object_and_stops_at_its_ends():
     assert (result.first, result.last) == (5, 14)
     assert result.stopped == {"forward": "empty", "backward": "empty"}
     assert result.encoded == model.encoded <= 10 + 2 * 3  # at most batch_size - 1 slices past each end
+
+
+@pytest.mark.parametrize("carry", ["points", "box+mask", "points+mask"])
+def test_other_carries_follow_the_object(carry):
+    volume, label = moving_square()
+    model = BrightInBox()
+    result = propagate(model, volume, 9, points=[(11, 13)], config=PropagationConfig(carry=carry))
+    assert np.array_equal(result.mask, label)
+    assert (model.prev_masks[1] == (1, 1, 32, 32)) == ("mask" in carry)  # the previous slice's logits, model space
+
+
+def test_slice_box_reads_a_flat_3d_box():
+    assert slice_box([3, 4, 9, 20, 30, 9], axis=2) == (9, (3.0, 4.0, 20.0, 30.0))
+    assert slice_box([5, 4, 9, 5, 30, 12], axis=0) == (5, (4.0, 9.0, 30.0, 12.0))
+    with pytest.raises(ConfigError, match="flat"):
+        slice_box([3, 4, 9, 20, 30, 10], axis=2)
+
+
+def test_slice_predictor_drives_the_interactive_loop():
+    """The evaluation's click loop runs on a raw slice; rounds after the first get the model's own logits back."""
+    from medseg.prompts.simulate import interactive_loop
+
+    torch.manual_seed(0)
+    arch = {"depth": 2, "embed_dim": 32, "num_heads": 2, "global_attn_indexes": (1,)}
+    model = build_promptable("sam_vit_b", pretrained=False, img_size=64, arch=arch).eval()
+    calls = []
+    original = model.decode
+
+    def decode(embeddings, prompts, multimask=False):
+        calls.append((prompts.prev_mask is not None, int((prompts.point_labels >= 0).sum())))
+        return original(embeddings, prompts, multimask)
+
+    model.decode = decode
+    image = np.random.default_rng(0).uniform(0, 255, (40, 50)).astype(np.float32)
+    gt = np.zeros((40, 50), bool)
+    gt[10:25, 12:30] = True
+    cache = EmbeddingCache()
+    masks = interactive_loop(slice_predictor(model, image, cache=cache), gt, num_clicks=3)
+    assert len(masks) == 3 and all(m.shape == gt.shape for m in masks)
+    assert calls[0] == (False, 1) and all(previous for previous, _ in calls[1:])
+    assert [n for _, n in calls] == list(range(1, len(calls) + 1))
+    assert cache.misses == 1
 
 
 def test_propagation_along_another_axis_is_the_same_walk():
