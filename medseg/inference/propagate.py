@@ -184,6 +184,7 @@ def propagate(
             for j in wanted:
                 found = None if cache is None else cache.get(_slice_key(cache, raw[j], model, signature))
                 if found is not None:
+                    cache.hits += 1
                     embeddings[j] = found.to(model_device(model))
                 else:
                     missing.append(j)
@@ -191,6 +192,8 @@ def propagate(
                 batch, _ = preprocess_slice(to_uint8(raw[missing], recipe, bounds), size)
                 out = embed_slices(model, batch)
                 encoded += len(missing)
+                if cache is not None:
+                    cache.misses += len(missing)
                 for j, e in zip(missing, out):
                     embeddings[j] = e[None]
                     if cache is not None:

@@ -4,7 +4,7 @@ The recipe is the official LiteMedSAM one (``CVPR24_LiteMedSAM_infer.py`` with t
 ``pre_CT_MR.py``), for any :class:`~medseg.models.promptable.PromptableSegmenter`:
 
 1. intensities to 0-255 and ``uint8`` (:func:`to_uint8`): CT clipped to a window (level, width in HU), MR clipped
-   to the 0.5 / 99.5 percentiles of the voxels > 0 (zeros stay zero), ``none`` for data already in 0-255;
+   to the 0.5 / 99.5 percentiles of the voxels > 0 (zeros stay zero); ``none`` leaves data already in 0-255 as is;
 2. longest side resized to the model size (256 px for LiteMedSAM), the other to ``int(side * scale + 0.5)``;
    shrinking averages areas (``cv2.INTER_AREA``'s rule, exact for integer factors), enlarging is bilinear;
 3. min-max normalisation to [0, 1] of the resized slice, zero padding at the bottom and right;
@@ -83,10 +83,14 @@ class SliceRecipe:
 
 
 def to_uint8(image: np.ndarray, recipe: SliceRecipe, bounds: tuple[float, float] | None = None) -> np.ndarray:
-    """Step 1: intensities to 0-255 ``uint8`` (``bounds`` from :meth:`SliceRecipe.bounds`, default from ``image``)."""
+    """Step 1: intensities to 0-255 ``uint8`` (``bounds`` from :meth:`SliceRecipe.bounds`, default from ``image``).
+
+    With ``intensity="none"`` the values are returned unchanged (as float32), not clipped or quantised, so data in
+    [0, 1] or in any other range loses nothing; LiteMedSAM's own inputs are 0-255 already.
+    """
+    if recipe.intensity == "none":  # unchanged: step 3's min-max normalisation maps any range onto [0, 1]
+        return np.asarray(image, dtype=np.float32)
     image = np.asarray(image, dtype=np.float64)
-    if recipe.intensity == "none":
-        return np.clip(image, 0, 255).astype(np.uint8)
     lo, hi = bounds if bounds is not None else recipe.bounds(image)
     scaled = (np.clip(image, lo, hi) - lo) / max(hi - lo, 1e-8) * 255.0
     if recipe.intensity == "mr":

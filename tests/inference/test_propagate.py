@@ -44,6 +44,8 @@ def test_geometry_and_box_follow_the_official_rounding():
 def test_intensities_ct_window_and_mr_percentiles():
     hu = np.array([[-1000.0, -160.0], [40.0, 3000.0]])
     assert to_uint8(hu, SliceRecipe("ct", window=(40.0, 400.0))).tolist() == [[0, 0], [127, 255]]
+    unit = np.array([[0.0, 0.25], [0.5, 1.0]])
+    assert np.array_equal(to_uint8(unit, SliceRecipe("none")), unit), "intensity='none' must not quantise"
     mr = np.concatenate([np.zeros(100), np.linspace(1.0, 1000.0, 1000)]).reshape(50, 22)
     out = to_uint8(mr, SliceRecipe("mr"))
     assert (out[mr == 0] == 0).all() and out.max() == 255
@@ -204,6 +206,18 @@ def test_slice_predictor_drives_the_interactive_loop():
     assert calls[0] == (False, 1) and all(previous for previous, _ in calls[1:])
     assert [n for _, n in calls] == list(range(1, len(calls) + 1))
     assert cache.misses == 1
+
+
+def test_second_propagation_reuses_cached_embeddings():
+    volume, label = moving_square()
+    model, cache = BrightInBox(), EmbeddingCache()
+    first = propagate(model, volume, 9, box=(8, 10, 15, 17), cache=cache)
+    second = propagate(model, volume, 12, box=(11, 10, 18, 17), cache=cache)
+    assert first.encoded > 0 and second.encoded == 0 and cache.hits >= 10
+    assert np.array_equal(first.mask, label) and np.array_equal(second.mask, label)
+    changed = volume.copy()
+    changed[0, 0, :] = 1.0  # other image bytes on every slice: nothing may come from the cache
+    assert propagate(model, changed, 9, box=(8, 10, 15, 17), cache=cache).encoded == first.encoded
 
 
 def test_propagation_along_another_axis_is_the_same_walk():
