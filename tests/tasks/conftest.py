@@ -62,3 +62,9 @@ def small_synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small_synthetic")
     synthetic.build(root, seed=5, num_train=8, num_test=1, shape=(32, 32, 16))
     return root
+
+
+@pytest.fixture
+def compose_config():
+    """:func:`compose_train` itself, for tests that compose other experiments than the tiny UNet."""
+    return compose_train
