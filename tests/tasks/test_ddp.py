@@ -22,7 +22,9 @@ def test_ddp_two_cpu_processes_agree(small_synthetic_root, tmp_path):
         f"paths.data_dir={small_synthetic_root}", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSEG_DATA": str(small_synthetic_root)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
     rank0 = (digests / "rank0.txt").read_text().split()
