@@ -89,7 +89,7 @@ def evaluate_model(
     model = task.model
     device = next(model.parameters()).device
     amp = device.type == "cuda"
-    suffix = datamodule.info.file_ending if hasattr(datamodule.info, "file_ending") else ".nii.gz"
+    suffix = datamodule.info.file_ending
     for index, case in enumerate(cases):
         item = dataset[datamodule.test_ids.index(case.case_id)]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):

@@ -160,11 +160,9 @@ class SegmentationDataModule(L.LightningDataModule):
             return Dataset(items, transform)
         if self.cache == "memory":
             return CacheDataset(items, transform, num_workers=self.num_workers or None, progress=False)
-        key = transform_cache_key(self._resolved_deterministic, self.target_spacing)
-        root = Path(self.cache_dir) if self.cache_dir else self.info.root / ".medseg_cache"
         # track_meta keeps MetaTensors (affine, applied_operations) in the cache, so cached cases still invert onto
         # the native grid; it needs pickle (weights_only=False), acceptable for a cache this process wrote itself.
-        return PersistentDataset(items, transform, cache_dir=root / key, track_meta=True, weights_only=False)
+        return PersistentDataset(items, transform, cache_dir=self.cache_path, track_meta=True, weights_only=False)
 
     @property
     def cache_path(self) -> Path | None:
