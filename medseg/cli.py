@@ -52,6 +52,36 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return run_hydra_entry(main, CONFIG_DIR, "evaluate", args.overrides, prog="medseg evaluate")
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import logging
+
+    from medseg.inference.predictor import PredictOptions, predict_cases
+    from medseg.inference.sources import load_model
+
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    options = PredictOptions(
+        window=args.window, tta=args.tta, save_probabilities=args.save_probabilities, slice_axis=args.slice_axis,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    if args.window is not None:
+        from medseg.inference.prompted import window_from_text
+
+        window_from_text(args.window)  # a bad --window fails before the model loads
+    loaded = load_model(args.model, device=args.device, ckpt=args.ckpt)
+    report = predict_cases(
+        loaded, args.input, args.output, prompts=args.prompts, options=options, cache_dir=args.cache_dir,
+        debug=args.debug,
+    )  # fmt: skip
+    done = sum(1 for files in report.written.values() if files)
+    print(f"medseg predict: {done} case(s) written to {args.output} with {loaded.source}.")
+    if report.failed:
+        print(f"medseg predict: {len(report.failed)} case(s) failed:", file=sys.stderr)
+        for name, message in report.failed.items():
+            print(f"  {name}: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from medseg.quickstart import run_quickstart
 
@@ -115,6 +145,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides (run_dir=..., ckpt=...)")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    predict = verbs.add_parser(
+        "predict",
+        help="segment a NIfTI file, a folder of them, or a DICOM series with a run, a release or litemedsam",
+        description="Writes OUTPUT_DIR/<case>.nii.gz label maps in each input's exact shape and affine (DICOM: NIfTI "
+        "with its RAS affine). Promptable models (litemedsam) need --prompts; failed cases are listed at the end.",
+    )
+    predict.add_argument("-i", "--input", required=True, help="NIfTI file, DICOM series folder, or folder of inputs")
+    predict.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
+    predict.add_argument("-m", "--model", required=True, help="run folder, release folder or name, or 'litemedsam'")
+    predict.add_argument(
+        "--prompts", default=None, help="JSON prompts file (voxel or world RAS mm), or a folder of <case>.json files"
+    )
+    predict.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
+    predict.add_argument(
+        "--window", default=None, help="litemedsam on CT: LEVEL:WIDTH in HU (40:400) or a preset (abdomen, lung, "
+        "bone, brain, soft_tissue, liver); default: the 0.5/99.5 percentiles of voxels > 0 (MR)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--save-probabilities", action="store_true",
+        help="dense models: also write <case>.npz (float32 'probabilities' (K, X, Y, Z) on the input grid, 'labels')",
+    )  # fmt: skip
+    predict.add_argument("--tta", action="store_true", help="dense models: average mirrored predictions (nnU-Net)")
+    predict.add_argument(
+        "--slice-axis", type=int, default=2, help="array axis a promptable 2D model slices along (default 2, the last)"
+    )
+    predict.add_argument("--cache-dir", default=None, help="keep image embeddings on disk for later runs")
+    predict.add_argument("--ckpt", default="best", help="run folders: best (default), last, or a .ckpt path")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bars")
+    predict.add_argument(  # SUPPRESS: `medseg --debug predict` keeps working
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks for errors"
+    )
+    predict.set_defaults(func=_cmd_predict)
 
     quickstart = verbs.add_parser(
         "quickstart",

@@ -1,0 +1,133 @@
+"""What ``medseg predict -i INPUT`` means: the cases behind a path, their names, and a checked read of each.
+
+INPUT is one NIfTI file, a DICOM series folder, or a folder of NIfTI files (and of DICOM series sub-folders). Each
+case's name is the file name without ``.nii.gz`` / ``.nii``, or the DICOM folder's name, so the output is
+``OUTPUT_DIR/<case>.nii.gz``. A case is read through :func:`medseg.data.io.load_image` (the one reader of medseg)
+and then checked for what a model cannot take: no finite voxels, NaN or infinite values, a spatial dimensionality
+other than 3, or a number of channels the model was not trained with. Every problem is a
+:class:`~medseg.errors.ReaderError` or :class:`~medseg.errors.InputShapeError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from medseg.data.io import NIFTI_SUFFIXES, is_dicom_series, load_image
+from medseg.errors import InputShapeError, ReaderError
+
+__all__ = ["Case", "case_name", "discover_cases", "read_case"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input of a prediction run.
+
+    Attributes:
+        name: the output's stem (``<name>.nii.gz``).
+        path: a NIfTI file or a DICOM series folder.
+        is_dicom: whether ``path`` is a DICOM series (written back as NIfTI with its RAS affine).
+    """
+
+    name: str
+    path: Path
+    is_dicom: bool
+
+
+def case_name(path: str | os.PathLike[str]) -> str:
+    """``<name>`` of ``<name>.nii.gz`` / ``<name>.nii``, or the folder name of a DICOM series."""
+    path = Path(path)
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def discover_cases(source: str | os.PathLike[str]) -> list[Case]:
+    """The cases of ``source``: a NIfTI file, a DICOM series folder, or a folder of NIfTI files / DICOM series.
+
+    Hidden files (e.g. an unfinished ``.tmp`` write) are skipped. Cases come sorted by name, so runs are repeatable.
+
+    Raises:
+        ReaderError: ``source`` does not exist, is of another format, holds no cases, or holds two cases of the same
+            name (``a.nii`` and ``a.nii.gz`` would overwrite each other's output).
+    """
+    source = Path(source)
+    if not source.exists():
+        raise ReaderError(f"input {source} does not exist. Give a NIfTI file, a DICOM series folder, or a folder.")
+    if source.is_file():
+        if not _is_nifti(source):
+            raise ReaderError(
+                f"input {source} is not a NIfTI file (.nii, .nii.gz). For DICOM give the series folder; convert "
+                f"other formats first."
+            )
+        return [Case(case_name(source), source, False)]
+    if is_dicom_series(source):
+        return [Case(source.name, source, True)]
+    cases = []
+    for child in sorted(source.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if _is_nifti(child):
+            cases.append(Case(case_name(child), child, False))
+        elif child.is_dir() and is_dicom_series(child):
+            cases.append(Case(child.name, child, True))
+    if not cases:
+        raise ReaderError(f"input folder {source} holds no NIfTI files (.nii, .nii.gz) and no DICOM series.")
+    names = [c.name for c in cases]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ReaderError(
+            f"input folder {source} holds several inputs named {twice} (e.g. .nii and .nii.gz); their outputs would "
+            f"collide in OUTPUT_DIR. Rename or move one of them."
+        )
+    return cases
+
+
+def read_case(path: str | os.PathLike[str], channels: int | None = None) -> MetaTensor:
+    """Read one case as a ``(C, X, Y, Z)`` MetaTensor (RAS+ affine) and check that a model can take it.
+
+    Args:
+        path: a NIfTI file or a DICOM series folder.
+        channels: the number of image channels the model takes (``None``: any).
+
+    Raises:
+        ReaderError: unreadable, truncated or empty file; non-finite (NaN or infinite) voxels.
+        InputShapeError: not 3 spatial dimensions, or another number of channels than ``channels``.
+    """
+    path = Path(path)
+    image = load_image(path)
+    spatial = tuple(int(s) for s in image.shape[1:])
+    if len(spatial) != 3:
+        raise InputShapeError(
+            f"{path} has {len(spatial)} spatial dimensions (array shape {tuple(image.shape)}); medseg predict takes 3D "
+            f"volumes (X, Y, Z), with extra channels as a 4th axis. Save the volume as 3D (or 4D multi-channel) NIfTI."
+        )
+    if min(spatial) == 0:
+        raise ReaderError(f"{path} holds an empty array (shape {spatial}).")
+    values = torch.as_tensor(image)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        what = "only NaN or infinite values" if bad == values.numel() else f"{bad} NaN or infinite voxel(s)"
+        raise ReaderError(
+            f"{path} holds {what} (of {values.numel()}). Replace them before predicting, e.g. with "
+            f"numpy.nan_to_num or the scanner's background value."
+        )
+    if channels is not None and image.shape[0] != channels:
+        extra = "a 4D/5D file whose extra axes " if image.shape[0] > 1 else "a file that "
+        raise InputShapeError(
+            f"{path} has {image.shape[0]} channel(s) (array shape {tuple(np.shape(image))}, {extra}the model reads as "
+            f"channels), but the model takes {channels}. Give one volume per channel the model was trained on, e.g. "
+            f"split the 4D file into 3D volumes."
+        )
+    return image

@@ -1,0 +1,299 @@
+"""``medseg predict`` as library functions: one image, one case on disk, or a whole input with a failure summary.
+
+Three levels, each usable on its own (the napari widget calls the first, the CLI the last):
+
+- :func:`predict_image`: a ``(C, X, Y, Z)`` MetaTensor (and, for promptable models, its prompts in voxel indices)
+  -> a label map on the image's own grid; no files involved.
+- :func:`predict_case`: one NIfTI file or DICOM series -> ``OUTPUT_DIR/<case>.nii.gz``, a ``uint8`` label map
+  (``uint16`` above label 255) in the input's exact shape and geometry: a NIfTI input's header (qform and sform with
+  their codes) is copied, a DICOM series gets the RAS+ affine MONAI reads from it as both qform and sform. With
+  ``save_probabilities``, ``OUTPUT_DIR/<case>.npz`` too (as nnU-Net writes them): ``probabilities`` ``(K, X, Y, Z)``
+  float32 class probabilities on the input's grid and array order (voxels sum to 1), ``labels`` the label value of
+  each channel, ``affine`` the input's voxel-to-RAS+ affine (mm). Files are written under a temporary name and
+  renamed when complete; a case that fails leaves no file of its own behind.
+- :func:`predict_cases`: every case of an input (:func:`medseg.inference.cases.discover_cases`), with a progress
+  bar; a failing case is recorded in the :class:`PredictReport` and the others go on.
+
+Prompts (promptable models) come from a prompts file (:mod:`medseg.prompts.files`), voxel or world coordinates,
+checked against each case's shape and affine; ``--prompts`` may also name a folder of ``<case>.json`` files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from monai.data import MetaTensor
+
+from medseg.atomic import atomic_path
+from medseg.errors import ConfigError, InputShapeError, MedsegError
+from medseg.inference.cache import EmbeddingCache
+from medseg.inference.cases import Case, discover_cases, read_case
+from medseg.inference.loaded import LoadedModel
+from medseg.prompts.files import ObjectPrompts, PromptFileError, load_prompts
+
+__all__ = ["PredictOptions", "PredictReport", "Prediction", "predict_case", "predict_cases", "predict_image"]
+
+log = logging.getLogger("medseg.predict")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Settings of a prediction run (the ``medseg predict`` flags).
+
+    Attributes:
+        window: CT window for the zero-shot recipe (``LEVEL:WIDTH`` in HU or a preset); ``None``: MR percentiles.
+            Trained models keep their own preprocessing.
+        tta: mirroring test-time augmentation (dense models).
+        save_probabilities: also write ``<case>.npz`` (dense models).
+        slice_axis: array axis a promptable 2-D model slices along (default 2, the last).
+        progress: progress bars over cases and slices.
+    """
+
+    window: str | None = None
+    tta: bool = False
+    save_probabilities: bool = False
+    slice_axis: int = 2
+    progress: bool = False
+
+
+@dataclass
+class Prediction:
+    """Attributes: ``labels`` ``(X, Y, Z)`` integer label map on the image's grid; ``probabilities`` ``(K, X, Y,
+    Z)`` float32 (dense models) or ``None``; ``class_values`` the label of each channel; ``notes`` remarks for the
+    user (e.g. prompts that took no part)."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None = None
+    class_values: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PredictReport:
+    """Attributes: ``written`` output files per case name; ``failed`` the error message per case name."""
+
+    written: dict[str, list[Path]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _channels(loaded: LoadedModel) -> int | None:
+    data = loaded.config.get("data") if loaded.config is not None else None
+    channels = data.get("num_channels") if data is not None and hasattr(data, "get") else None
+    if channels is None:
+        channels = getattr(loaded.model, "in_channels", None)
+    return int(channels) if isinstance(channels, int) else None
+
+
+def check_options(loaded: LoadedModel, options: PredictOptions, has_prompts: bool) -> None:
+    """Refuse, before any case runs, flags that do not fit the model.
+
+    Raises:
+        ConfigError: prompts for a prompt-free model or none for a promptable one, probabilities or TTA for a
+            promptable model, a classifier, or a bad slice axis.
+    """
+    if loaded.kind == "classifier":
+        raise ConfigError(f"{loaded.source} is a classifier; medseg predict writes segmentations. Give a segmenter.")
+    if loaded.kind == "dense" and has_prompts:
+        raise ConfigError(f"{loaded.source} is prompt-free (dense): it needs no --prompts. Drop the option.")
+    if loaded.kind == "promptable":
+        if not has_prompts:
+            raise ConfigError(
+                f"{loaded.source} is promptable: give --prompts FILE.json with boxes or points per object (see "
+                f"medseg.prompts.files for the format)."
+            )
+        if options.save_probabilities or options.tta:
+            raise ConfigError(
+                "--save-probabilities and --tta apply to prompt-free (dense) models; a promptable model gives one "
+                "thresholded mask per object. Drop them."
+            )
+    if options.slice_axis not in (0, 1, 2):
+        raise ConfigError(f"--slice-axis must be 0, 1 or 2 (an array axis of the input), got {options.slice_axis}.")
+
+
+def predict_image(
+    loaded: LoadedModel,
+    image: MetaTensor,
+    objects: Sequence[ObjectPrompts] | None = None,
+    options: PredictOptions | None = None,
+    cache: EmbeddingCache | None = None,
+) -> Prediction:
+    """Predict one image already read (:func:`medseg.inference.cases.read_case`) on its own grid.
+
+    Args:
+        loaded: any model source's :class:`LoadedModel`.
+        image: ``(C, X, Y, Z)`` MetaTensor whose ``affine`` maps voxels to RAS+ mm.
+        objects: prompts in voxel indices of ``image`` (promptable models).
+        options: window, TTA, slice axis, progress.
+        cache: embedding cache (promptable models); a shared one makes a second prompt skip the encoder.
+
+    Raises:
+        ConfigError, InputShapeError: a model, flag or image that does not fit (see :func:`check_options`).
+    """
+    options = options or PredictOptions()
+    check_options(loaded, options, bool(objects))
+    if loaded.kind == "dense":
+        from medseg.inference.dense import predict_dense
+
+        dense = predict_dense(loaded, image, tta=options.tta, progress=options.progress)
+        return Prediction(dense.labels, dense.probabilities, dense.class_values)
+    from medseg.inference.prompted import recipe_for, segment_objects
+
+    if loaded.extras.get("recipe") != "litemedsam" and loaded.config.get("data"):
+        raise ConfigError(
+            f"{loaded.source}: promptable models trained by medseg are predicted by the training code's own "
+            f"preprocessing, which medseg predict does not replay yet; use -m litemedsam or a dense model."
+        )
+    if image.shape[0] != 1:
+        raise InputShapeError(
+            f"the promptable model takes one-channel 3D volumes; this image has {image.shape[0]} channels (a 4D "
+            f"file). Give one 3D volume."
+        )
+    result = segment_objects(
+        loaded.model, np.asarray(image[0].detach().cpu().numpy()), list(objects or []),
+        recipe=recipe_for(options.window), slice_axis=options.slice_axis, cache=cache, progress=options.progress,
+    )  # fmt: skip
+    return Prediction(result.labels, None, sorted({0, *(int(o.label) for o in objects or [])}), result.ignored)
+
+
+def _prompts_for(case: Case, prompts: str | os.PathLike[str] | None, image: MetaTensor) -> list[ObjectPrompts] | None:
+    if prompts is None:
+        return None
+    path = Path(prompts)
+    if path.is_dir():
+        path = path / f"{case.name}.json"
+        if not path.is_file():
+            raise PromptFileError(f"{path}: no prompts file for case {case.name!r}. Add {path.name} to {path.parent}.")
+    return load_prompts(path, np.asarray(image.affine), tuple(int(s) for s in image.shape[1:]))
+
+
+def _write_probabilities(prediction: Prediction, affine: np.ndarray, path: Path) -> Path:
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        np.savez_compressed(
+            handle, probabilities=prediction.probabilities.astype(np.float32),
+            labels=np.asarray(prediction.class_values, dtype=np.int64), affine=np.asarray(affine, dtype=np.float64),
+        )  # fmt: skip
+    return path
+
+
+def predict_case(
+    loaded: LoadedModel,
+    case: Case | str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    prompts: str | os.PathLike[str] | None = None,
+    options: PredictOptions | None = None,
+    cache: EmbeddingCache | None = None,
+) -> list[Path]:
+    """Predict one case and write ``output_dir/<case>.nii.gz`` (and ``.npz``) atomically (module docstring).
+
+    Returns:
+        The written files. On an error none of this case's files is left in ``output_dir``.
+
+    Raises:
+        MedsegError: unreadable input, NaN voxels, a shape the model cannot take, bad prompts, ...
+    """
+    from medseg.inference.writers import write_label_map
+
+    options = options or PredictOptions()
+    if not isinstance(case, Case):
+        found = discover_cases(case)
+        if len(found) != 1:
+            raise ConfigError(f"{case} holds {len(found)} cases; use predict_cases for a folder.")
+        case = found[0]
+    image = read_case(case.path, channels=_channels(loaded))
+    objects = _prompts_for(case, prompts, image)
+    prediction = predict_image(loaded, image, objects, options, cache)
+    for note in prediction.notes:
+        log.warning("%s: %s", case.name, note)
+    output_dir = Path(output_dir)
+    target = output_dir / f"{case.name}.nii.gz"
+    written: list[Path] = []
+    try:
+        if options.save_probabilities and prediction.probabilities is not None:
+            written.append(_write_probabilities(prediction, np.asarray(image.affine), output_dir / f"{case.name}.npz"))
+        reference = np.asarray(image.affine) if case.is_dicom else case.path
+        written.append(write_label_map(prediction.labels, reference, target))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator:
+    if not enabled or total < 2:
+        yield lambda description: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("cases", total=total)
+
+        def advance(description: str | None) -> None:
+            bar.update(task, advance=1, description=description or "cases")
+
+        yield advance
+
+
+def predict_cases(
+    loaded: LoadedModel,
+    source: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    prompts: str | os.PathLike[str] | None = None,
+    options: PredictOptions | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    debug: bool = False,
+) -> PredictReport:
+    """Predict every case of ``source`` (a NIfTI file, a DICOM series, or a folder) into ``output_dir``.
+
+    Args:
+        loaded: the model (:func:`medseg.inference.sources.load_model`).
+        source: the input (:func:`medseg.inference.cases.discover_cases`).
+        output_dir: created if needed.
+        prompts: a prompts file for every case, or a folder of ``<case>.json`` files.
+        options: see :class:`PredictOptions`.
+        cache_dir: keep image embeddings on disk too, so a later run on the same images skips the encoder.
+        debug: let the first error propagate (with its traceback) instead of recording it.
+
+    Returns:
+        :class:`PredictReport`: files written per case, and each failed case's message.
+
+    Raises:
+        MedsegError: the input holds no case, or the flags do not fit the model (before any case runs).
+    """
+    options = options or PredictOptions()
+    cases = discover_cases(source)
+    if prompts is not None and not Path(prompts).exists():
+        raise PromptFileError(f"prompts file {prompts} does not exist. Give a JSON prompts file or a folder of them.")
+    check_options(loaded, options, prompts is not None)
+    cache = EmbeddingCache(folder=cache_dir) if loaded.kind == "promptable" else None
+    report = PredictReport()
+    with _progress(options.progress, len(cases)) as advance:
+        for case in cases:
+            try:
+                report.written[case.name] = predict_case(loaded, case, output_dir, prompts, options, cache)
+            except Exception as err:
+                if debug:
+                    raise
+                report.failed[case.name] = _message(err)
+                log.debug("case %s failed", case.name, exc_info=True)
+            advance(case.name)
+    return report
+
+
+def _message(err: Exception) -> str:
+    if isinstance(err, MedsegError):
+        return str(err)
+    text = str(err).splitlines()[0][:300] if str(err) else ""
+    return f"unexpected {type(err).__name__}: {text} (run with --debug for the traceback)"

@@ -1,0 +1,219 @@
+"""Prompts file -> label map with a 2-D promptable model: one slice, or propagation through the volume.
+
+This is what ``medseg predict -m litemedsam --prompts FILE`` (and the napari widget) runs on a raw volume, with the
+official LiteMedSAM recipe of :mod:`medseg.inference.recipe`. The model slices the volume along ``slice_axis`` (the
+last array axis unless said otherwise). Per object of the prompts file (:class:`~medseg.prompts.files.ObjectPrompts`,
+voxel indices), every prompt becomes a mask:
+
+- a box flat along the slice axis (``k0 == k1`` for the last axis) is a 2-D box on that one slice, together with
+  the object's points that lie on that slice;
+- a 3-D box is segmented as MedSAM's 3-D inference does it: its middle slice gets the box's 2-D outline (and the
+  object's points on that slice), and the mask is propagated slice by slice (:func:`~medseg.inference.propagate`)
+  inside the box's slice range only;
+- points without a box start a propagation through the whole volume from the slice that holds most positive points
+  (prompted by all points on it). Points on other slices do not take part; the function reports them (``ignored``).
+
+An object's label covers the union of its prompts' masks. Objects are painted in file order, so where two objects
+overlap the later one wins (as MedSAM's ``CVPR24_LiteMedSAM_infer.py`` does).
+
+Intensities are mapped to 0-255 once for the whole volume (CT window, or MR percentiles of the voxels > 0 over the
+whole volume, as MedSAM computes them), then every slice goes through the rest of the recipe. The embedding cache is
+keyed by that 0-255 slice, the weights and the recipe, so a second object, box or click on a slice already seen never
+runs the encoder again; with a folder, neither does a second run on the same image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from medseg.errors import ConfigError
+from medseg.inference.cache import EmbeddingCache
+from medseg.inference.propagate import PropagationConfig, propagate, slice_box
+from medseg.inference.recipe import SliceRecipe, segment_slice, to_uint8
+from medseg.prompts.files import ObjectPrompts, PromptFileError
+
+__all__ = ["PromptedResult", "recipe_for", "segment_objects", "window_from_text"]
+
+
+def window_from_text(text: str) -> tuple[float, float]:
+    """``(level, width)`` in HU from ``--window``: ``LEVEL:WIDTH`` (e.g. ``40:400``) or a preset (``abdomen``...).
+
+    Raises:
+        ConfigError: neither a preset nor two numbers, or a width that is not positive.
+    """
+    from medseg.data.transforms import CT_WINDOWS, resolve_window
+
+    try:
+        level, width = resolve_window(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--window {text!r} is not LEVEL:WIDTH in HU (e.g. 40:400) nor a preset ({', '.join(CT_WINDOWS)})."
+        ) from None
+    if not (np.isfinite(level) and np.isfinite(width)) or width <= 0:
+        raise ConfigError(f"--window {text!r}: the width must be a positive number of HU, e.g. 40:400.")
+    return level, width
+
+
+def recipe_for(window: str | Sequence[float] | None) -> SliceRecipe:
+    """The LiteMedSAM intensity recipe: a CT window (``LEVEL:WIDTH``, preset or pair, HU), else MR percentiles."""
+    if window is None:
+        return SliceRecipe("mr")
+    level, width = window_from_text(window) if isinstance(window, str) else (float(window[0]), float(window[1]))
+    return SliceRecipe("ct", window=(level, width))
+
+
+@dataclass
+class PromptedResult:
+    """Attributes: ``labels`` ``(X, Y, Z)`` uint8/uint16 label map; ``encoded`` slices run through the encoder;
+    ``ignored`` human-readable notes on prompts that took no part (points off the starting slice)."""
+
+    labels: np.ndarray
+    encoded: int = 0
+    ignored: list[str] = field(default_factory=list)
+
+
+def _in_plane(points: np.ndarray, axis: int) -> np.ndarray:
+    return np.delete(points, axis, axis=1).astype(np.float64)
+
+
+def _points_on(obj: ObjectPrompts, axis: int, k: int) -> tuple[list | None, list | None]:
+    on = obj.points[:, axis] == k if len(obj.points) else np.zeros(0, dtype=bool)
+    if not on.any():
+        return None, None
+    return _in_plane(obj.points[on], axis).tolist(), obj.point_labels[on].tolist()
+
+
+class _Encoder:
+    """Counts the slices a model encodes, by wrapping its ``encode`` for the duration of a call."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.count = model, 0
+
+    def __enter__(self) -> _Encoder:
+        self._previous = vars(self.model).get("encode")  # an instance-level wrapper already there (tests, tools)
+        original = self.model.encode
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            self.count += int(images.shape[0])
+            return original(images)
+
+        self.model.encode = encode
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is None:
+            del self.model.encode
+        else:
+            self.model.encode = self._previous
+
+
+def _object_mask(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    obj: ObjectPrompts,
+    axis: int,
+    cache: EmbeddingCache,
+    config: PropagationConfig,
+    progress: bool,
+    notes: list[str],
+) -> np.ndarray:
+    plain = SliceRecipe("none")  # intensities are 0-255 already (whole-volume window or percentiles)
+    mask = np.zeros(volume.shape, dtype=bool)
+    for box in obj.boxes:
+        lo, hi = int(box[axis]), int(box[axis + 3])
+        if lo == hi:
+            k, box2d = slice_box(box, axis)
+            points, labels = _points_on(obj, axis, k)
+            plane = np.take(volume, k, axis=axis)
+            index = [slice(None)] * 3
+            index[axis] = k
+            mask[tuple(index)] |= segment_slice(model, plane, box2d, points, labels, recipe=plain, cache=cache)
+            continue
+        middle = (lo + hi) // 2
+        flat = np.asarray(box, dtype=np.float64).copy()
+        flat[axis] = flat[axis + 3] = middle
+        _, box2d = slice_box(flat, axis)
+        points, labels = _points_on(obj, axis, middle)
+        inside = np.take(volume, np.arange(lo, hi + 1), axis=axis)  # propagation never leaves the box's slices
+        result = propagate(
+            model, inside, middle - lo, box=box2d, points=points, point_labels=labels, recipe=plain, config=config,
+            cache=cache, progress=progress,
+        )  # fmt: skip
+        index = [slice(None)] * 3
+        index[axis] = slice(lo, hi + 1)
+        mask[tuple(index)] |= result.mask
+    if not len(obj.boxes):
+        positive = obj.points[obj.point_labels == 1]
+        if not len(positive):
+            raise PromptFileError(
+                f"object with label {obj.label} has only negative points (point_labels 0) and no box: nothing says "
+                f"where it is. Add a positive point (label 1) or a box."
+            )
+        slices, counts = np.unique(positive[:, axis], return_counts=True)
+        start = int(slices[counts.argmax()])
+        points, labels = _points_on(obj, axis, start)
+        elsewhere = int((obj.points[:, axis] != start).sum())
+        if elsewhere:
+            notes.append(
+                f"object {obj.label}: {elsewhere} point(s) off slice {start} (axis {axis}) were not used; propagation "
+                f"starts from the slice with most positive points"
+            )
+        result = propagate(
+            model, volume, start, points=points, point_labels=labels, recipe=plain, config=config, cache=cache,
+            progress=progress,
+        )  # fmt: skip
+        mask |= result.mask
+    return mask
+
+
+@torch.inference_mode()
+def segment_objects(
+    model: torch.nn.Module,
+    volume: np.ndarray | torch.Tensor,
+    objects: Sequence[ObjectPrompts],
+    *,
+    recipe: SliceRecipe | None = None,
+    slice_axis: int = 2,
+    cache: EmbeddingCache | None = None,
+    propagation: PropagationConfig | None = None,
+    progress: bool = False,
+) -> PromptedResult:
+    """Segment every object of a prompts file on a raw volume with a 2-D promptable model (module docstring).
+
+    Args:
+        model: a :class:`~medseg.models.promptable.PromptableSegmenter` (the built-in ``litemedsam``).
+        volume: ``(X, Y, Z)`` raw intensities (HU for CT, scanner units for MR) in the input file's array order.
+        objects: prompts in voxel indices of ``volume`` (:func:`medseg.prompts.files.load_prompts`).
+        recipe: intensity recipe (:func:`recipe_for`; default MR percentiles).
+        slice_axis: the array axis the model slices along (2: the last).
+        cache: embedding cache shared across objects, calls and (with a folder) processes; default a private one.
+        propagation: carry and stop rules (its ``axis`` is replaced by ``slice_axis``).
+        progress: show a progress bar over the slices of each propagation.
+
+    Returns:
+        :class:`PromptedResult` with the label map (``uint8``, ``uint16`` above label 255).
+
+    Raises:
+        ConfigError: a volume that is not 3-D, or a bad ``slice_axis``.
+        PromptFileError: an object with only negative points.
+    """
+    array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    if array.ndim != 3:
+        raise ConfigError(f"segment_objects takes an (X, Y, Z) volume, got shape {array.shape}.")
+    if slice_axis not in (0, 1, 2):
+        raise ConfigError(f"--slice-axis must be 0, 1 or 2 (an array axis of the input), got {slice_axis}.")
+    recipe = recipe or SliceRecipe("mr")
+    cache = cache if cache is not None else EmbeddingCache()
+    config = replace(propagation or PropagationConfig(), axis=slice_axis)
+    scaled = to_uint8(array, recipe, recipe.bounds(array))
+    top = max((int(o.label) for o in objects), default=0)
+    labels = np.zeros(array.shape, dtype=np.uint8 if top <= 255 else np.uint16)
+    notes: list[str] = []
+    with _Encoder(model) as encoder:
+        for obj in objects:
+            labels[_object_mask(model, scaled, obj, slice_axis, cache, config, progress, notes)] = obj.label
+    return PromptedResult(labels, encoder.count, notes)

