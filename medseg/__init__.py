@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from medseg.errors import MedsegError
 
-__all__ = ["MedsegError", "__version__"]
+__all__ = ["MedsegError", "__version__", "load_pretrained"]
 __version__ = "0.1.0"
+
+
+def load_pretrained(name_or_path: Any, device: Any = "cpu", **kwargs: Any) -> Any:
+    """A released model by registry name or release folder, verified and rebuilt offline.
+
+    See :func:`medseg.release.load.load_pretrained` (imported on first call, so ``import medseg`` stays cheap).
+    """
+    from medseg.release.load import load_pretrained as _load_pretrained
+
+    return _load_pretrained(name_or_path, device=device, **kwargs)

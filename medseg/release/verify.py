@@ -1,0 +1,140 @@
+"""``medseg verify RELEASE_DIR``: check that a copy of a release is intact and works, and say what was checked.
+
+Three checks, in order, each printed on one line:
+
+1. **checksums**: every file listed in ``sha256sums.txt`` has its SHA-256, and no unlisted file lies in the folder;
+2. **rebuild**: the model is rebuilt from ``config.yaml`` and ``model.safetensors`` (and, for an adapter-only
+   release, the base weights found and hash-checked), as :func:`medseg.release.load.load_release` does;
+3. **example**: the example input is predicted and compared with ``example/expected_label.nii.gz``: identical voxels,
+   or a Dice of at least 0.999 for every label.
+
+The exit code is 0 only if all three pass; a failed check ends the run with its reason.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+__all__ = ["Check", "VerifyReport", "run_verify", "verify_release"]
+
+
+@dataclass
+class Check:
+    """One verification step: its name, whether it held, and what was seen."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class VerifyReport:
+    """All checks of a :func:`verify_release` run; ``passed`` only if every check ran and held."""
+
+    release: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return len(self.checks) == 3 and all(c.passed for c in self.checks)
+
+
+def _example_check(loaded, folder: Path) -> Check:
+    import nibabel as nib
+    import numpy as np
+
+    from medseg.release.example import compare_label_maps, predict_label_map, read_example
+
+    info = read_example(folder)
+    started = time.perf_counter()
+    predicted = predict_label_map(loaded, [folder / name for name in info["inputs"]])
+    expected = np.asarray(nib.load(str(folder / info["expected"])).dataobj)
+    result = compare_label_maps(predicted, expected, loaded.label_names)
+    seconds = time.perf_counter() - started
+    if result["differing_voxels"] is None:
+        return Check("example", False, f"prediction shape {predicted.shape} != expected {expected.shape}")
+    dice = ", ".join(f"{k} {v:.4f}" for k, v in result["dice"].items())
+    detail = (
+        f"{info['case_id'] or 'example'} {'x'.join(map(str, predicted.shape))} voxels: "
+        f"{'identical labels' if result['identical'] else str(result['differing_voxels']) + ' voxels differ'}; "
+        f"Dice {dice} (need >= {info.get('min_dice', 0.999)} or identical) in {seconds:.1f} s"
+    )
+    return Check("example", bool(result["passed"]), detail)
+
+
+def verify_release(
+    path: str | Path,
+    device: str = "cpu",
+    base_weights: str | Path | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> VerifyReport:
+    """Run the three checks of the module docstring; stop at the first that fails.
+
+    Args:
+        path: the release folder.
+        device: where the model runs.
+        base_weights: the base file of an adapter-only release, if not found automatically.
+        echo: called with each check's line as it completes (e.g. ``print``).
+    """
+    from medseg.release.checksums import verify_checksums
+    from medseg.release.load import load_release
+    from medseg.release.spec import CONFIG, WEIGHTS
+
+    folder = Path(path)
+    report = VerifyReport(release=str(folder))
+
+    def record(check: Check) -> bool:
+        report.checks.append(check)
+        if echo is not None:
+            echo(f"  [{'ok' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
+        return check.passed
+
+    try:
+        sums = verify_checksums(folder, required=(WEIGHTS, CONFIG, "example/example.json"))
+    except MedsegError as err:
+        record(Check("checksums", False, str(err)))
+        return report
+    detail = f"{len(sums.checked)} files match sha256sums.txt"
+    if sums.unlisted:
+        detail += f"; unlisted files {sums.unlisted[:5]} (not covered by any checksum: remove them or re-export)"
+    if not record(Check("checksums", not sums.unlisted, detail)):
+        return report
+    try:
+        started = time.perf_counter()
+        loaded = load_release(folder, device=device, base_weights=base_weights)
+    except MedsegError as err:
+        record(Check("rebuild", False, str(err)))
+        return report
+    extras = loaded.extras
+    base = f", base {Path(extras['base_weights']).name} (SHA-256 ok)" if "base_weights" in extras else ""
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    record(Check(
+        "rebuild", True,
+        f"{extras['name']} {extras['version']} ({extras['mode']}{base}): {type(loaded.model).__name__}, "
+        f"{parameters:,} parameters, labels {loaded.label_names}, in {time.perf_counter() - started:.1f} s",
+    ))  # fmt: skip
+    try:
+        record(_example_check(loaded, folder))
+    except (MedsegError, OSError, KeyError, ValueError) as err:
+        record(Check("example", False, f"{type(err).__name__}: {err}"))
+    return report
+
+
+def run_verify(path: str | Path, device: str | None = None) -> int:
+    """``medseg verify RELEASE_DIR``: print each check; exit code 0 only if all passed."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"medseg verify {path}")
+    report = verify_release(path, device=device, echo=print)
+    if report.passed:
+        print("medseg verify: all checks passed.")
+        return 0
+    print("medseg verify: FAILED.", file=sys.stderr)
+    return 1
