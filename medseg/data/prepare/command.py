@@ -21,6 +21,7 @@ __all__ = ["BUILDERS", "build_dataset", "run_prepare"]
 BUILDERS = {
     "synthetic": "medseg.data.prepare.synthetic",
     "mni-tissue": "medseg.data.prepare.mni_tissue",
+    "mni-slices": "medseg.data.prepare.mni_slices",
 }
 
 
