@@ -115,21 +115,28 @@ class Backbone(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward_features(self, x: torch.Tensor, layers: Sequence[int] = ()) -> BackboneOutput:
-        """Run the family's network on an input that already has ``input_spec.in_chans`` channels."""
+        """Run the family's network on an input with ``input_spec.in_chans`` channels, already standardised."""
 
     def forward(self, x: torch.Tensor, layers: Sequence[int] = ()) -> BackboneOutput:
         """Args:
-        x: ``(B, in_channels, H, W)``, normalised as ``input_spec`` says; H and W divisible by ``patch_size``.
+        x: ``(B, in_channels, H, W)`` in ``input_spec.value_range`` (:meth:`normalise` maps [0, 1] there); H and W
+            divisible by ``patch_size``.
         layers: indices of transformer blocks whose outputs to return (negative indices count from the end).
         """
-        return self.forward_features(self.channel_adapter(x), layers)
+        return self.forward_features(self.standardise(self.channel_adapter(x)), layers)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Scale an image in [0, 1] to the pretrained convention (``value_range`` then ``mean``/``std``)."""
+        """Scale an image in [0, 1] to the pretrained ``value_range`` (e.g. 0-255 for SAM).
+
+        The per-channel ``mean``/``std`` step comes later, in :meth:`forward`, after the channel adapter: a grey
+        image repeated onto RGB must get each channel's own statistics, exactly as the pretrained model saw a grey
+        photograph, and that is only possible once it has three channels.
+        """
         lo, hi = self.input_spec.value_range
+        return x * (hi - lo) + lo
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """Subtract the pretrained per-channel ``mean`` and divide by ``std`` (``x`` has ``in_chans`` channels)."""
         mean = torch.tensor(self.input_spec.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.input_spec.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        x = x * (hi - lo) + lo
-        if x.shape[1] != mean.shape[1]:
-            mean, std = mean.mean(1, keepdim=True), std.mean(1, keepdim=True)
         return (x - mean) / std

@@ -16,8 +16,10 @@ import hydra
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import _convert_dinov2
 from torch import nn
 
@@ -242,7 +244,8 @@ def test_one_channel_input_is_the_grey_image_seen_as_rgb(official):
     model = tiny("dinov2_vits14", path, in_channels=1)
     grey = torch.randn(2, 1, 42, 56)
     with torch.no_grad():
-        out, ref = model(grey), reference(grey.expand(-1, 3, -1, -1))
+        rgb = TF.normalize(grey.expand(-1, 3, -1, -1), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        out, ref = model(grey), reference(rgb)
     assert max_diff(out.features, ref["patch"]) <= ATOL
     projected = tiny("dinov2_vits14", path, in_channels=2, channel_mode="project")
     assert projected(torch.randn(1, 2, 56, 56)).features.shape == (1, 48, 4, 4)

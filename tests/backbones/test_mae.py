@@ -17,8 +17,10 @@ import hydra
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -146,7 +148,8 @@ def test_one_channel_input_is_the_grey_image_seen_as_rgb(official):
     model, reference = tiny("mae_vit_base", full, in_channels=1), reference_at("mae_vit_base", encoder, (64, 64))
     grey = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
-        got, want = model(grey).cls_token, reference.forward_features(grey.expand(-1, 3, -1, -1))[:, 0]
+        rgb = TF.normalize(grey.expand(-1, 3, -1, -1), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        got, want = model(grey).cls_token, reference.forward_features(rgb)[:, 0]
     assert max_diff(got, want) <= ATOL
     projected = tiny("mae_vit_base", full, in_channels=3, channel_mode="project")
     assert projected(torch.randn(1, 3, 32, 48)).features.shape == (1, 64, 2, 3)

@@ -39,7 +39,7 @@ def test_one_channel_input_is_repeated():
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         ours = model(x).features
-        direct = model.forward_features(x.repeat(1, 3, 1, 1)).features
+        direct = model.forward_features(model.standardise(x.repeat(1, 3, 1, 1))).features
     assert ours.shape == (2, 256, 4, 4)
     assert torch.equal(ours, direct)
     with pytest.raises(ValueError, match="expected 1 input channels"):
@@ -55,7 +55,7 @@ def test_two_channels_are_projected_with_a_learned_convolution():
     x = torch.randn(1, 2, 64, 64)
     with torch.no_grad():
         out = model(x).features
-        averaged = model.forward_features(x.mean(1, keepdim=True).repeat(1, 3, 1, 1)).features
+        averaged = model.forward_features(model.standardise(x.mean(1, keepdim=True).repeat(1, 3, 1, 1))).features
     assert out.shape == (1, 256, 4, 4)
     assert torch.allclose(out, averaged, atol=1e-5)  # initialised to the channel average
 

@@ -97,10 +97,10 @@ def test_registered_sizes_use_build_sam_hyperparameters(monkeypatch):
 def test_features_match_segment_anything_after_loading_full_sam_checkpoint(tiny_sam):
     sam, path = tiny_sam
     model = tiny_backbone(path).eval()
-    x = torch.randn(2, 1, TINY_SIZE, TINY_SIZE)
+    x = torch.rand(2, 1, TINY_SIZE, TINY_SIZE) * 255  # a grey image in SAM's 0-255 range
     with torch.no_grad():
         ours = model(x, layers=(0, -1))
-        reference = sam.image_encoder(x.repeat(1, 3, 1, 1))
+        reference = sam.image_encoder(sam.preprocess(x.repeat(1, 3, 1, 1)))  # SAM's own per-channel statistics
     assert ours.features.shape == (2, 256, 8, 8)
     assert (ours.features - reference).abs().max().item() <= 1e-5
     assert [tuple(t.shape) for t in ours.intermediates] == [(2, 64, 8, 8)] * 2
