@@ -152,7 +152,8 @@ def predict_prompted(
     pad = [p for axis in reversed(range(3)) for p in (0, padding[axis])]
     volume = F.pad(volume.float(), pad)
     if prompts.prev_mask is not None and any(padding):
-        prompts = prompts.with_prev_mask(F.pad(prompts.prev_mask.float(), pad, value=fill_value))
+        prev_logits = mask_as_logits(prompts.prev_mask.float())  # so that the padding's logits read as logits
+        prompts = prompts.with_prev_mask(F.pad(prev_logits, pad, value=fill_value))
     padded = tuple(volume.shape[1:])
     weight = compute_importance_map(tuple(roi), mode=mode, device=volume.device).float()
     total = torch.zeros(prompts.batch_size, *padded, device=volume.device)
