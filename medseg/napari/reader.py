@@ -1,0 +1,90 @@
+"""napari reader: NIfTI files and DICOM series folders as image layers in world millimetres.
+
+The volume is read by :func:`medseg.data.io.load_image`, the one reader every medseg stage uses, so napari shows
+exactly the array ``medseg predict`` and training see (array order ``(X, Y, Z)``, RAS+ affine; a DICOM series' LPS
+frame converted). The layer's ``scale``/``translate``/``rotate`` come from that affine
+(:func:`medseg.napari.geometry.layer_transform`), so layers read from different files of one patient line up; the
+exact affine and the source path are kept in the layer's ``metadata`` for the writer and the widget.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.data.io import NIFTI_SUFFIXES, is_dicom_series, load_image
+from medseg.napari.geometry import layer_transform
+
+__all__ = ["case_name", "napari_get_reader", "read_volume"]
+
+LayerData = tuple[np.ndarray, dict[str, Any], str]
+PathLike = str | os.PathLike[str]
+
+
+def case_name(path: PathLike) -> str:
+    """The case name ``medseg predict`` gives an input: the file name without ``.nii(.gz)``, or the folder name."""
+    path = Path(path)
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _readable(path: PathLike) -> bool:
+    path = Path(path)
+    if path.is_file():
+        return path.name.lower().endswith(NIFTI_SUFFIXES)
+    return is_dicom_series(path)
+
+
+def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[[Any], list[LayerData]] | None:
+    """npe2 reader hook: :func:`read_volume` for NIfTI files and DICOM series folders, ``None`` for anything else
+    (so napari offers the path to other readers)."""
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    if not paths or not all(_readable(p) for p in paths):
+        return None
+    return read_volume
+
+
+def read_volume(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
+    """Read volumes as napari image layer data, one layer per channel.
+
+    Args:
+        path: a ``.nii``/``.nii.gz`` file or DICOM series folder, or a list of them.
+
+    Returns:
+        ``[(array (X, Y, Z) float32, layer kwargs, "image"), ...]`` with ``scale`` = voxel spacing (mm),
+        ``translate`` = origin (mm), ``rotate`` = direction cosines, and ``metadata`` holding ``affine`` (4x4, RAS+
+        mm), ``source`` (the path) and ``spacing``.
+
+    Raises:
+        medseg.errors.ReaderError: unreadable, truncated or empty files (the message names the file).
+    """
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    layers: list[LayerData] = []
+    for item in paths:
+        image = load_image(item)
+        affine = np.asarray(image.affine, dtype=np.float64)
+        transform = layer_transform(affine)
+        data = np.asarray(image.detach().cpu().numpy(), dtype=np.float32)
+        name = case_name(item)
+        for channel in range(data.shape[0]):
+            metadata = {
+                "affine": affine,
+                "source": str(Path(item).resolve()),
+                "spacing": tuple(float(s) for s in transform["scale"]),
+                "channel": channel,
+            }
+            kwargs = {
+                "name": name if data.shape[0] == 1 else f"{name} [{channel}]",
+                "metadata": metadata,
+                "rgb": False,  # a volume of 3 or 4 slices is not a colour image
+                **transform,
+            }
+            layers.append((data[channel], kwargs, "image"))
+    return layers

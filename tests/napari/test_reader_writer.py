@@ -1,0 +1,110 @@
+"""The reader gives layers in world millimetres; the writer puts labels back on the source grid exactly."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from napari.layers import Image, Labels
+
+from medseg.data.dicom import write_dicom_series
+from medseg.errors import ConfigError, ReaderError
+from medseg.napari.reader import case_name, napari_get_reader, read_volume
+from medseg.napari.writer import write_labels
+
+AXIS_ALIGNED = np.array([[-0.8, 0, 0, 30.0], [0, -0.8, 0, 12.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]])
+
+
+def image_layer(layer_data) -> Image:
+    data, kwargs, kind = layer_data
+    assert kind == "image"
+    return Image(data, **kwargs)
+
+
+def labels_like(image: Image, data: np.ndarray) -> Labels:
+    """A labels layer as the widget makes it: the image's transform and metadata."""
+    return Labels(data, scale=image.scale, translate=image.translate, rotate=image.rotate, metadata=image.metadata)
+
+
+def test_nifti_layer_scale_is_the_spacing_and_voxels_land_on_the_affine(nifti_case, blobs):
+    path, affine = nifti_case
+    assert napari_get_reader(str(path)) is read_volume
+    (layer_data,) = read_volume(str(path))
+    layer = image_layer(layer_data)
+    assert layer.name == "case_07" and layer.data.shape == blobs[0].shape
+    assert np.allclose(layer.scale, np.linalg.norm(affine[:3, :3], axis=0))
+    assert np.allclose(layer.translate, affine[:3, 3])
+    assert np.allclose(layer.metadata["affine"], affine)
+    for voxel in [(0, 0, 0), (63, 5, 2), (10, 40, 1)]:
+        assert np.allclose(layer.data_to_world(voxel), (affine @ [*voxel, 1])[:3])
+    assert np.array_equal(layer.data, blobs[0])
+
+
+def test_reader_declines_what_it_cannot_read(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    assert napari_get_reader(str(tmp_path / "notes.txt")) is None
+    assert napari_get_reader(str(tmp_path / "empty")) is None
+    truncated = tmp_path / "broken.nii.gz"
+    truncated.write_bytes(b"\x1f\x8b\x08\x00 truncated")
+    with pytest.raises(ReaderError, match=r"broken\.nii\.gz"):
+        read_volume(truncated)
+
+
+def test_writer_keeps_the_source_header_geometry(nifti_case, blobs, tmp_path):
+    path, _ = nifti_case
+    source = nib.load(path)
+    image = image_layer(read_volume(path)[0])
+    labels = labels_like(image, blobs[1])
+    data, meta, kind = labels.as_layer_data_tuple()
+    assert kind == "labels"
+    (written,) = write_labels(tmp_path / "out" / "case_07_labels", data, meta)
+    assert written.endswith("case_07_labels.nii.gz")
+    out = nib.load(written)
+    assert np.array_equal(out.get_sform(), source.get_sform()) and int(out.header["sform_code"]) == 2
+    assert np.array_equal(out.get_qform(), source.get_qform()) and int(out.header["qform_code"]) == 1
+    assert out.get_data_dtype() == np.uint8
+    assert np.array_equal(np.asarray(out.dataobj), blobs[1])
+
+
+def test_dicom_series_lines_up_with_the_nifti_of_the_same_scan(tmp_path):
+    volume = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4) * 3.0 - 100.0
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, AXIS_ALIGNED), nifti)
+    folder = write_dicom_series(volume, AXIS_ALIGNED, tmp_path / "scan_dicom")
+    assert napari_get_reader(str(folder)) is read_volume and case_name(folder) == "scan_dicom"
+    from_nifti, from_dicom = (image_layer(read_volume(p)[0]) for p in (nifti, folder))
+    assert np.allclose(sorted(from_dicom.scale), sorted(from_nifti.scale))
+    for voxel in [(0, 0, 0), (5, 4, 3), (2, 1, 2)]:
+        world = from_nifti.data_to_world(voxel)
+        other = np.rint(from_dicom.world_to_data(world)).astype(int)
+        assert np.allclose(from_dicom.data_to_world(other), world, atol=1e-4)
+        assert from_dicom.data[tuple(other)] == from_nifti.data[voxel]
+
+
+def test_labels_of_a_dicom_image_round_trip_its_affine(tmp_path):
+    volume = np.zeros((6, 5, 4), np.float32)
+    folder = write_dicom_series(volume, AXIS_ALIGNED, tmp_path / "series")
+    image = image_layer(read_volume(folder)[0])
+    labels = np.zeros(volume.shape, np.uint16)
+    labels[1:3, 2:4, 1] = 300  # above 255: stored as uint16
+    (written,) = write_labels(tmp_path / "series_labels.nii.gz", *labels_like(image, labels).as_layer_data_tuple()[:2])
+    out = nib.load(written)
+    assert np.array_equal(out.affine, image.metadata["affine"].astype(np.float32))  # NIfTI stores float32 srows
+    assert out.get_data_dtype() == np.uint16 and np.array_equal(np.asarray(out.dataobj), labels)
+    reread = image_layer(read_volume(written)[0])
+    assert np.allclose(reread.scale, image.scale) and np.allclose(reread.translate, image.translate)
+    assert np.allclose(reread.rotate, image.rotate)
+
+
+def test_labels_without_metadata_use_the_layer_transform(tmp_path):
+    labels = Labels(np.ones((3, 4, 5), np.uint8), scale=(0.5, 0.6, 3.0), translate=(1.0, -2.0, 7.5))
+    (written,) = write_labels(tmp_path / "plain.nii", *labels.as_layer_data_tuple()[:2])
+    expected = np.diag([0.5, 0.6, 3.0, 1.0])
+    expected[:3, 3] = [1.0, -2.0, 7.5]
+    assert np.allclose(nib.load(written).affine, expected)
+
+
+def test_writer_refuses_a_2d_layer(tmp_path):
+    with pytest.raises(ConfigError, match="3-D label volumes"):
+        write_labels(tmp_path / "flat.nii.gz", np.zeros((4, 4), np.uint8), {})
