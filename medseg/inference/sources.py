@@ -74,7 +74,8 @@ def load_litemedsam(device: str | torch.device | None = None) -> LoadedModel:
     from medseg.backbones.litemedsam import LITEMEDSAM_SHA256
     from medseg.models.promptable import build_promptable
 
-    model = build_promptable("litemedsam", pretrained=True).to(resolve_device(device)).eval()
+    device = resolve_device(device)
+    model = build_promptable("litemedsam", pretrained=True).to(device).eval()
     return LoadedModel(
         model=model,
         kind="promptable",
@@ -122,7 +123,7 @@ def load_run(
     from medseg.errors import DatasetError
     from medseg.runs import select_checkpoint
 
-    run_dir = Path(run_dir)
+    run_dir, device = Path(run_dir), resolve_device(device)
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"{saved} not found: -m must be a run folder written by `medseg train`.")
@@ -146,7 +147,7 @@ def load_run(
         raise WeightsError(
             f"{checkpoint} does not fit the model of {saved} ({first}); the run folder is mixed up."
         ) from None
-    model = model.to(resolve_device(device)).eval()
+    model = model.to(device).eval()
     kind = "promptable" if hasattr(model, "encode") and hasattr(model, "decode") else "dense"
     if kind == "dense" and not hasattr(model, "num_classes"):
         kind = "classifier"
