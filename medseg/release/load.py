@@ -96,13 +96,18 @@ def load_release(
 
 
 def load_pretrained(
-    name_or_path: str | Path, device: str | torch.device = "cpu", base_weights: str | Path | None = None
+    name_or_path: str | Path,
+    device: str | torch.device = "cpu",
+    base_weights: str | Path | None = None,
+    registry: str | Path | None = None,
+    cache: str | Path | None = None,
 ) -> LoadedModel:
     """A release by folder path, or by registry name (``NAME`` or ``NAME@VERSION``), ready for inference.
 
     A name is looked up in :mod:`medseg.release.registry` (``medseg/release/registry.yaml``): the local cache
     (``$MEDSEG_WEIGHTS/releases`` or ``~/.cache/medseg/releases``) first, then the release's URL (a folder in this
     repository, a ``file://`` archive, or an ``https://`` archive, downloaded and checked by SHA-256).
+    ``registry`` and ``cache`` replace the registry file and the cache folder (tests, mirrors).
 
     Raises:
         ConfigError: neither an existing folder nor a registered name (the message lists the registered names).
@@ -113,4 +118,5 @@ def load_pretrained(
     candidate = Path(name_or_path).expanduser()
     if candidate.is_dir():
         return load_release(candidate, device=device, base_weights=base_weights)
-    return load_release(fetch_release(str(name_or_path)), device=device, base_weights=base_weights)
+    folder = fetch_release(str(name_or_path), registry=registry, cache=cache)
+    return load_release(folder, device=device, base_weights=base_weights)

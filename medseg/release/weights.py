@@ -133,7 +133,8 @@ def resolve_base_weights(base: Mapping[str, Any], explicit: str | Path | None = 
                 return path
             wrong.append(f"{path} has SHA-256 {actual}")
     searched = ", ".join(str(p) for p in candidates)
-    where = f" It is available from {base['url']}." if base.get("url") else ""
+    url = base.get("url") or (entry.url if entry.filename == name else None)
+    where = f" It is available from {url}." if url else ""
     raise WeightsError(
         f"Missing base weights '{name}' (backbone {base['backbone']}, SHA-256 {expected}) needed by this adapter-only "
         f"release. Looked in: {searched}."

@@ -1,0 +1,115 @@
+"""A tiny trained run (MAE-shaped ViT + LoRA + UNETR on synthetic phantoms) and its releases, built once per session.
+
+The "pretrained" base of the tiny backbone is a scratch ViT saved to a safetensors file: it plays the part of an
+official checkpoint, so the adapter-only path (base named by file and SHA-256) is exercised without any download.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from medseg.data.prepare import synthetic
+from medseg.train import CONFIG_DIR
+
+ARCH = "{depth:2,embed_dim:32,num_heads:2,img_size:64}"
+BASE_FILE = "tiny_mae.safetensors"
+
+
+def _train(root: Path, base: Path) -> Path:
+    from medseg.train import train
+
+    data = root / "data"
+    synthetic.build(data, seed=4, num_train=4, num_test=1, shape=(32, 32, 12))
+    run_dir = root / "results" / "synthetic" / "tiny-vit_unetr__lora__pretrained" / "fold_0"
+    overrides = [
+        "experiment=synthetic_unet", "model=vit_unetr", "backbone=mae_vit_base", "adapter=lora", "init=pretrained",
+        f"backbone.checkpoint={base}", "+backbone.img_size=64", f"+model.arch={ARCH}", "model.feature_size=4",
+        "data.sampling.size=64", "data.sampling.num_samples=2", "trainer.max_steps=3", "logger=csv",
+        "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "eval_ckpt=last",
+    ]  # fmt: skip
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+        cfg.paths.data_dir = str(data)
+    run_dir.mkdir(parents=True)
+    (run_dir / ".hydra").mkdir()
+    saved = cfg.copy()
+    with open_dict(saved):
+        del saved["hydra"]
+        saved.model_name = "tiny-vit_unetr"
+        saved.adapter_name = "lora"
+        saved.run_name = "tiny-vit_unetr__lora__pretrained"
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    train(cfg)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """``{"run_dir", "weights"}``: a 3-step run whose backbone started from ``weights/tiny_mae.safetensors``."""
+    from safetensors.torch import save_file
+
+    from medseg.backbones import create_backbone
+
+    root = tmp_path_factory.mktemp("tiny_release_run")
+    weights = root / "weights"
+    weights.mkdir()
+    torch.manual_seed(0)
+    backbone = create_backbone("mae_vit_base", pretrained=False, arch={"depth": 2, "embed_dim": 32, "num_heads": 2,
+                                                                      "img_size": 64}, img_size=64)  # fmt: skip
+    save_file({k: v.contiguous() for k, v in backbone.vit.state_dict().items()}, str(weights / BASE_FILE))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir = _train(root, weights / BASE_FILE)
+    finally:
+        torch.set_num_threads(threads)
+    return {"run_dir": run_dir, "weights": weights}
+
+
+@pytest.fixture(scope="session")
+def tiny_releases(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """``{"adapter-only": folder, "merged": folder}`` exported from :func:`tiny_run`."""
+    from medseg.release.export import export_release
+
+    out = tmp_path_factory.mktemp("tiny_releases")
+    folders = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDSEG_WEIGHTS", str(tiny_run["weights"]))
+        for mode in ("adapter-only", "merged"):
+            folders[mode] = export_release(
+                tiny_run["run_dir"], out / mode, name="tiny-test", version="1.2.3", mode=mode
+            )
+    return folders
+
+
+@pytest.fixture
+def base_weights_env(tiny_run, monkeypatch) -> Path:
+    """``MEDSEG_WEIGHTS`` pointing at the folder holding the tiny base file, for loading adapter-only releases."""
+    monkeypatch.setenv("MEDSEG_WEIGHTS", str(tiny_run["weights"]))
+    return tiny_run["weights"]
+
+
+@pytest.fixture
+def release_copy(tiny_releases, tmp_path):
+    """``release_copy(mode)``: a private copy of a tiny release that a test may damage."""
+
+    def make(mode: str = "adapter-only") -> Path:
+        target = tmp_path / f"copy-{mode}"
+        shutil.copytree(tiny_releases[mode], target)
+        return target
+
+    return make

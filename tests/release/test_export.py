@@ -1,0 +1,117 @@
+"""Export -> verify -> load -> predict round trip on a tiny trained run, in both weight modes."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from medseg.errors import ConfigError
+from medseg.evaluation.summary import read_summary
+from medseg.release.card import read_front_matter
+from medseg.release.example import compare_label_maps, predict_label_map, read_example
+from medseg.release.export import export_release, run_export
+from medseg.release.load import load_release
+from medseg.release.verify import verify_release
+
+FILES = {"model.safetensors", "config.yaml", "metadata.json", "model_card.md", "sha256sums.txt"}
+
+
+def _keys(folder):
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        return set(handle.keys()), handle.metadata()
+
+
+def test_adapter_only_release_round_trip(tiny_run, tiny_releases, base_weights_env):
+    folder = tiny_releases["adapter-only"]
+    assert {p.name for p in folder.iterdir()} >= FILES
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    base = config["weights"]["base"]
+    assert base["file"] == "tiny_mae.safetensors" and len(base["sha256"]) == 64
+    assert config["model"]["checkpoint"] is None  # no path of the training machine
+    assert config["data"]["preprocess"]["transforms"][1]["pixdim"] == [1.5, 1.5, 3.0]
+    keys, header = _keys(folder)
+    assert header["mode"] == "adapter-only"
+    backbone = {k for k in keys if k.startswith("backbone.")}
+    assert backbone and all("lora_" in k for k in backbone), sorted(backbone)[:5]
+    assert any(k.startswith("decoder.") for k in keys)
+
+    report = verify_release(folder)
+    assert report.passed, [(c.name, c.detail) for c in report.checks]
+    assert [c.name for c in report.checks] == ["checksums", "rebuild", "example"]
+
+    loaded = load_release(folder)
+    assert loaded.kind == "dense" and loaded.label_names[0] == "background"
+    assert loaded.extras["base_weights"].endswith("tiny_mae.safetensors")
+    example = read_example(folder)
+    predicted = predict_label_map(loaded, [folder / name for name in example["inputs"]])
+    expected = np.asarray(nib.load(str(folder / example["expected"])).dataobj)
+    assert predicted.shape == expected.shape == nib.load(str(folder / example["inputs"][0])).shape
+    assert np.array_equal(predicted, expected)
+
+
+def test_metadata_and_card_carry_the_run_summary(tiny_run, tiny_releases):
+    folder = tiny_releases["adapter-only"]
+    summary = read_summary(tiny_run["run_dir"] / "summary.json")
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["name"] == "tiny-test" and metadata["version"] == "1.2.3"
+    assert metadata["eval_metrics"]["foreground_mean"] == summary["foreground_mean"]
+    assert metadata["input_format"]["spacing_mm"] == [1.5, 1.5, 3.0]
+    assert metadata["input_format"]["orientation"] == "RAS"
+    assert metadata["input_format"]["intensity"]["method"] == "ct_window"
+    assert metadata["input_format"]["slice_size_px"] == 64
+    assert metadata["labels"] == summary["labels"]
+    assert metadata["prompt_types"] == []
+    assert metadata["training"]["steps_trained"] == 3
+
+    card = (folder / "model_card.md").read_text()
+    front = read_front_matter(card)
+    assert front["library_name"] == "medseg" and front["license"] == "apache-2.0"
+    assert front["base_model"] == "mae_vit_base"
+    metrics = front["model-index"][0]["results"][0]["metrics"]
+    dice = next(m for m in metrics if m["name"] == "foreground mean Dice")
+    assert dice["value"] == round(summary["foreground_mean"]["dice"], 4)
+    assert f"{summary['foreground_mean']['dice']:.3f}" in card
+
+
+def test_merged_and_adapter_only_predict_the_same(tiny_releases, base_weights_env):
+    adapter = load_release(tiny_releases["adapter-only"])
+    merged = load_release(tiny_releases["merged"])
+    keys, header = _keys(tiny_releases["merged"])
+    assert header["mode"] == "merged" and any(".base_layer." in k for k in keys)
+    assert "base" not in yaml.safe_load((tiny_releases["merged"] / "config.yaml").read_text())["weights"]
+    image = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = adapter.model(image)
+        assert torch.allclose(reference, merged.model(image), atol=1e-4)
+        for name, parameter in adapter.model.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+        assert (adapter.model(image) - reference).abs().max() > 1e-2  # LoRA matters: the tolerance above is meaningful
+    adapter = load_release(tiny_releases["adapter-only"])
+    folder = tiny_releases["adapter-only"]
+    example = read_example(folder)
+    inputs = [folder / name for name in example["inputs"]]
+    result = compare_label_maps(
+        predict_label_map(merged, inputs), predict_label_map(adapter, inputs), adapter.label_names
+    )
+    assert result["passed"], result
+    assert verify_release(tiny_releases["merged"]).passed
+
+
+def test_export_refuses_bad_requests(tiny_run, tiny_releases, tmp_path):
+    run_dir = tiny_run["run_dir"]
+    with pytest.raises(ConfigError, match="not empty"):
+        export_release(run_dir, tiny_releases["merged"])
+    with pytest.raises(ConfigError, match="semantic"):
+        export_release(run_dir, tmp_path / "r", version="1.0")
+    with pytest.raises(ConfigError, match="lower-case"):
+        export_release(run_dir, tmp_path / "r", name="Bad Name")
+    with pytest.raises(ConfigError, match="exclude each other"):
+        run_export(run_dir, tmp_path / "r", merge=True, adapter_only=True)
+    assert not (tmp_path / "r").exists()
