@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ __all__ = [
 
 SUPPORTED_FAMILIES = ("sam", "dinov2", "mae")
 #: The adapter the builder applies when none is given: 3DSAM-adapter's (``conf/adapter/adapter3d.yaml``).
-DEFAULT_ADAPTER: Mapping[str, Any] = {"method": "adapter3d", "bottleneck": 64, "kernel_size": 3}
+DEFAULT_ADAPTER: Mapping[str, Any] = MappingProxyType({"method": "adapter3d", "bottleneck": 64, "kernel_size": 3})
 _INPUT_RANGES = ("unit", "minmax", "zscore")
 _PATCH_SIZES = {"sam": 16, "dinov2": 14, "mae": 16}  # pixels, for the default roi
 
@@ -131,7 +132,13 @@ class VolumeEmbeddings:
 
     @property
     def batch_size(self) -> int:
+        """Volumes encoded."""
         return int(self.image.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        """Where the features are (as ``Tensor.device`` for the 2-D model's embeddings)."""
+        return self.image.device
 
     def expand(self, batch: int) -> VolumeEmbeddings:
         """The embedding of one volume repeated for ``batch`` prompt sets (several objects in one volume)."""
