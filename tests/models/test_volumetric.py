@@ -245,3 +245,17 @@ def test_config_composes_and_instantiates_with_adapter3d_by_default():
 def test_config_adapter_choice_on_the_command_line_wins():
     cfg = _compose([*TINY_OVERRIDES, "adapter=lora"])
     assert cfg.hydra.runtime.choices.adapter == "lora" and cfg.model.adapter.method == "lora"
+
+
+def test_slice_axis_picks_the_axis_the_vit_slices_along():
+    """slice_axis=0 on a (B, C, Z, X, Y) volume gives the features of slice_axis=2 on (B, C, X, Y, Z), moved."""
+    x = volume((1, 1, 32, 32, 8))
+    axial = tiny(slice_axis=2)
+    first = tiny(slice_axis=0, roi_size=[8, 32, 32])
+    moved = x.permute(0, 1, 4, 2, 3)
+    assert torch.allclose(_slice_features(first, moved), _slice_features(axial, x).permute(0, 1, 4, 2, 3), atol=1e-5)
+    with torch.no_grad():
+        logits, _ = first(
+            moved, Prompts(box=[[1.0, 2.0, 3.0, 6.0, 20.0, 25.0]], prev_mask=torch.zeros(1, 1, 8, 32, 32))
+        )
+    assert logits.shape == (1, 1, 8, 32, 32)
