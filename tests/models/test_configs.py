@@ -37,8 +37,8 @@ CASES = {
 }
 
 
-# Promptable models take prompts as well as an image; their config is built in tests/models/test_promptable.py.
-PROMPTABLE = {"promptable_2d"}
+# Promptable models take prompts as well as an image; test_promptable.py and test_volumetric.py build their configs.
+PROMPTABLE = {"promptable_2d", "promptable_3d"}
 
 
 def test_every_model_config_has_a_case():
