@@ -116,7 +116,7 @@ def render_model_card(metadata: Mapping[str, Any], twin: Mapping[str, Any] | Non
         "## Use",
         "",
         "```bash",
-        f"medseg predict -m {name} -i image.nii.gz -o prediction.nii.gz   # or -m path/to/{name}",
+        f"medseg predict -m {name} -i image.nii.gz -o out/   # or -m path/to/{name}",
         "medseg verify path/to/release      # checksums, rebuild, example -> exit 0",
         "```",
         "",
