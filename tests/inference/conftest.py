@@ -94,7 +94,7 @@ def make_blob(depth: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return volume.astype(np.float32), blob
 
 
-@pytest.fixture(name="blob")
+@pytest.fixture(name="blob", scope="session")
 def _blob_fixture():
     """The :func:`make_blob` factory."""
     return make_blob
