@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from medseg.config import instantiate
 from medseg.errors import ConfigError
 
-__all__ = ["evaluate", "evaluate_model", "load_weights", "main"]
+__all__ = ["evaluate", "evaluate_model", "evaluate_promptable_model", "load_weights", "main"]
 
 log = logging.getLogger("medseg.evaluate")
 
@@ -72,6 +72,8 @@ def evaluate_model(
     Returns:
         The summary (see :func:`medseg.evaluation.build_summary`).
     """
+    if hasattr(task, "evaluation") and hasattr(task.model, "decode"):  # a promptable task: simulated users
+        return evaluate_promptable_model(task, datamodule, run_dir, extras, started, max_cases, nsd_tolerance_mm)
     from medseg.evaluation import evaluate_folder
     from medseg.inference import native_label_map, predict_logits, write_label_map
 
@@ -79,9 +81,7 @@ def evaluate_model(
     eval_started = time.perf_counter()
     datamodule.setup("test")
     dataset = datamodule.dataset_for("test")
-    cases = [c for c in datamodule.info.test if c.case_id in set(datamodule.test_ids)]
-    if max_cases is not None:
-        cases = cases[:max_cases]
+    cases = _test_cases(datamodule, max_cases)
     predictions = run_dir / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
     for stale in predictions.glob("*.nii.gz"):
@@ -106,6 +106,80 @@ def evaluate_model(
         suffix=suffix, output=run_dir / SUMMARY, extras=facts,
     )  # fmt: skip
     log.info("Test foreground mean Dice %.4f -> %s", summary["foreground_mean"]["dice"] or 0.0, run_dir / SUMMARY)
+    return summary
+
+
+def _test_cases(datamodule: Any, max_cases: int | None) -> list[Any]:
+    cases = [c for c in datamodule.info.test if c.case_id in set(datamodule.test_ids)]
+    return cases if max_cases is None else cases[:max_cases]
+
+
+def evaluate_promptable_model(
+    task: Any,
+    datamodule: Any,
+    run_dir: str | Path,
+    extras: dict[str, Any] | None = None,
+    started: float | None = None,
+    max_cases: int | None = None,
+    nsd_tolerance_mm: float = 2.0,
+) -> dict[str, Any]:
+    """Evaluate a promptable run with a simulated user on the test cases' native grid; write ``summary.json``.
+
+    Per object: Dice after 1..k clicks, NoC@85/90, box Dice and the Dice of slice propagation from one box on its
+    middle slice (:mod:`medseg.evaluation.interactive_run`), summarised under ``interactive``. The propagated
+    objects of a case form its label map (``predictions/``), scored like any run (Dice, HD95, NSD per class), so the
+    usual fields mean "one box per object, propagated". ``task.evaluation`` sets the cost (clicks, objects, cases).
+
+    Args:
+        task: a :class:`~medseg.tasks.promptable.PromptableTask`.
+        max_cases: cap on the test cases, overriding ``task.evaluation.max_cases`` when given.
+        Others: as :func:`evaluate_model`.
+    """
+    from medseg.evaluation import evaluate_folder
+    from medseg.evaluation.interactive import summarize_interactive
+    from medseg.evaluation.interactive_run import (
+        InteractiveSettings,
+        evaluate_case,
+        intensity_transforms,
+        load_native_case,
+    )
+    from medseg.inference import write_label_map
+    from medseg.inference.cache import EmbeddingCache
+
+    run_dir = Path(run_dir)
+    eval_started = time.perf_counter()
+    settings = InteractiveSettings.from_mapping(task.evaluation)
+    datamodule.setup("test")
+    reference_dir = _reference_labels(datamodule)
+    cases = _test_cases(datamodule, settings.max_cases if max_cases is None else max_cases)
+    predictions = run_dir / "predictions"
+    predictions.mkdir(parents=True, exist_ok=True)
+    for stale in predictions.glob("*.nii.gz"):
+        stale.unlink()
+    intensity = intensity_transforms(datamodule.deterministic_transform)
+    model = task.model.eval()
+    suffix = datamodule.info.file_ending
+    per_case = {}
+    for index, case in enumerate(cases):
+        native = load_native_case(case.case_id, case.images, case.label, intensity)
+        with torch.no_grad():
+            objects, label_map = evaluate_case(
+                model, native, datamodule.label_names, settings, task.slice_axis, EmbeddingCache(max_items=4096)
+            )
+        per_case[case.case_id] = objects
+        write_label_map(native.native(label_map), case.images[0], predictions / f"{case.case_id}{suffix}")
+        log.info("Interactive test case %d/%d: %s (%d objects)", index + 1, len(cases), case.case_id, len(objects))
+    facts = dict(extras or {})
+    facts["interactive"] = summarize_interactive(per_case, settings.max_clicks)
+    facts["eval_wall_time_s"] = round(time.perf_counter() - eval_started, 1)
+    if started is not None:
+        facts["wall_time_s"] = round(time.perf_counter() - started, 1)
+    summary = evaluate_folder(
+        predictions, reference_dir, datamodule.label_names, nsd_tolerance_mm=nsd_tolerance_mm, suffix=suffix,
+        output=run_dir / SUMMARY, extras=facts,
+    )  # fmt: skip
+    dices = summary["interactive"]["foreground_mean"].get("dice_at_k") or [0.0]
+    log.info("Test interactive Dice@1 %.4f, Dice@%d %.4f -> %s", dices[0], len(dices), dices[-1], run_dir / SUMMARY)
     return summary
 
 

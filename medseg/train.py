@@ -110,6 +110,20 @@ def _peak_memory_mb() -> dict[str, float]:
     return peak
 
 
+def _interactive_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """``test/dice_click{k}`` (k = 1 and the last), ``test/noc85``, ``test/noc90``, ``test/box_dice`` and
+    ``test/propagation_dice`` of a promptable run's ``interactive`` foreground mean (nothing for dense runs)."""
+    means = (summary.get("interactive") or {}).get("foreground_mean") or {}
+    out: dict[str, float] = {}
+    dices = means.get("dice_at_k") or []
+    for k in sorted({1, len(dices)} - {0}):
+        out[f"test/dice_click{k}"] = float(dices[k - 1])
+    for key in ("noc85", "noc90", "box_dice", "propagation_dice"):
+        if means.get(key) is not None:
+            out[f"test/{key}"] = float(means[key])
+    return out
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train one run and evaluate it on the test cases; return the metrics (``optimized_metric`` for sweeps)."""
     started = time.perf_counter()
@@ -162,6 +176,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for metric in ("hd95", "nsd"):
             if summary["foreground_mean"].get(metric) is not None:
                 metrics[f"test/{metric}_fg"] = summary["foreground_mean"][metric]
+        metrics.update(_interactive_metrics(summary))
 
     wanted = cfg.get("optimized_metric")
     if wanted and trainer.is_global_zero and wanted not in metrics:

@@ -5,6 +5,10 @@ The layout follows nnU-Net v2's ``evaluate_predictions.py`` so that its users fi
 the HD95 mean covers), and whatever the trainer passes (parameter counts, peak memory, wall time). Every number is
 finite or ``null``, never NaN, so the file is strict JSON that any tool can read.
 
+A promptable run adds an ``interactive`` section (:func:`medseg.evaluation.interactive.summarize_interactive`: Dice
+after k clicks, NoC, box and propagation Dice per object, case and class); :func:`interactive_per_case` reads its
+per-case means for tables, and :func:`is_complete` requires it to cover every case when it is there.
+
 A benchmark runner skips finished runs with :func:`is_complete`; summaries are written atomically, so a crash
 leaves either no file or a complete one.
 """
@@ -34,6 +38,7 @@ from medseg.evaluation.metrics import (
 __all__ = [
     "build_summary",
     "evaluate_folder",
+    "interactive_per_case",
     "is_complete",
     "read_summary",
     "write_summary",
@@ -166,7 +171,32 @@ def is_complete(path: str | os.PathLike[str], expected_cases: int | None = None)
         metrics = case.get("metrics") if isinstance(case, dict) else None
         if not isinstance(metrics, dict) or any(not all(m in metrics.get(c, {}) for m in METRICS) for c in classes):
             return False
+    if "interactive" in summary:
+        interactive = summary["interactive"]
+        per_case = interactive.get("per_case") if isinstance(interactive, dict) else None
+        ids = {case.get("case_id") for case in cases}
+        if not isinstance(per_case, dict) or set(per_case) != ids or "foreground_mean" not in interactive:
+            return False
     return True
+
+
+def interactive_per_case(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-case means of a promptable run's interactive metrics, for benchmark tables.
+
+    Returns:
+        ``{case_id: {"n_objects", "dice_at_k": [...], "noc85", "noc90", "box_dice", "propagation_dice"}}`` (the keys
+        that were scored).
+
+    Raises:
+        EvaluationError: the summary has no ``interactive`` section (a dense run, or one evaluated before it existed).
+    """
+    interactive = summary.get("interactive")
+    if not isinstance(interactive, Mapping) or not isinstance(interactive.get("per_case"), Mapping):
+        raise EvaluationError(
+            "this summary.json has no 'interactive' section; only promptable runs (task=promptable) have one. "
+            "Re-evaluate the run with `medseg evaluate run_dir=...`."
+        )
+    return {case: dict(entry["mean"]) for case, entry in interactive["per_case"].items()}
 
 
 def _nifti_files(folder: Path, suffix: str) -> dict[str, Path]:

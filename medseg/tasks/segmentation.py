@@ -9,7 +9,6 @@ the native grid of the test cases.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,28 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from medseg.errors import ConfigError
+from medseg.tasks.optimization import OptimizationMixin, total_steps_keyword
 
 __all__ = ["SegmentationTask", "total_steps_keyword"]
 
-# Scheduler arguments that mean "length of the schedule in steps"; filled from the trainer when the config omits them.
-_LENGTH_KEYWORDS = ("total_iters", "T_max", "total_steps", "num_training_steps")
 
-
-def total_steps_keyword(factory: Callable[..., Any]) -> str | None:
-    """The scheduler argument that takes the schedule's length in steps, if the partial leaves it unset."""
-    target = getattr(factory, "func", factory)
-    given = getattr(factory, "keywords", {}) or {}
-    try:
-        parameters = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return None
-    for name in _LENGTH_KEYWORDS:
-        if name in parameters and name not in given:
-            return name
-    return None
-
-
-class SegmentationTask(L.LightningModule):
+class SegmentationTask(OptimizationMixin, L.LightningModule):
     """Trains a :class:`~medseg.models.interface.SegmentationModel` with a segmentation loss.
 
     Args:
@@ -135,45 +118,3 @@ class SegmentationTask(L.LightningModule):
         for name, value, ok in zip(self.class_names, per_class, valid):
             if ok:
                 self.log(f"val/dice_resampled/{name}", value.float(), sync_dist=False)
-
-    # ------------------------------------------------------------------ optimisation
-    def _base(self, key: str, default: float | None) -> float | None:
-        keywords = getattr(self.optimizer_factory, "keywords", {}) or {}
-        return keywords.get(key, default)
-
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """Optimizer groups from the model's ``param_groups`` (or one group of all trainable parameters)."""
-        lr = self._base("lr", None)
-        if lr is None:
-            raise ConfigError("task.optimizer needs an `lr` (the base learning rate of decoder and adapters).")
-        weight_decay = self._base("weight_decay", 0.0) or 0.0
-        if hasattr(self.model, "param_groups"):
-            groups = self.model.param_groups(
-                lr=lr, backbone_lr_scale=self.backbone_lr_scale, layer_decay=self.layer_decay, weight_decay=weight_decay
-            )
-        else:
-            groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "name": "all"}]
-        if not any(len(g["params"]) for g in groups):
-            raise ConfigError("the model has no trainable parameter: check the adapter config (adapter=...).")
-        return groups
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameter_groups())
-        if self.scheduler_factory is None:
-            return optimizer
-        kwargs = {}
-        keyword = total_steps_keyword(self.scheduler_factory)
-        # The run's length fills the schedule's length unless the config sets it (an explicit value must win, or a
-        # run cut short and resumed would follow a different schedule).
-        if keyword is not None and keyword not in getattr(self.scheduler_factory, "keywords", {}):
-            kwargs[keyword] = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-    def trainable_report(self) -> dict[str, Any]:
-        """The model's own report, or trainable/total counts for a plain module."""
-        if hasattr(self.model, "trainable_report"):
-            return dict(self.model.trainable_report())
-        total = sum(p.numel() for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
