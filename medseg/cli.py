@@ -63,10 +63,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         window=args.window, tta=args.tta, save_probabilities=args.save_probabilities, slice_axis=args.slice_axis,
         progress=not args.no_progress,
     )  # fmt: skip
+    from medseg.inference.cases import discover_cases
+
+    discover_cases(args.input)  # a missing or empty input fails before the model loads
     if args.window is not None:
         from medseg.inference.prompted import window_from_text
 
-        window_from_text(args.window)  # a bad --window fails before the model loads
+        window_from_text(args.window)
     loaded = load_model(args.model, device=args.device, ckpt=args.ckpt)
     report = predict_cases(
         loaded, args.input, args.output, prompts=args.prompts, options=options, cache_dir=args.cache_dir,

@@ -100,3 +100,27 @@ def test_convert_msd_then_refuse_then_force(tmp_path, capsys):
     assert main(["convert", "msd", str(source), "--id", "9", "--output", str(out)]) == 2
     assert "Dataset009_Spleen" in capsys.readouterr().err
     assert main(["convert", "msd", str(source), "--id", "9", "--output", str(out), "--force"]) == 0
+
+
+def test_predict_rejects_a_missing_input_and_a_bad_window_before_loading_a_model(tmp_path, capsys):
+    code = main(["predict", "-i", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "out"), "-m", "litemedsam"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope.nii.gz does not exist" in err and "Traceback" not in err
+    image = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), image)
+    args = [
+        "predict",
+        "-i",
+        str(image),
+        "-o",
+        str(tmp_path / "out"),
+        "-m",
+        "no_such_model_folder",
+        "--window",
+        "4O:400",
+    ]
+    assert main(args) == 2
+    assert "--window '4O:400'" in capsys.readouterr().err
+    with pytest.raises(Exception, match="does not exist"):  # --debug shows the real exception
+        main(["predict", "--debug", "-i", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "o"), "-m", "x"])
+    assert not (tmp_path / "out").exists()

@@ -171,3 +171,24 @@ def test_window_option():
     for bad in ("40", "abc:1", "40:-5", "nope"):
         with pytest.raises(ConfigError, match="window"):
             window_from_text(bad)
+
+
+def test_disk_cache_lets_a_second_run_skip_the_encoder(scene, encoder_counter, tmp_path):
+    from medseg.inference.loaded import LoadedModel
+    from medseg.inference.predictor import predict_cases
+
+    model = BrightTracker()
+    loaded = LoadedModel(model=model, kind="promptable", source="tracker", extras={"recipe": "litemedsam"})
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(scene["volume"].astype(np.int16), AFFINE), nifti)
+    prompts = write_prompts(tmp_path / "p.json", {"space": "voxel", "objects": [{"label": 1, "boxes": [scene["box"]]}]})
+    counter = encoder_counter(model)
+    first = predict_cases(loaded, nifti, tmp_path / "a", prompts, cache_dir=tmp_path / "cache")
+    assert first.ok and counter["images"] == 3
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    second = predict_cases(loaded, nifti, tmp_path / "b", prompts, cache_dir=tmp_path / "cache")  # a new memory cache
+    assert second.ok and counter["images"] == 3
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(tmp_path / "a" / "scan.nii.gz").dataobj),
+        np.asarray(nib.load(tmp_path / "b" / "scan.nii.gz").dataobj),
+    )

@@ -1,0 +1,45 @@
+"""``medseg predict`` from the command line with a trained run: outputs, exit codes, the failure summary."""
+
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+
+from medseg.cli import main
+
+
+def test_folder_with_a_nan_case_writes_the_others_and_lists_the_failure(dense_run, phantom_scan, tmp_path, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    shutil.copy(phantom_scan["path"], inputs / "good.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((8, 8, 4), np.nan, np.float32), np.eye(4)), inputs / "nan_case.nii.gz")
+    code = main(["predict", "-i", str(inputs), "-o", str(out), "-m", str(dense_run), "--device", "cpu", "--tta"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "1 case(s) written" in captured.out
+    assert "1 case(s) failed" in captured.err and "nan_case: " in captured.err and "NaN" in captured.err
+    assert "Traceback" not in captured.err
+    assert [p.name for p in out.iterdir()] == ["good.nii.gz"]
+    written, source = nib.load(out / "good.nii.gz"), nib.load(phantom_scan["path"])
+    assert written.shape == source.shape
+    np.testing.assert_array_equal(written.affine, source.affine)
+
+
+def test_single_good_case_exits_zero(dense_run, phantom_scan, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["predict", "-i", str(phantom_scan["path"]), "-o", str(out), "-m", str(dense_run), "--no-progress",
+                 "--save-probabilities"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["oblique_ct.nii.gz", "oblique_ct.npz"]
+
+
+def test_prompts_for_a_dense_model_are_refused_before_any_case(dense_run, phantom_scan, tmp_path, capsys):
+    prompts = tmp_path / "p.json"
+    prompts.write_text('{"space": "voxel", "objects": [{"label": 1, "points": [[1, 1, 1]], "point_labels": [1]}]}')
+    args = ["predict", "-i", str(phantom_scan["path"]), "-o", str(tmp_path / "out"), "-m", str(dense_run)]
+    code = main([*args, "--prompts", str(prompts)])
+    err = capsys.readouterr().err
+    assert code == 2 and "prompt-free" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
