@@ -205,6 +205,8 @@ class SegmentationWidget(QWidget):
     def position(self) -> tuple[int, int]:
         """The image's data axis under napari's slider and the current slice index along it."""
         image = self._require_image()
+        if not self.viewer.dims.not_displayed:
+            raise ConfigError("prompts are drawn on a slice: switch napari to the 2-D view (ndisplay 2) first.")
         world_axis = self.viewer.dims.not_displayed[-1] - (self.viewer.dims.ndim - 3)
         axis = sliced_data_axis(image.rotate, world_axis)
         point = image.world_to_data(self.viewer.dims.point[-3:])

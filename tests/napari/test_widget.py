@@ -88,12 +88,16 @@ def test_volume_next_object_live_points_and_save(viewer_with_widget, qtbot, brig
 
 
 def test_mistakes_are_reported_in_the_status_line(viewer_with_widget, qtbot, bright_in_box, tmp_path):
-    _, widget = viewer_with_widget
+    viewer, widget = viewer_with_widget
     widget.buttons[2].click()
     assert "load a model first" in widget.last_error
     widget.use_model(LoadedModel(bright_in_box, "promptable", source="stand-in"))
     widget.buttons[2].click()
     assert "no box or point on slice" in widget.last_error
+    viewer.dims.ndisplay = 3
+    widget.buttons[2].click()
+    assert "2-D view" in widget.last_error
+    viewer.dims.ndisplay = 2
     widget.model_edit.setText(str(tmp_path))  # an empty folder: neither a run nor a release
     widget.buttons[0].click()  # Load model, in the background
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
