@@ -69,6 +69,10 @@ def _front_matter(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return front
 
 
+def _count(value: Any) -> str:
+    return "n/a" if value is None else f"{int(value):,}"
+
+
 def _metric_rows(metadata: Mapping[str, Any]) -> list[str]:
     metrics = metadata["eval_metrics"]
 
@@ -138,9 +142,10 @@ def render_model_card(metadata: Mapping[str, Any], twin: Mapping[str, Any] | Non
         "## Training",
         "",
         f"- Backbone `{training.get('backbone')}` ({training.get('init')}), adapter `{training.get('adapter')}`, "
-        f"decoder `{training.get('decoder')}`; {training.get('trainable_params'):,} of "
-        f"{training.get('total_params'):,} parameters trained.",
-        f"- {training.get('steps_trained')} optimisation steps on {data['num_train_cases']} training cases of "
+        f"decoder `{training.get('decoder')}`; {_count(training.get('trainable_params'))} of "
+        f"{_count(training.get('total_params'))} parameters trained.",
+        f"- {training.get('steps_trained') or 'an unrecorded number of'} optimisation steps on "
+        f"{data['num_train_cases'] or 'its'} training cases of "
         f"`{data['dataset']}` (fold {data['fold']}, label fraction {data['label_fraction']}), seed "
         f"{training.get('seed')}.",
         f"- Weights: `{weights['mode']}`"

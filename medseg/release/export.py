@@ -183,6 +183,13 @@ def export_release(
     _, spacing = resolve_median_spacing(OmegaConf.to_container(run_cfg.data.preprocess.transforms, resolve=True), info)
     model = _load_run_model(run_dir, run_cfg, summary, info.num_classes, info.num_channels, info.labels)
     model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)
+    facts = {  # what `medseg train` records in the summary; a re-evaluated run's summary may lack it
+        "backbone": model_cfg.get("backbone"),
+        "init": OmegaConf.select(run_cfg, "init", default=None),
+        "adapter": (model_cfg.get("adapter") or {}).get("name"),
+        "model": f"{model_cfg.get('backbone')}-{model_cfg.get('decoder')}",
+    }
+    summary = {**facts, **{k: v for k, v in summary.items() if v is not None}}
     if mode is None:
         mode = "adapter-only" if has_adapters(model) and model_cfg.get("pretrained") else "merged"
     base = base_weights_record(model_cfg) if mode == "adapter-only" else None
@@ -195,7 +202,8 @@ def export_release(
     staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.tmp"
     staging.mkdir(parents=True)
     try:
-        header = {"format": FORMAT, "name": name, "version": version, "mode": mode}
+        # One header entry: safetensors writes several in random order, and the file's hash must be reproducible.
+        header = {"medseg_release": json.dumps({"format": FORMAT, "name": name, "version": version, "mode": mode})}
         save_file(export_tensors(model, mode), str(staging / WEIGHTS), metadata=header)
         (staging / WEIGHTS).chmod(0o644)  # readable like the other files (safetensors creates it private)
         atomic_write_text(staging / CONFIG, yaml.safe_dump(config, sort_keys=False))

@@ -24,6 +24,7 @@ BASE_FILE = "tiny_mae.safetensors"
 
 
 def _train(root: Path, base: Path) -> Path:
+    from medseg.evaluate import evaluate
     from medseg.train import train
 
     data = root / "data"
@@ -53,7 +54,10 @@ def _train(root: Path, base: Path) -> Path:
     from omegaconf import OmegaConf
 
     OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    with open_dict(cfg):
+        cfg.evaluate = False  # evaluated below as `medseg evaluate run_dir=...` does, from the saved config
     train(cfg)
+    evaluate(OmegaConf.create({"run_dir": str(run_dir), "ckpt": "last", "nsd_tolerance_mm": 2.0, "device": "cpu"}))
     return run_dir
 
 
