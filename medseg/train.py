@@ -116,7 +116,7 @@ def _interactive_metrics(summary: dict[str, Any]) -> dict[str, float]:
     means = (summary.get("interactive") or {}).get("foreground_mean") or {}
     out: dict[str, float] = {}
     dices = means.get("dice_at_k") or []
-    for k in sorted({1, len(dices)} - {0}):
+    for k in sorted({1, len(dices)}) if dices else ():
         out[f"test/dice_click{k}"] = float(dices[k - 1])
     for key in ("noc85", "noc90", "box_dice", "propagation_dice"):
         if means.get(key) is not None:
