@@ -91,7 +91,32 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(args.overrides)
 
 
-_HYDRA_VERBS = ("train", "evaluate", "quickstart")
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from medseg.benchmark.runner import run_benchmark
+
+    return run_benchmark(args.overrides)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medseg.release.export import run_export
+
+    return run_export(
+        args.run_dir,
+        args.output,
+        name=args.name,
+        version=args.version,
+        merge=args.merge,
+        adapter_only=args.adapter_only,
+    )
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from medseg.release.verify import run_verify
+
+    return run_verify(args.release_dir, device=args.device)
+
+
+_HYDRA_VERBS = ("train", "evaluate", "quickstart", "benchmark")
 _HYDRA_EPILOG = (
     "Overrides are Hydra's: key=value, group=option, +new_key=value; -m sweeps comma-separated values "
     "(e.g. adapter=lora,ssf init=pretrained,scratch). --cfg job prints the composed config."
@@ -190,6 +215,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quickstart.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides for both arms")
     quickstart.set_defaults(func=_cmd_quickstart)
+
+    benchmark = verbs.add_parser(
+        "benchmark",
+        help="transfer vs scratch grid (arms x label fractions x seeds, equal budgets, lr searched on validation) "
+        "with bootstrap CIs, paired tests and a report",
+        description="e.g. `medseg benchmark experiment=bench_mni_tissue`. Re-running the same command resumes: "
+        "finished runs (complete summary.json) are skipped, failed ones retried.",
+        epilog=_HYDRA_EPILOG,
+    )
+    benchmark.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides (experiment=NAME, ...)")
+    benchmark.set_defaults(func=_cmd_benchmark)
+
+    export = verbs.add_parser(
+        "export", help="turn a run folder into a release (safetensors, config, metadata, card, example, checksums)"
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `medseg train`")
+    export.add_argument("-o", "--output", required=True, metavar="RELEASE_DIR", help="folder to create (new or empty)")
+    export.add_argument("--name", default=None, help="release name, lower case (default: from the run folder)")
+    export.add_argument("--version", default="0.1.0", help="semantic version X.Y.Z")
+    mode = export.add_mutually_exclusive_group()
+    mode.add_argument("--merge", action="store_true", help="all weights, adapters folded in; no base file needed")
+    mode.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="adapter deltas + decoder on the named base weights (default for an adapted pretrained backbone)",
+    )
+    export.set_defaults(func=_cmd_export)
+
+    verify = verbs.add_parser(
+        "verify", help="check a release: checksums, rebuild, example output; exit 0 only if all hold"
+    )
+    verify.add_argument("release_dir", metavar="RELEASE_DIR", help="a release folder (see `medseg export`)")
+    verify.add_argument("--device", default="cpu", help="cpu (default: the expected output was made there) or cuda")
+    verify.set_defaults(func=_cmd_verify)
     return parser
 
 

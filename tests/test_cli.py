@@ -124,3 +124,17 @@ def test_predict_rejects_a_missing_input_and_a_bad_window_before_loading_a_model
     with pytest.raises(Exception, match="does not exist"):  # --debug shows the real exception
         main(["predict", "--debug", "-i", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "o"), "-m", "x"])
     assert not (tmp_path / "out").exists()
+
+
+def test_release_and_benchmark_verbs_fail_clearly_without_a_traceback(tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "missing")]) == 1
+    assert "sha256sums.txt not found" in capsys.readouterr().out
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "release")]) == 2
+    err = capsys.readouterr().err
+    assert "must be a run folder written by `medseg train`" in err and "Traceback" not in err
+    assert not (tmp_path / "release").exists()
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path), "-o", str(tmp_path / "release"), "--merge", "--adapter-only"])
+    assert "not allowed with argument --merge" in capsys.readouterr().err
+    assert main(["benchmark", "experiment=no_such_benchmark"]) == 2
+    assert "Could not find 'experiment/no_such_benchmark'" in capsys.readouterr().err
