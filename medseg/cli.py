@@ -91,6 +91,14 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(args.overrides)
 
 
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from medseg.classify import main
+    from medseg.launch import run_hydra_entry
+    from medseg.train import CONFIG_DIR
+
+    return run_hydra_entry(main, CONFIG_DIR, "classify", args.overrides, prog="medseg classify")
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from medseg.benchmark.runner import run_benchmark
 
@@ -116,7 +124,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return run_verify(args.release_dir, device=args.device)
 
 
-_HYDRA_VERBS = ("train", "evaluate", "quickstart", "benchmark")
+_HYDRA_VERBS = ("train", "evaluate", "quickstart", "classify", "benchmark")
 _HYDRA_EPILOG = (
     "Overrides are Hydra's: key=value, group=option, +new_key=value; -m sweeps comma-separated values "
     "(e.g. adapter=lora,ssf init=pretrained,scratch). --cfg job prints the composed config."
@@ -215,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quickstart.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides for both arms")
     quickstart.set_defaults(func=_cmd_quickstart)
+
+    classify = verbs.add_parser(
+        "classify",
+        help="train and test a slice/volume classifier: protocol=knn|linear|peft|full, any backbone",
+        description="e.g. `medseg classify protocol=linear backbone=dinov2_vits14`, or the whole ladder (every "
+        "protocol x init, one table) with `medseg classify experiment=cls_quickstart`.",
+        epilog=_HYDRA_EPILOG,
+    )
+    classify.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides and flags (-m, --cfg job)")
+    classify.set_defaults(func=_cmd_classify)
 
     benchmark = verbs.add_parser(
         "benchmark",

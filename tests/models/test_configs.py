@@ -38,11 +38,13 @@ CASES = {
 
 
 # Promptable models take prompts as well as an image; test_promptable.py and test_volumetric.py build their configs.
+# Classifiers compose with conf/classify.yaml, not train.yaml (see test_classifier.py, test_classify_configs.py).
 PROMPTABLE = {"promptable_2d", "promptable_3d"}
+CLASSIFIERS = {"classifier", "classifier_densenet"}
 
 
 def test_every_model_config_has_a_case():
-    assert {p.stem for p in (CONF / "model").glob("*.yaml")} == set(CASES) | PROMPTABLE
+    assert {p.stem for p in (CONF / "model").glob("*.yaml")} == set(CASES) | PROMPTABLE | CLASSIFIERS
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
