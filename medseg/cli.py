@@ -190,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("-i", "--input", required=True, help="NIfTI file, DICOM series folder, or folder of inputs")
     predict.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
-    predict.add_argument("-m", "--model", required=True, help="run folder, release folder or name, or 'litemedsam'")
+    predict.add_argument(
+        "-m", "--model", required=True, help="run folder (train or classify), release folder or name, or 'litemedsam'"
+    )
     predict.add_argument(
         "--prompts", default=None, help="JSON prompts file (voxel or world RAS mm), or a folder of <case>.json files"
     )

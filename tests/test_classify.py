@@ -99,3 +99,32 @@ def test_linear_probe_reuses_the_features_knn_cached(disks_table, tmp_path):
     train_classifier(cfg)
     summary = json.loads((tmp_path / "linear" / "summary.json").read_text())
     assert (summary["feature_cache_hits"], summary["feature_cache_misses"]) == (90, 0)
+
+
+def test_medseg_predict_writes_a_probability_table_for_a_classifier_run(disks_table, tmp_path, capsys):
+    from medseg.cli import main
+
+    cfg = _config(disks_table, tmp_path, "linear")
+    train_classifier(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rows = summary["metric_per_case"][:3]
+    for row in rows:
+        name = f"{row['case_id']}.nii.gz"
+        (inputs / name).write_bytes((disks_table.parent / "images" / name).read_bytes())
+    write_nifti(np.full((32, 32, 1), np.nan, np.float32), np.eye(4), inputs / "broken.nii.gz")
+
+    code = main(["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "run")])
+    assert code == 1  # one case failed, the others were written
+    assert "broken" in capsys.readouterr().err
+    with open(tmp_path / "out" / "probabilities.csv", newline="") as handle:
+        table = {r["case"]: r for r in csv.DictReader(handle)}
+    assert set(table) == {row["case_id"] for row in rows}
+    for row in rows:
+        got = table[row["case_id"]]
+        np.testing.assert_allclose([float(got[f"p_{c}"]) for c in CLASSES], [row["probabilities"][c] for c in CLASSES],
+                                   atol=1e-4)  # fmt: skip
+        assert got["prediction"] == max(CLASSES, key=lambda c: row["probabilities"][c])
+    assert main(["predict", "-i", str(inputs), "-o", str(tmp_path / "o2"), "-m", str(tmp_path / "run"), "--tta"]) == 2
+    assert "is a classifier" in capsys.readouterr().err

@@ -12,7 +12,9 @@ Three levels, each usable on its own (the napari widget calls the first, the CLI
   each channel, ``affine`` the input's voxel-to-RAS+ affine (mm). Files are written under a temporary name and
   renamed when complete; a case that fails leaves no file of its own behind.
 - :func:`predict_cases`: every case of an input (:func:`medseg.inference.cases.discover_cases`), with a progress
-  bar; a failing case is recorded in the :class:`PredictReport` and the others go on.
+  bar; a failing case is recorded in the :class:`PredictReport` and the others go on. A classifier (a
+  ``medseg classify`` run folder) writes one table, ``OUTPUT_DIR/probabilities.csv``, instead
+  (:mod:`medseg.inference.classified`).
 
 Prompts (promptable models) come from a prompts file (:mod:`medseg.prompts.files`), voxel or world coordinates,
 checked against each case's shape and affine; ``--prompts`` may also name a folder of ``<case>.json`` files.
@@ -37,7 +39,15 @@ from medseg.inference.cases import Case, discover_cases, read_case
 from medseg.inference.loaded import LoadedModel
 from medseg.prompts.files import ObjectPrompts, PromptFileError, load_prompts
 
-__all__ = ["PredictOptions", "PredictReport", "Prediction", "predict_case", "predict_cases", "predict_image"]
+__all__ = [
+    "PredictOptions",
+    "PredictReport",
+    "Prediction",
+    "failure_message",
+    "predict_case",
+    "predict_cases",
+    "predict_image",
+]
 
 log = logging.getLogger("medseg.predict")
 
@@ -102,7 +112,12 @@ def check_options(loaded: LoadedModel, options: PredictOptions, has_prompts: boo
             promptable model, a classifier, or a bad slice axis.
     """
     if loaded.kind == "classifier":
-        raise ConfigError(f"{loaded.source} is a classifier; medseg predict writes segmentations. Give a segmenter.")
+        if has_prompts or options.tta or options.save_probabilities:
+            raise ConfigError(
+                f"{loaded.source} is a classifier: it writes probabilities.csv and takes no --prompts, --tta or "
+                f"--save-probabilities. Drop them."
+            )
+        return
     if loaded.kind == "dense" and has_prompts:
         raise ConfigError(f"{loaded.source} is prompt-free (dense): it needs no --prompts. Drop the option.")
     if loaded.kind == "promptable":
@@ -280,19 +295,25 @@ def predict_cases(
     cache = EmbeddingCache(folder=cache_dir) if loaded.kind == "promptable" else None
     report = PredictReport()
     with _progress(options.progress, len(cases)) as advance:
+        if loaded.kind == "classifier":
+            from medseg.inference.classified import predict_classifier_cases
+
+            predict_classifier_cases(loaded, cases, output_dir, report, advance, debug)
+            return report
         for case in cases:
             try:
                 report.written[case.name] = predict_case(loaded, case, output_dir, prompts, options, cache)
             except Exception as err:
                 if debug:
                     raise
-                report.failed[case.name] = _message(err)
+                report.failed[case.name] = failure_message(err)
                 log.debug("case %s failed", case.name, exc_info=True)
             advance(case.name)
     return report
 
 
-def _message(err: Exception) -> str:
+def failure_message(err: Exception) -> str:
+    """One line for a failed case: a MedsegError's own message, or the exception's type and first line."""
     if isinstance(err, MedsegError):
         return str(err)
     text = str(err).splitlines()[0][:300] if str(err) else ""

@@ -28,6 +28,7 @@ from medseg.inference.loaded import LoadedModel
 
 __all__ = [
     "BUILTIN",
+    "is_classifier_folder",
     "is_release_folder",
     "is_run_folder",
     "load_litemedsam",
@@ -61,6 +62,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def is_run_folder(path: str | os.PathLike[str]) -> bool:
     """A folder written by ``medseg train``: it holds ``.hydra/config.yaml``."""
     return (Path(path) / ".hydra" / "config.yaml").is_file()
+
+
+def is_classifier_folder(path: str | os.PathLike[str]) -> bool:
+    """A run folder of ``medseg classify``: ``classifier.yaml`` and ``classifier.safetensors``."""
+    from medseg.classify import CONFIG_FILE, WEIGHTS_FILE
+
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
 
 
 def is_release_folder(path: str | os.PathLike[str]) -> bool:
@@ -183,6 +191,10 @@ def load_model(
     if text in BUILTIN:
         return load_litemedsam(device)
     path = Path(text)
+    if path.is_dir() and is_classifier_folder(path):
+        from medseg.classify import load_classifier
+
+        return load_classifier(path, resolve_device(device))
     if path.is_dir() and is_run_folder(path):
         return load_run(path, device, ckpt)
     if path.is_dir() and not is_release_folder(path):
