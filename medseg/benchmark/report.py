@@ -33,6 +33,7 @@ def markdown_table(frame: pd.DataFrame, columns: Sequence[str], digits: int = 3)
     """A GitHub-flavoured markdown table of ``columns`` (floats with ``digits`` decimals, NaN as n/a)."""
     if frame.empty:
         return "_(none)_\n"
+    columns = [c for c in columns if c in frame.columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(_cell(row[c], digits) for c in columns) + " |")

@@ -1,0 +1,101 @@
+"""The runner on a tiny synthetic grid: every output, resume without retraining, a crashing arm, the lr search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import medseg.train
+from medseg.benchmark.runner import OUTPUTS, load_settings, run_benchmark
+from medseg.errors import ConfigError
+
+
+def _count_training(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    real = medseg.train.train
+
+    def counting(cfg):
+        calls.append(str(cfg.run_dir))
+        return real(cfg)
+
+    monkeypatch.setattr(medseg.train, "train", counting)
+    return calls
+
+
+def test_tiny_grid_writes_every_output_and_a_rerun_trains_nothing(bench_env, tiny_grid, monkeypatch):
+    calls = _count_training(monkeypatch)
+    assert run_benchmark(tiny_grid) == 0
+    assert len(calls) == 3  # pretrained, scratch, unet_plain: 1 fraction x 1 seed, no search (one lr)
+    for name in (*OUTPUTS[:-2], "report.md", "metric_vs_label_fraction.png", "metric_vs_train_time.png"):
+        assert (bench_env / name).is_file(), name
+    per_case = pd.read_csv(bench_env / "per_case.csv")
+    assert list(per_case.columns) == ["arm", "dataset", "label_fraction", "seed", "case", "metric", "value"]
+    assert set(per_case["arm"]) == {"pretrained", "scratch", "unet_plain"}
+    assert per_case["case"].nunique() == 2 and {"dice", "hd95", "nsd", "dice/liver"} <= set(per_case["metric"])
+    summary = pd.read_csv(bench_env / "summary.csv")
+    assert {"arm", "metric", "mean", "ci_low", "ci_high", "n"} <= set(summary.columns)
+    assert (summary["ci_low"] <= summary["mean"]).all() and (summary["mean"] <= summary["ci_high"]).all()
+    comparisons = pd.read_csv(bench_env / "comparisons.csv")
+    expected = ["arm_a", "arm_b", "metric", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "verdict"]
+    assert set(expected) <= set(comparisons.columns)
+    assert {"pretrained_vs_scratch", "vs_best_baseline"} <= set(comparisons["kind"])
+    cost = pd.read_csv(bench_env / "cost.csv")
+    assert {"trainable_params", "peak_rss_mb", "train_wall_time_s", "train_samples_per_s"} <= set(cost.columns)
+    assert (cost["trainable_params"] > 0).all() and (cost["steps"] == 2).all()
+    report = (bench_env / "report.md").read_text()
+    assert "## Limitations" in report and "pretrained_vs_scratch" in report
+
+    calls.clear()
+    assert run_benchmark(tiny_grid) == 0
+    assert calls == []  # every run has a complete summary.json: nothing is retrained
+    (bench_env / "runs" / "scratch" / "frac_1" / "seed_0" / "summary.json").unlink()  # as if killed before the end
+    assert run_benchmark(tiny_grid) == 0
+    assert len(calls) == 1 and calls[0].endswith("scratch/frac_1/seed_0")
+
+
+def test_a_crashing_arm_is_reported_and_the_others_finish(bench_env, tiny_grid):
+    # a UNet with one level: MONAI refuses to build it, inside the run (the config composes fine)
+    broken = ["~benchmark.baselines", "+benchmark.baselines={broken:['model.channels=[8]']}"]
+    assert run_benchmark([*tiny_grid, *broken]) == 1
+    job = json.loads((bench_env / "runs" / "broken" / "frac_1" / "seed_0" / "job.json").read_text())
+    assert job["status"] == "failed" and job["error"]
+    report = (bench_env / "report.md").read_text()
+    assert "## Failed runs" in report and "broken" in report
+    per_case = pd.read_csv(bench_env / "per_case.csv")
+    assert set(per_case["arm"]) == {"pretrained", "scratch"}
+
+
+def test_lr_search_uses_validation_only_and_picks_the_best(bench_env, tiny_grid, monkeypatch):
+    calls = _count_training(monkeypatch)
+    grid = [*tiny_grid, "benchmark.lr_search.values=[1e-4,3e-2]", "~benchmark.baselines", "+benchmark.baselines={}",
+            "~benchmark.arms", "+benchmark.arms={init:[scratch]}"]  # fmt: skip
+    assert run_benchmark(grid) == 0
+    assert len(calls) == 3  # two search runs, one final run
+    search = pd.read_csv(bench_env / "lr_search.csv")
+    assert len(search) == 2 and search["status"].eq("ok").all()
+    best = search.loc[search["val/dice_resampled"].idxmax(), "lr"]
+    assert search.loc[search["chosen"], "lr"].tolist() == [best]
+    for run_dir in search["run_dir"]:
+        overrides = json.loads((Path(run_dir) / "job.json").read_text())["overrides"]
+        assert "evaluate=false" in overrides  # the search never predicts the test cases
+        assert not (Path(run_dir) / "summary.json").exists()
+    final = json.loads((bench_env / "runs" / "scratch" / "frac_1" / "seed_0" / "job.json").read_text())
+    assert f"task.optimizer.lr={best}" in final["overrides"]
+
+
+def test_settings_errors_name_the_field(bench_env):
+    with pytest.raises(ConfigError, match="needs an experiment"):
+        load_settings(["trainer.max_steps=2"])
+    with pytest.raises(ConfigError, match="label_fractions"):
+        load_settings(["experiment=bench_synthetic", "benchmark.label_fractions=[0.0]"])
+    with pytest.raises(ConfigError, match="same training budget"):
+        run_benchmark(
+            [
+                "experiment=bench_synthetic",
+                "~benchmark.baselines",
+                "+benchmark.baselines={long:['trainer.max_steps=9']}",
+            ]
+        )
