@@ -119,7 +119,7 @@ class NativeCase:
 
     def native(self, array: np.ndarray) -> np.ndarray:
         """``array`` (reoriented grid) in the file's array order."""
-        return apply_orientation(array, self.to_native)
+        return np.ascontiguousarray(apply_orientation(array, self.to_native))
 
 
 def intensity_transforms(transform: Any) -> list[Callable]:
@@ -149,8 +149,8 @@ def load_native_case(
     ornt = io_orientation(affine)
     to_ras = ornt_transform(ornt, axcodes2ornt("RAS"))
     values = np.asarray(torch.as_tensor(data["image"]).float().numpy())
-    oriented = np.stack([apply_orientation(channel, to_ras) for channel in values])
-    labels = apply_orientation(np.rint(np.asarray(label[0])).astype(np.int64), to_ras)
+    oriented = np.ascontiguousarray(np.stack([apply_orientation(channel, to_ras) for channel in values]))
+    labels = np.ascontiguousarray(apply_orientation(np.rint(np.asarray(label[0])).astype(np.int64), to_ras))
     native_spacing = spacing_from_affine(affine)
     spacing = [0.0] * 3
     for axis, (new_axis, _) in enumerate(to_ras):

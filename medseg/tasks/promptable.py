@@ -210,8 +210,8 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
     def validation_samples(self, image: torch.Tensor, label: torch.Tensor) -> list[tuple[torch.Tensor, np.ndarray]]:
         """Model inputs ``(1, C, *S)`` and label maps ``(*S)`` of one preprocessed volume ``(C, X, Y, Z)``.
 
-        2-D models: up to ``val_slices`` slices along :attr:`slice_axis`, evenly spread over the slices that hold
-        foreground; 3-D models: the volume. Each is brought to the model size as the training sampler does.
+        2-D models: up to ``val_slices`` slices along :attr:`slice_axis` at the quantile midpoints of the slices that
+        hold foreground; 3-D models: the volume. Each is brought to the model size as the training sampler does.
         """
         size = int(self.model.image_size)
         if self.spatial_dims == 3:
@@ -221,7 +221,9 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
             present = torch.nonzero(label.movedim(axis, 0).flatten(1).amax(1) > 0).flatten().tolist()
             if not present:
                 return []
-            chosen = sorted({present[int(i)] for i in np.linspace(0, len(present) - 1, self.val_slices).round()})
+            # quantile midpoints (25 % and 75 % for two): inside the objects, not on their first and last slices
+            spots = ((np.arange(self.val_slices) + 0.5) / self.val_slices * len(present)).astype(int)
+            chosen = sorted({present[int(i)] for i in spots})
             volumes = [(image.select(axis, k), label.select(axis, k)) for k in chosen]
         samples = []
         for img, lab in volumes:
