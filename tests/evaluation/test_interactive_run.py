@@ -1,0 +1,63 @@
+"""Native-grid interactive evaluation: RAS reorientation without interpolation, settings, summary completeness."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.data.prepare import synthetic
+from medseg.errors import ConfigError
+from medseg.evaluation import build_summary, write_summary
+from medseg.evaluation.interactive import summarize_interactive
+from medseg.evaluation.interactive_run import InteractiveSettings, load_native_case
+from medseg.evaluation.metrics import EvaluationError
+from medseg.evaluation.summary import interactive_per_case, is_complete
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = synthetic.build(tmp_path_factory.mktemp("phantoms"), seed=1, num_train=1, num_test=2, shape=(20, 16, 8))
+    return sorted((root / "imagesTs").glob("*_0000.nii.gz")), root / "labelsTs"
+
+
+def test_native_case_is_the_files_voxels_in_ras_order_and_back(phantoms):
+    images, labels = phantoms
+    seen = set()
+    for image in images:
+        case_id = image.name[: -len("_0000.nii.gz")]
+        reference = labels / f"{case_id}.nii.gz"
+        case = load_native_case(case_id, [image], reference)
+        source = nib.load(reference)
+        canonical = nib.as_closest_canonical(source)
+        seen.add(nib.aff2axcodes(source.affine))
+        assert np.array_equal(case.label, np.asarray(canonical.dataobj).round().astype(np.int64))  # no interpolation
+        np.testing.assert_allclose(case.spacing, canonical.header.get_zooms()[:3], rtol=1e-5)
+        assert np.array_equal(case.native(case.label), np.asarray(source.dataobj).round())  # back to the file's order
+        assert case.image.shape == (1, *case.label.shape)
+    assert ("R", "A", "S") in seen and len(seen) == 2  # one RAS and one reoriented (LPS) test case
+
+
+def test_settings_reject_unknown_keys_and_impossible_k():
+    assert InteractiveSettings.from_mapping({"max_clicks": 5, "dice_k": 5}).max_clicks == 5
+    with pytest.raises(ConfigError, match="max_click"):
+        InteractiveSettings.from_mapping({"max_click": 5})
+    with pytest.raises(ConfigError, match="dice_k"):
+        InteractiveSettings.from_mapping({"max_clicks": 3, "dice_k": 5})
+
+
+def test_summary_with_an_interactive_section_is_complete_only_when_it_covers_every_case(tmp_path):
+    labels = {"background": 0, "liver": 1}
+    metrics = {"liver": {"dice": 0.5, "hd95": 3.0, "nsd": 0.4, "n_ref": 10, "n_pred": 12}}
+    per_case = [{"case_id": c, "metrics": metrics} for c in ("a", "b")]
+    obj = {"class": "liver", "component": None, "dice_at_k": [0.4, 0.8], "noc85": 3, "noc90": 3, "box_dice": 0.6}
+    full = summarize_interactive({"a": [obj], "b": [dict(obj, dice_at_k=[0.6, 0.9])]}, max_clicks=3)
+    path = write_summary(tmp_path / "summary.json", build_summary(per_case, labels, {"interactive": full}))
+    assert is_complete(path)
+    table = interactive_per_case(build_summary(per_case, labels, {"interactive": full}))
+    assert table["b"]["dice_at_k"] == [0.6, 0.9] and table["a"]["noc85"] == 3
+    partial = summarize_interactive({"a": [obj]}, max_clicks=3)
+    path = write_summary(tmp_path / "partial.json", build_summary(per_case, labels, {"interactive": partial}))
+    assert not is_complete(path)
+    with pytest.raises(EvaluationError, match="interactive"):
+        interactive_per_case(build_summary(per_case, labels))
