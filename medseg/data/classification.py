@@ -41,7 +41,15 @@ import numpy as np
 from medseg.errors import DatasetError
 from medseg.evaluation.classification import LABEL_KINDS
 
-__all__ = ["SPLITS", "ClassificationCase", "LabelSpec", "read_classification_table", "read_rows", "targets_array"]
+__all__ = [
+    "SPLITS",
+    "ClassificationCase",
+    "LabelSpec",
+    "check_classification_folder",
+    "read_classification_table",
+    "read_rows",
+    "targets_array",
+]
 
 SPLITS = ("train", "val", "test")
 _TRUE = {"1", "1.0", "true", "yes", "y", "positive", "present"}
@@ -208,3 +216,41 @@ def read_classification_table(
 def targets_array(cases: Sequence[ClassificationCase]) -> np.ndarray:
     """Targets of ``cases`` as ``(N,)`` indices or ``(N, K)`` 0/1."""
     return np.asarray([c.target for c in cases], dtype=np.int64)
+
+
+def check_classification_folder(folder: str | os.PathLike[str], table_names: Sequence[str]) -> tuple[list[str], str]:
+    """Problems of a classification dataset folder, and a one-line summary of what it holds.
+
+    ``medseg validate`` does not know which label columns a run will use, so it checks what every run needs: the
+    table reads, case ids are unique, every image column's files exist, and splits are valid. Every problem is
+    listed (one line each, naming the row and column) rather than stopping at the first.
+    """
+    folder = Path(folder)
+    table = next((folder / n for n in table_names if (folder / n).is_file()), None)
+    if table is None:
+        return [f"{folder}: no {' or '.join(table_names)} (a classification dataset's table)."], ""
+    try:
+        rows = read_rows(table)
+    except DatasetError as err:
+        return [str(err)], ""
+    if not rows:
+        return [f"{table} has no rows."], ""
+    problems, seen = [], set()
+    image_columns = [c for c in rows[0] if c == "image" or c.startswith("image_")]
+    if "case_id" not in rows[0] or not image_columns:
+        problems.append(f"{table}: needs a case_id column and an image column (image, or image_0000, image_0001...).")
+    for i, row in enumerate(rows):
+        where = f"{table}, row {i + 2}"
+        case_id = row.get("case_id", "")
+        if case_id in seen:
+            problems.append(f"{where}: case id {case_id!r} appears twice.")
+        seen.add(case_id)
+        for column in image_columns:
+            if not row.get(column) or not (folder / row[column]).exists():
+                problems.append(f"{where}, column {column!r}: image {row.get(column)!r} does not exist.")
+        if row.get("split") and row["split"] not in SPLITS:
+            problems.append(f"{where}: split {row['split']!r} must be one of {SPLITS} or empty.")
+    splits = {s: sum(r.get("split") == s for r in rows) for s in SPLITS}
+    labels = [c for c in rows[0] if c not in {"case_id", "split", *image_columns}]
+    summary = f"{len(rows)} cases ({', '.join(f'{n} {s}' for s, n in splits.items())}); columns {', '.join(labels)}"
+    return problems, summary

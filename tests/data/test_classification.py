@@ -103,3 +103,18 @@ def test_nifti_volumes_come_out_as_size_x_size_x_slices(tmp_path):
     dm = ClassificationDataModule(str(path), label_kind="binary", spatial_dims=3, size=16, num_slices=6)
     assert (dm.train_ids, dm.val_ids, dm.test_ids) == (["v0", "v1"], ["v2"], ["v3"])
     assert dm.dataset_for("val")[0]["image"].shape == (1, 16, 16, 6)
+
+
+def test_validate_lists_every_problem_of_a_classification_folder(tmp_path, capsys):
+    from medseg.data.prepare.command import run_prepare
+
+    folder = tmp_path / "Dataset993_Cls"
+    write_nifti(np.zeros((4, 4, 1), np.float32), np.eye(4), folder / "images" / "a.nii.gz")
+    rows = [["a", "images/a.nii.gz", "x", "train"], ["a", "images/missing.nii.gz", "y", "later"]]
+    _table(folder, ["case_id", "image", "label", "split"], rows, name="classification.csv")
+    assert run_prepare([str(folder)], only_check=True) == 1
+    out = capsys.readouterr().out
+    assert "3 problem(s)" in out and "appears twice" in out and "missing.nii.gz" in out and "'later'" in out
+    _table(folder, ["case_id", "image", "label", "split"], [rows[0]], name="classification.csv")
+    assert run_prepare([str(folder)], only_check=True) == 0
+    assert "valid classification table: 1 cases (1 train, 0 val, 0 test); columns label" in capsys.readouterr().out

@@ -40,6 +40,27 @@ def build_dataset(name: str, root: Path, seed: int = 0, force: bool = False, con
     return path
 
 
+def _is_classification(path: Path) -> bool:
+    from medseg.data.cls_datamodule import TABLE_NAMES
+
+    return not (path / "dataset.json").is_file() and any((path / n).is_file() for n in TABLE_NAMES)
+
+
+def _check_classification(path: Path, console: Console) -> int:
+    """Check and summarise a classification dataset (a table of images and labels); 1 if it has problems."""
+    from medseg.data.classification import check_classification_folder
+    from medseg.data.cls_datamodule import TABLE_NAMES
+
+    problems, summary = check_classification_folder(path, TABLE_NAMES)
+    if problems:
+        console.print(f"[bold red]{path.name}: {len(problems)} problem(s)[/]")
+        for problem in problems:
+            console.print(f"  - {problem}", markup=False, highlight=False, soft_wrap=True)
+        return 1
+    console.print(f"[green]{path.name}: valid[/] classification table: {summary}", highlight=False, soft_wrap=True)
+    return 0
+
+
 def run_prepare(
     names: Sequence[str],
     check: bool = False,
@@ -61,6 +82,9 @@ def run_prepare(
             path = build_dataset(name, root, seed=seed, force=force)
         else:
             path = find_dataset(name, root)
+        if _is_classification(path):
+            failed += _check_classification(path, console)
+            continue
         if check or only_check:
             problems = validate_dataset(path)
             if problems:
