@@ -16,6 +16,10 @@ Three levels, each usable on its own (the napari widget calls the first, the CLI
   ``medseg classify`` run folder) writes one table, ``OUTPUT_DIR/probabilities.csv``, instead
   (:mod:`medseg.inference.classified`).
 
+A promptable run of ``medseg train`` is prepared as its interactive evaluation prepares test volumes (its intensity
+transforms, the RAS-permuted grid, per-slice min-max; :mod:`medseg.inference.prompted_run`), the built-in
+``litemedsam`` with the official LiteMedSAM recipe (:mod:`medseg.inference.prompted`).
+
 Prompts (promptable models) come from a prompts file (:mod:`medseg.prompts.files`), voxel or world coordinates,
 checked against each case's shape and affine; ``--prompts`` may also name a folder of ``<case>.json`` files.
 """
@@ -163,20 +167,22 @@ def predict_image(
         return Prediction(dense.labels, dense.probabilities, dense.class_values)
     from medseg.inference.prompted import recipe_for, segment_objects
 
-    if loaded.extras.get("recipe") != "litemedsam" and loaded.config.get("data"):
-        raise ConfigError(
-            f"{loaded.source}: promptable models trained by medseg are predicted by the training code's own "
-            f"preprocessing, which medseg predict does not replay yet; use -m litemedsam or a dense model."
-        )
     if image.shape[0] != 1:
         raise InputShapeError(
             f"the promptable model takes one-channel 3D volumes; this image has {image.shape[0]} channels (a 4D "
             f"file). Give one 3D volume."
         )
-    result = segment_objects(
-        loaded.model, np.asarray(image[0].detach().cpu().numpy()), list(objects or []),
-        recipe=recipe_for(options.window), slice_axis=options.slice_axis, cache=cache, progress=options.progress,
-    )  # fmt: skip
+    if loaded.extras.get("recipe") != "litemedsam" and loaded.config.get("data"):
+        from medseg.inference.prompted_run import predict_run_prompts
+
+        result = predict_run_prompts(
+            loaded, image, list(objects or []), options.slice_axis, cache=cache, progress=options.progress
+        )
+    else:
+        result = segment_objects(
+            loaded.model, np.asarray(image[0].detach().cpu().numpy()), list(objects or []),
+            recipe=recipe_for(options.window), slice_axis=options.slice_axis, cache=cache, progress=options.progress,
+        )  # fmt: skip
     return Prediction(result.labels, None, sorted({0, *(int(o.label) for o in objects or [])}), result.ignored)
 
 

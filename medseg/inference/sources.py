@@ -163,7 +163,10 @@ def load_run(
         {
             "model": _plain(run_cfg.model),
             "data": {"preprocess": [_plain(c) for c in preprocess], "num_channels": datamodule.num_channels},
-            "task": {"inference": _plain(run_cfg.task.get("inference", {}))},
+            "task": {
+                "inference": _plain(run_cfg.task.get("inference", {})),
+                "evaluation": _plain(run_cfg.task.get("evaluation", {})),  # promptable: propagation rules
+            },
         }
     )
     from medseg.inference.cache import weights_hash
