@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import MedsegError
+from medseg.runs import finished_summary
 
 __all__ = ["ARMS", "format_table", "run_dir_for", "run_quickstart"]
 
@@ -35,16 +36,6 @@ def run_dir_for(overrides: Sequence[str]) -> tuple[Path, int]:
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     return Path(str(cfg.hydra.run.dir)), int(cfg.trainer.max_steps)
-
-
-def _finished(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
-    from medseg.evaluation import is_complete, read_summary
-
-    path = run_dir / "summary.json"
-    if not is_complete(path):
-        return None
-    summary = read_summary(path)
-    return summary if summary.get("steps_trained") == max_steps else None
 
 
 def format_table(summaries: dict[str, dict[str, Any]]) -> Any:
@@ -90,13 +81,13 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
     for arm in ARMS:
         arm_overrides = [EXPERIMENT, f"init={arm}", *overrides]
         run_dir, max_steps = run_dir_for(arm_overrides)
-        summary = _finished(run_dir, max_steps)
+        summary = finished_summary(run_dir, max_steps)
         if summary is None:
             console.rule(f"quickstart: init={arm} -> {run_dir}")
             code = subprocess.call([sys.executable, "-m", "medseg.train", *arm_overrides])
             if code != 0:
                 raise MedsegError(f"the init={arm} arm failed (exit code {code}); see its output above.")
-            summary = _finished(run_dir, max_steps)
+            summary = finished_summary(run_dir, max_steps)
             if summary is None:
                 raise MedsegError(f"the init={arm} arm finished without a complete {run_dir}/summary.json.")
         else:

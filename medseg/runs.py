@@ -16,10 +16,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from medseg.errors import ConfigError
 
-__all__ = ["best_checkpoint", "checkpoint_dir", "last_checkpoint", "resolve_resume", "select_checkpoint"]
+__all__ = [
+    "best_checkpoint",
+    "checkpoint_dir",
+    "finished_summary",
+    "last_checkpoint",
+    "resolve_resume",
+    "select_checkpoint",
+]
 
 LAST = "last.ckpt"
 
@@ -74,3 +82,18 @@ def select_checkpoint(run_dir: str | os.PathLike[str], which: str) -> Path | Non
             raise ConfigError(f"checkpoint {path} does not exist.")
         return path
     raise ConfigError(f"checkpoint must be 'best', 'last' or a path to a .ckpt file, got {which!r}.")
+
+
+def finished_summary(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
+    """The summary of a run that trained ``max_steps`` steps and evaluated every test case, else ``None``.
+
+    Drivers of many runs (the quickstart, the benchmark runner) skip such runs when re-run; a run with another step
+    budget is not the same run and is trained again.
+    """
+    from medseg.evaluation import is_complete, read_summary
+
+    path = Path(run_dir) / "summary.json"
+    if not is_complete(path):
+        return None
+    summary = read_summary(path)
+    return summary if summary.get("steps_trained") == max_steps else None

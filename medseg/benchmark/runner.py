@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from medseg.benchmark.grid import FINAL, BenchmarkSettings, Job, final_jobs, search_jobs
 from medseg.errors import ConfigError
+from medseg.runs import finished_summary
 
 __all__ = ["OUTPUTS", "load_settings", "run_benchmark"]
 
@@ -89,12 +90,6 @@ def _arm_facts(settings: BenchmarkSettings, extra: Sequence[str]) -> dict[str, d
             f"needs equal budgets, so set trainer.max_steps and data.* in the experiment, not per arm."
         )
     return facts
-
-
-def _finished(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
-    from medseg.quickstart import _finished as finished_summary
-
-    return finished_summary(run_dir, max_steps)
 
 
 def _choose_lrs(settings: BenchmarkSettings, jobs: list[Job], runs_dir: Path) -> tuple[dict[str, float], pd.DataFrame]:
@@ -167,12 +162,12 @@ def run_benchmark(overrides: Sequence[str] = ()) -> int:
     ]
 
     finals = final_jobs(settings, chosen, extra)
-    todo = [job for job in finals if _finished(runs_dir / job.subdir, max_steps) is None]
+    todo = [job for job in finals if finished_summary(runs_dir / job.subdir, max_steps) is None]
     console.rule(f"benchmark {settings.experiment}: final runs, {len(todo)} of {len(finals)} to do")
     launch_jobs(todo, master, runs_dir, first_index=len(searches))
     finished = []
     for job in finals:
-        summary = _finished(runs_dir / job.subdir, max_steps)
+        summary = finished_summary(runs_dir / job.subdir, max_steps)
         if summary is None:
             failures.append(_failure(job, runs_dir))
             continue
