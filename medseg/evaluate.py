@@ -130,6 +130,10 @@ def evaluate_promptable_model(
     objects of a case form its label map (``predictions/``), scored like any run (Dice, HD95, NSD per class), so the
     usual fields mean "one box per object, propagated". ``task.evaluation`` sets the cost (clicks, objects, cases).
 
+    A 3-D model is clicked in 3-D on the whole volume (sliding windows, :func:`~medseg.evaluation.interactive_run.
+    evaluate_case_3d`), zoomed to the run's ``Spacingd`` spacing if it has one; its box Dice is from the tight 3-D
+    box, its propagation Dice is ``null`` (a 2-D-model metric), and its label map holds each object's box-prompt mask.
+
     Args:
         task: a :class:`~medseg.tasks.promptable.PromptableTask`.
         max_cases: cap on the test cases, overriding ``task.evaluation.max_cases`` when given.
@@ -140,6 +144,7 @@ def evaluate_promptable_model(
     from medseg.evaluation.interactive_run import (
         InteractiveSettings,
         evaluate_case,
+        evaluate_case_3d,
         intensity_transforms,
         load_native_case,
     )
@@ -163,9 +168,15 @@ def evaluate_promptable_model(
     for index, case in enumerate(cases):
         native = load_native_case(case.case_id, case.images, case.label, intensity)
         with torch.no_grad():
-            objects, label_map = evaluate_case(
-                model, native, datamodule.label_names, settings, task.slice_axis, EmbeddingCache(max_items=4096)
-            )
+            if int(model.spatial_dims) == 3:
+                objects, label_map = evaluate_case_3d(
+                    model, native, datamodule.label_names, settings, _target_spacing(datamodule),
+                    overlap=float(task.inference.get("overlap", 0.25)),
+                )  # fmt: skip
+            else:
+                objects, label_map = evaluate_case(
+                    model, native, datamodule.label_names, settings, task.slice_axis, EmbeddingCache(max_items=4096)
+                )
         per_case[case.case_id] = objects
         write_label_map(native.native(label_map), case.images[0], predictions / f"{case.case_id}{suffix}")
         log.info("Interactive test case %d/%d: %s (%d objects)", index + 1, len(cases), case.case_id, len(objects))
@@ -181,6 +192,18 @@ def evaluate_promptable_model(
     dices = summary["interactive"]["foreground_mean"].get("dice_at_k") or [0.0]
     log.info("Test interactive Dice@1 %.4f, Dice@%d %.4f -> %s", dices[0], len(dices), dices[-1], run_dir / SUMMARY)
     return summary
+
+
+def _target_spacing(datamodule: Any) -> tuple[float, ...] | None:
+    """The voxel size (mm, RAS order) the run resamples to: its ``Spacingd``'s ``pixdim``, or ``None`` without one."""
+    from monai.transforms import Spacingd
+
+    if getattr(datamodule, "target_spacing", None) is not None:
+        return tuple(float(s) for s in datamodule.target_spacing)
+    for transform in getattr(datamodule.deterministic_transform, "transforms", ()):
+        if isinstance(transform, Spacingd):
+            return tuple(float(s) for s in transform.spacing_transform.pixdim)
+    return None
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

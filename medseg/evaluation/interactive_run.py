@@ -18,12 +18,23 @@ on the grid of the files, never on the resampled training grid. Per case:
 
 Every slice is encoded once per case (:class:`~medseg.inference.cache.EmbeddingCache`), whatever the number of clicks
 and objects.
+
+A 3-D (volumetric) model is evaluated in 3-D instead (:func:`evaluate_case_3d`): the simulated user clicks on the
+whole native volume (RAS-permuted, as above), each round runs :func:`medseg.inference.volumetric.predict_prompted`
+(sliding windows of the model's ``roi_size``, prompts mapped into each window) with every click so far and the
+previous round's logits as mask prompt, and the box Dice comes from the object's tight 3-D box. The volume is min-max
+scaled to [0, 1] per channel, as training scales each patch, and, when the run resamples to a target spacing (its
+``Spacingd``), zoomed to that spacing for the model so windows see the training scale; clicks and boxes are mapped
+to the zoomed grid and the logits zoomed back, so every Dice is still on the native voxels. Propagation Dice is a
+2-D-model metric (one box carried slice by slice) and is ``null`` for 3-D models; the case's label map holds each
+object's mask from its box prompt.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +54,7 @@ from medseg.evaluation.interactive import (
 from medseg.evaluation.metrics import foreground_classes, spacing_from_affine
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.propagate import PropagationConfig, propagate, slice_box
+from medseg.inference.volumetric import predict_prompted
 from medseg.inference.recipe import (
     SliceRecipe,
     embed_slices,
@@ -54,9 +66,17 @@ from medseg.inference.recipe import (
 )
 from medseg.prompts.contract import Prompts
 from medseg.prompts.simulate import box_from_mask
-from medseg.tasks.prompt_sampling import decode_best
+from medseg.tasks.prompt_sampling import decode_best, minmax_per_image
 
-__all__ = ["InteractiveSettings", "NativeCase", "evaluate_case", "intensity_transforms", "load_native_case"]
+__all__ = [
+    "InteractiveSettings",
+    "NativeCase",
+    "evaluate_case",
+    "evaluate_case_3d",
+    "intensity_transforms",
+    "load_native_case",
+    "volume_predictor",
+]
 
 _RECIPE = SliceRecipe(intensity="none")  # intensities come from the run's own transforms; slices are min-maxed
 
@@ -206,17 +226,14 @@ def evaluate_case(
     Returns:
         ``(objects, label_map)``: per object ``{"class", "component", "n_voxels", "slice", "dice_at_k", "noc85",
         "noc90", "clicks", "box_dice", "propagation_dice"}`` (``slice``: the middle slice index on the reoriented
-        grid), and the ``(X, Y, Z)`` label map of the propagated objects.
+        grid), and the ``(X, Y, Z)`` label map of the propagated objects. A 3-D model goes to
+        :func:`evaluate_case_3d` (``slice_axis`` and ``cache`` unused).
 
     Raises:
-        ConfigError: a 3-D model (its interactive evaluation needs the volumetric model's own sliding-window
-            prompting) or a multi-channel image (the slice recipe is single-channel).
+        ConfigError: a multi-channel image (the slice recipe is single-channel).
     """
-    if int(getattr(model, "spatial_dims", 2)) != 2:
-        raise ConfigError(
-            "interactive evaluation on the native grid runs 2-D promptable models (slice by slice and by propagation); "
-            "evaluate a 3-D model with evaluate=false and its own predictor."
-        )
+    if int(getattr(model, "spatial_dims", 2)) == 3:
+        return evaluate_case_3d(model, case, labels, settings, seed=seed)
     if case.image.shape[0] != 1:
         raise ConfigError(
             f"case {case.case_id} has {case.image.shape[0]} channels; the slice recipe of interactive evaluation reads "
@@ -253,4 +270,136 @@ def evaluate_case(
         results.append(
             {"class": obj["class"], "component": obj["component"], "n_voxels": int(mask.sum()), "slice": k, **scores}
         )
+    return results, prediction
+
+
+def _zoom_points(coords: torch.Tensor, factor: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """Voxel centres of the native grid on a grid ``factor`` times as fine (align_corners=False), clipped inside."""
+    return torch.minimum(((coords + 0.5) * factor - 0.5).clamp_min(0), shape - 1)
+
+
+class _WindowEncodings(torch.nn.Module):
+    """A volumetric model whose ``encode`` remembers each window's embedding (keyed by the window's voxels).
+
+    The windows of one volume are the same at every click; only the prompts change, so each is encoded once per
+    volume, as the 2-D evaluation encodes each slice once (:class:`~medseg.inference.cache.EmbeddingCache`).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.roi_size = model, model.roi_size
+        self._embeddings: dict[str, Any] = {}
+        self.train(model.training)  # predict_prompted restores this mode on the model when it is done
+
+    def encode(self, window: torch.Tensor) -> Any:
+        key = hashlib.sha1(window.detach().float().cpu().numpy().tobytes()).hexdigest()
+        if key not in self._embeddings:
+            self._embeddings[key] = self.model.encode(window)
+        return self._embeddings[key]
+
+    def decode(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.decode(*args, **kwargs)
+
+
+def volume_predictor(model: torch.nn.Module, volume: torch.Tensor, model_shape=None, overlap: float = 0.25):
+    """``predict_fn(prompts, prev_mask) -> (X, Y, Z)`` probabilities of a 3-D model over a whole volume.
+
+    Each call runs :func:`~medseg.inference.volumetric.predict_prompted` with the prompts (native voxels of
+    ``volume``) and, when ``prev_mask`` is given, the previous call's logits (on the model grid) as mask prompt, as
+    the 2-D predictors keep their own logits between clicks. Each window is encoded once, whatever the clicks.
+
+    Args:
+        model: a volumetric promptable model (``roi_size``, ``encode``, ``decode``).
+        volume: ``(C, X, Y, Z)`` intensities in the model's input range.
+        model_shape: ``(X', Y', Z')`` grid the model sees (the volume zoomed trilinearly to the training spacing);
+            ``None``: the volume's own grid. Points and boxes are mapped onto it, logits zoomed back.
+        overlap: sliding-window overlap (fraction of the roi).
+    """
+    native = tuple(int(s) for s in volume.shape[1:])
+    target = native if model_shape is None else tuple(int(s) for s in model_shape)
+    zoomed = target != native
+    image = volume.float()
+    if zoomed:
+        image = torch.nn.functional.interpolate(image[None], size=target, mode="trilinear", align_corners=False)[0]
+    factor = torch.tensor(target, dtype=torch.float32) / torch.tensor(native, dtype=torch.float32)
+    size = torch.tensor(target, dtype=torch.float32)
+    state: dict[str, torch.Tensor] = {}
+    cached = _WindowEncodings(model)
+
+    @torch.no_grad()
+    def predict(prompts: Prompts, prev_mask: torch.Tensor | None) -> torch.Tensor:
+        previous = state.get("logits") if prev_mask is not None else None
+        prompts = prompts.with_prev_mask(None if previous is None else previous[:, None])
+        if zoomed and prompts.point_coords is not None:
+            coords = _zoom_points(prompts.point_coords.float(), factor, size)
+            prompts = replace(prompts, point_coords=coords)
+        if zoomed and prompts.box is not None:
+            box = prompts.box.float()
+            lo = torch.floor(box[:, :3] * factor)
+            hi = torch.minimum(torch.ceil((box[:, 3:] + 1) * factor) - 1, size - 1)
+            prompts = replace(prompts, box=torch.cat([lo, torch.maximum(hi, lo)], dim=1))
+        logits = predict_prompted(cached, image, prompts, overlap=overlap)
+        state["logits"] = logits
+        if zoomed:
+            logits = torch.nn.functional.interpolate(logits[:, None], size=native, mode="trilinear")[:, 0]
+        return torch.sigmoid(logits[0])
+
+    return predict
+
+
+def model_grid(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float] | None) -> tuple[int, ...]:
+    """Voxels per axis of a volume of ``shape`` at ``spacing`` (mm) resampled to ``target`` mm (None: unchanged)."""
+    if target is None:
+        return tuple(int(s) for s in shape)
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+
+
+def evaluate_case_3d(
+    model: torch.nn.Module,
+    case: NativeCase,
+    labels: Mapping[str, int | Sequence[int]],
+    settings: InteractiveSettings,
+    target_spacing: Sequence[float] | None = None,
+    overlap: float = 0.25,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Interactive metrics of every object of one case for a 3-D promptable model, clicks in 3-D (module docstring).
+
+    Args:
+        target_spacing: the training grid's voxel size (mm, RAS order); the model sees the volume zoomed to it.
+            ``None``: the native grid.
+        overlap: sliding-window overlap.
+
+    Returns:
+        ``(objects, label_map)``: per object ``{"class", "component", "n_voxels", "dice_at_k", "noc85", "noc90",
+        "clicks", "box_dice", "propagation_dice": None}``, and the ``(X, Y, Z)`` label map of every object's mask
+        from its tight 3-D box.
+    """
+    volume = minmax_per_image(torch.from_numpy(case.image).float()[None])[0]
+    shape = model_grid(case.label.shape, case.spacing, target_spacing)
+    predictor = volume_predictor(model, volume, shape, overlap)
+    box_output: dict[str, torch.Tensor] = {}
+
+    def predict(prompts: Prompts, prev_mask: torch.Tensor | None) -> torch.Tensor:
+        output = predictor(prompts, prev_mask)
+        if prompts.point_coords is None:  # the box-only prompt: kept for the case's label map
+            box_output["mask"] = output
+        return output
+
+    prediction = np.zeros(case.label.shape, dtype=np.int64)
+    objects = interactive_objects(case.label, labels, settings.object_mode)
+    if settings.max_objects is not None:
+        objects = objects[: settings.max_objects]
+    results = []
+    for index, obj in enumerate(objects):
+        mask = obj["mask"]
+        scores = evaluate_object(
+            predict, mask, case.spacing, max_clicks=settings.max_clicks, dice_k=settings.dice_k,
+            box_jitter_fraction=settings.box_jitter, seed=seed + index,
+        )  # fmt: skip
+        prediction[(box_output.pop("mask") > 0.5).cpu().numpy()] = _value(labels, str(obj["class"]))
+        results.append(
+            {"class": obj["class"], "component": obj["component"], "n_voxels": int(mask.sum()), **scores,
+             "propagation_dice": None}
+        )  # fmt: skip
     return results, prediction

@@ -10,7 +10,7 @@ binary object mask) plus ``iou_weight`` times the MSE between the predicted and 
 prompted by a single click and no box asks for SAM's three masks and learns from the best one (lowest loss).
 
 Validation plays the same user on whole validation volumes: per volume up to ``val_slices`` slices holding
-foreground (2-D models; the volume itself for 3-D ones), per present class ``max(val_clicks)`` clicks, and logs Dice
+foreground (2-D models; the whole volume, through sliding windows of ``roi_size``, for 3-D ones), per present class ``max(val_clicks)`` clicks, and logs Dice
 after k clicks as ``val/dice_click{k}`` and the Dice after the last click as ``val/dice`` (what checkpoint selection
 monitors: set ``callbacks.model_checkpoint.monitor=val/dice``, as the promptable experiments do). Like the dense
 task's ``val/dice_resampled`` these are on the preprocessed grid and only select checkpoints; the reported interactive
@@ -34,6 +34,7 @@ from torch import nn
 
 from medseg.errors import ConfigError
 from medseg.evaluation.interactive import dice, interactive_objects
+from medseg.evaluation.interactive_run import volume_predictor
 from medseg.prompts.simulate import PROMPT_MIX, interactive_loop, sample_prompts
 from medseg.tasks.optimization import OptimizationMixin
 from medseg.tasks.prompt_sampling import (
@@ -148,6 +149,14 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
                 f"the data gives {dims}-D samples {tuple(image.shape)} but the model is {self.spatial_dims}-D; use "
                 f"data/sampling=slices_2d for 2-D models and data/sampling=patches_3d for 3-D ones."
             )
+        if dims == 3:  # the volumetric model's roi may be non-cubic, e.g. [64, 64, 32]: patches must match it
+            roi = tuple(int(r) for r in self.model.roi_size)
+            if tuple(image.shape[2:]) != roi:
+                raise ConfigError(
+                    f"training patches are {tuple(image.shape[2:])} voxels but the model's roi_size is {list(roi)}; "
+                    f"set data.sampling.patch_size={list(roi)} (model.roi_size follows it by default)."
+                )
+            return
         size = getattr(self.model, "image_size", None)
         if isinstance(size, int) and any(s != size for s in image.shape[2:]):
             raise ConfigError(
@@ -211,25 +220,32 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         """Model inputs ``(1, C, *S)`` and label maps ``(*S)`` of one preprocessed volume ``(C, X, Y, Z)``.
 
         2-D models: up to ``val_slices`` slices along :attr:`slice_axis` at the quantile midpoints of the slices that
-        hold foreground; 3-D models: the volume. Each is brought to the model size as the training sampler does.
+        hold foreground, each brought to the model size as the training sampler does. 3-D models: the whole volume,
+        min-max scaled, at its own size (the training spacing): :meth:`validation_step` slides windows of the
+        model's ``roi_size`` over it, as test-time evaluation does, rather than squeezing it into one roi.
         """
-        size = int(self.model.image_size)
         if self.spatial_dims == 3:
-            volumes = [(image, label)]
-        else:
-            axis = self.slice_axis + 1  # channel first
-            present = torch.nonzero(label.movedim(axis, 0).flatten(1).amax(1) > 0).flatten().tolist()
-            if not present:
-                return []
-            # quantile midpoints (25 % and 75 % for two): inside the objects, not on their first and last slices
-            spots = ((np.arange(self.val_slices) + 0.5) / self.val_slices * len(present)).astype(int)
-            chosen = sorted({present[int(i)] for i in spots})
-            volumes = [(image.select(axis, k), label.select(axis, k)) for k in chosen]
+            volume = minmax_per_image(image.float()[None])
+            return [(volume, label[0].cpu().numpy().round().astype(np.int64))]
+        size = int(self.model.image_size)
+        axis = self.slice_axis + 1  # channel first
+        present = torch.nonzero(label.movedim(axis, 0).flatten(1).amax(1) > 0).flatten().tolist()
+        if not present:
+            return []
+        # quantile midpoints (25 % and 75 % for two): inside the objects, not on their first and last slices
+        spots = ((np.arange(self.val_slices) + 0.5) / self.val_slices * len(present)).astype(int)
+        chosen = sorted({present[int(i)] for i in spots})
         samples = []
-        for img, lab in volumes:
-            img, lab = fit_to_model(img.float(), lab, size)
+        for k in chosen:
+            img, lab = fit_to_model(image.select(axis, k).float(), label.select(axis, k), size)
             samples.append((minmax_per_image(img[None]), lab[0].cpu().numpy().round().astype(np.int64)))
         return samples
+
+    def _sample_predictor(self, inputs: torch.Tensor):
+        """``predict_fn`` of one validation sample: 2-D, one encoding and a decode per click; 3-D, sliding windows."""
+        if self.spatial_dims == 3:
+            return volume_predictor(self.model, inputs[0], overlap=float(self.inference.get("overlap", 0.25)))
+        return self._predictor(self.model.encode(inputs.to(self.device)))
 
     def _predictor(self, embeddings: torch.Tensor):
         """``predict_fn(prompts, prev_mask)`` of :func:`medseg.prompts.interactive_loop` on one encoded input."""
@@ -255,9 +271,9 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         labels = self.label_names or {f"class_{v}": v for v in torch.unique(label).tolist()}
         clicks = self.val_clicks[-1]
         for inputs, reference in self.validation_samples(image[0], label[0]):
-            embeddings = self.model.encode(inputs.to(self.device))
+            predictor = self._sample_predictor(inputs)
             for obj in interactive_objects(reference, labels, self.object_mode):
-                masks = interactive_loop(self._predictor(embeddings), obj["mask"], clicks)
+                masks = interactive_loop(predictor, obj["mask"], clicks)
                 scores = [dice(masks[k - 1], obj["mask"]) for k in self.val_clicks]
                 self._val_sum += torch.tensor(scores, dtype=torch.float64, device=self.device)
                 self._val_count += 1
