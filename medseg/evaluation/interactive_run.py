@@ -54,7 +54,6 @@ from medseg.evaluation.interactive import (
 from medseg.evaluation.metrics import foreground_classes, spacing_from_affine
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.propagate import PropagationConfig, propagate, slice_box
-from medseg.inference.volumetric import predict_prompted
 from medseg.inference.recipe import (
     SliceRecipe,
     embed_slices,
@@ -64,6 +63,7 @@ from medseg.inference.recipe import (
     slice_geometry,
     to_uint8,
 )
+from medseg.inference.volumetric import predict_prompted
 from medseg.prompts.contract import Prompts
 from medseg.prompts.simulate import box_from_mask
 from medseg.tasks.prompt_sampling import decode_best, minmax_per_image

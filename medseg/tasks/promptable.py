@@ -9,12 +9,13 @@ round's logits, detached, as ``prev_mask``. The loss is the sum over rounds of `
 binary object mask) plus ``iou_weight`` times the MSE between the predicted and the actual IoU of every mask. A round
 prompted by a single click and no box asks for SAM's three masks and learns from the best one (lowest loss).
 
-Validation plays the same user on whole validation volumes: per volume up to ``val_slices`` slices holding
-foreground (2-D models; the whole volume, through sliding windows of ``roi_size``, for 3-D ones), per present class ``max(val_clicks)`` clicks, and logs Dice
-after k clicks as ``val/dice_click{k}`` and the Dice after the last click as ``val/dice`` (what checkpoint selection
-monitors: set ``callbacks.model_checkpoint.monitor=val/dice``, as the promptable experiments do). Like the dense
-task's ``val/dice_resampled`` these are on the preprocessed grid and only select checkpoints; the reported interactive
-metrics come from :mod:`medseg.evaluation.interactive_run` on the native grid of the test cases.
+Validation plays the same user on whole validation volumes: per volume up to ``val_slices`` slices holding foreground
+(2-D models; the whole volume, through sliding windows of ``roi_size``, for 3-D ones), per present class
+``max(val_clicks)`` clicks, and logs Dice after k clicks as ``val/dice_click{k}`` and the Dice after the last click as
+``val/dice`` (what checkpoint selection monitors: set ``callbacks.model_checkpoint.monitor=val/dice``, as the promptable
+experiments do). Like the dense task's ``val/dice_resampled`` these are on the preprocessed grid and only select
+checkpoints; the reported interactive metrics come from :mod:`medseg.evaluation.interactive_run` on the native grid of
+the test cases.
 
 Images are min-max scaled to [0, 1] per slice (per volume for 3-D models) before the encoder, as the LiteMedSAM
 recipe that evaluation and propagation use does, so training and evaluation inputs follow one convention.
