@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import os
 from pathlib import Path
 
@@ -21,10 +20,9 @@ from medseg.atomic import atomic_write_text
 from medseg.errors import ConfigError, InputShapeError
 from medseg.inference.cases import Case
 from medseg.inference.loaded import LoadedModel
+from medseg.inference.predictor import PredictReport
 
 __all__ = ["PROBABILITIES_CSV", "classification_row", "predict_classifier_cases"]
-
-log = logging.getLogger("medseg.predict")
 
 PROBABILITIES_CSV = "probabilities.csv"
 
@@ -50,7 +48,7 @@ def predict_classifier_cases(
     loaded: LoadedModel,
     cases: list[Case],
     output_dir: str | os.PathLike[str],
-    report: object,
+    report: PredictReport,
     advance=lambda description: None,
     debug: bool = False,
 ) -> Path | None:
@@ -73,22 +71,18 @@ def predict_classifier_cases(
 
     if loaded.kind != "classifier":
         raise ConfigError(f"{loaded.source} is a {loaded.kind} model, not a classifier.")
+
+    def row_of(case: Case) -> dict[str, object]:
+        probabilities = predict_probabilities(loaded, str(case.path))
+        if not np.all(np.isfinite(probabilities)):
+            raise InputShapeError(f"{case.path}: the classifier gave non-finite probabilities (NaN or inf voxels?).")
+        return classification_row(loaded, case.name, probabilities)
+
     rows: list[dict[str, object]] = []
     for case in cases:
-        try:
-            probabilities = predict_probabilities(loaded, str(case.path))
-            if not np.all(np.isfinite(probabilities)):
-                raise InputShapeError(
-                    f"{case.path}: the classifier gave non-finite probabilities (NaN or inf voxels?)."
-                )
-            rows.append(classification_row(loaded, case.name, probabilities))
-        except Exception as err:
-            if debug:
-                raise
-            from medseg.inference.predictor import failure_message
-
-            report.failed[case.name] = failure_message(err)
-            log.debug("case %s failed", case.name, exc_info=True)
+        row = report.attempt(case.name, lambda case=case: row_of(case), debug)
+        if row is not None:
+            rows.append(row)
         advance(case.name)
     if not rows:
         return None

@@ -29,9 +29,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from monai.data import MetaTensor
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("medseg.predict")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,20 @@ class PredictReport:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    def attempt(self, name: str, work: Callable[[], T], debug: bool = False) -> T | None:
+        """Run one case's ``work``; on an error record its one-line message and return ``None`` (``debug``: raise).
+
+        This is what lets a folder run go on past a bad case and list the failures at the end.
+        """
+        try:
+            return work()
+        except Exception as err:
+            if debug:
+                raise
+            self.failed[name] = failure_message(err)
+            log.debug("case %s failed", name, exc_info=True)
+            return None
 
 
 def _channels(loaded: LoadedModel) -> int | None:
@@ -307,13 +323,11 @@ def predict_cases(
             predict_classifier_cases(loaded, cases, output_dir, report, advance, debug)
             return report
         for case in cases:
-            try:
-                report.written[case.name] = predict_case(loaded, case, output_dir, prompts, options, cache)
-            except Exception as err:
-                if debug:
-                    raise
-                report.failed[case.name] = failure_message(err)
-                log.debug("case %s failed", case.name, exc_info=True)
+            written = report.attempt(
+                case.name, lambda case=case: predict_case(loaded, case, output_dir, prompts, options, cache), debug
+            )
+            if written is not None:
+                report.written[case.name] = written
             advance(case.name)
     return report
 
