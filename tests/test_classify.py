@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -63,12 +62,7 @@ def _config(table: Path, run_dir: Path, protocol: str, extra=()):
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("protocol", ["knn", "linear", "peft", "full"])

@@ -68,12 +68,8 @@ def sample(family: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: these models are tiny, and thread start-up dominates on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _tiny_models(one_thread):
+    """Every adapter test runs its tiny models on one thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(params=FAMILIES)

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -49,15 +48,6 @@ TINY_PROMPTABLE = [
     "evaluate=false",
     "seed=0",
 ]
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread: the machine's two cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

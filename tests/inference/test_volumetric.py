@@ -14,13 +14,7 @@ ROI = (32, 32, 8)
 SAM = {"depth": 2, "embed_dim": 32, "num_heads": 2, "global_attn_indexes": (1,)}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: the model is tiny, and thread start-up dominates on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

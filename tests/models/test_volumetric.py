@@ -26,13 +26,7 @@ TINY = {  # two blocks of width 32: (arch, roi [X, Y, Z]) with the in-plane roi 
 }
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: the models are tiny, and thread start-up dominates on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(backbone: str = "sam_vit_b", seed: int = 0, **kwargs) -> VolumetricPromptableSegmenter:

@@ -35,15 +35,6 @@ PROMPTABLE_3D = [
 STEPS = 40
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads per process thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 _RUNS: dict[str, tuple] = {}  # compose_config is function-scoped: the one training run is kept here
 
 
