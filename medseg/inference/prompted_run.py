@@ -19,8 +19,9 @@ with the same permutation and flips, and each object is segmented by
 propagation), so an object prompted by one 2-D box gets the very mask the evaluation's ``predict_fn`` gives.
 
 The slice axis is the run's own (an axis of the RAS grid, where the model was trained); ``--slice-axis`` cannot
-change it. 3-D volumetric promptable runs (``spatial_dims == 3``) are refused: their preprocessing (resampling and
-windows of the training grid) is not replayed here yet.
+change it. 3-D volumetric promptable runs (``spatial_dims == 3``) go to
+:func:`medseg.inference.prompted_run_3d.predict_run_prompts_3d`, which replays their 3-D evaluation (min-max, zoom to
+the training spacing, sliding windows with 3-D boxes and points) on the same RAS grid.
 """
 
 from __future__ import annotations
@@ -176,7 +177,10 @@ def predict_run_prompts(
     cache: EmbeddingCache | None = None,
     progress: bool = False,
 ) -> PromptedResult:
-    """Segment the objects of a prompts file with a trained 2-D promptable run (module docstring).
+    """Segment the objects of a prompts file with a trained promptable run (module docstring).
+
+    A 3-D run goes to :func:`medseg.inference.prompted_run_3d.predict_run_prompts_3d` (``requested_axis``, ``cache``
+    and ``progress`` unused: it slides windows over the whole volume).
 
     Args:
         loaded: a promptable run (:func:`medseg.inference.sources.load_run`) or release with ``data.preprocess``.
@@ -190,18 +194,21 @@ def predict_run_prompts(
         :class:`~medseg.inference.prompted.PromptedResult` whose ``labels`` are in the file's array order and shape.
 
     Raises:
-        ConfigError: a 3-D volumetric run, or a run config without preprocessing.
-        InputShapeError: a multi-channel image (the slice recipe reads one channel).
+        ConfigError: a run config without preprocessing, or a model neither 2-D nor 3-D.
+        InputShapeError: a multi-channel image for a 2-D run (the slice recipe reads one channel).
     """
     from medseg.evaluation.interactive_run import intensity_transforms
     from medseg.inference.dense import preprocessing_of
 
     dims = int(getattr(loaded.model, "spatial_dims", 2))
+    if dims == 3:
+        from medseg.inference.prompted_run_3d import predict_run_prompts_3d
+
+        return predict_run_prompts_3d(loaded, image, objects)
     if dims != 2:
         raise ConfigError(
-            f"{loaded.source} is a {dims}-D volumetric promptable run; medseg predict does not replay its training "
-            f"preprocessing (resampling and windows of the training grid) yet. Predict with a 2-D promptable run "
-            f"(model=promptable_2d), -m litemedsam, or evaluate the 3-D run with medseg evaluate."
+            f"{loaded.source}: model.spatial_dims is {dims}; a promptable run is 2-D (model=promptable_2d) or 3-D "
+            f"(model=promptable_3d). Check the run's config."
         )
     if image.shape[0] != 1:
         raise InputShapeError(
