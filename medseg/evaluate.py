@@ -24,7 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 from medseg.config import instantiate
 from medseg.errors import ConfigError
 
-__all__ = ["evaluate", "evaluate_model", "evaluate_promptable_model", "load_weights", "main"]
+__all__ = [
+    "evaluate",
+    "evaluate_model",
+    "evaluate_promptable_model",
+    "load_weights",
+    "main",
+    "spacing_of",
+    "target_spacing",
+]
 
 log = logging.getLogger("medseg.evaluate")
 
@@ -170,7 +178,7 @@ def evaluate_promptable_model(
         with torch.no_grad():
             if int(model.spatial_dims) == 3:
                 objects, label_map = evaluate_case_3d(
-                    model, native, datamodule.label_names, settings, _target_spacing(datamodule),
+                    model, native, datamodule.label_names, settings, target_spacing(datamodule),
                     overlap=float(task.inference.get("overlap", 0.25)),
                 )  # fmt: skip
             else:
@@ -194,16 +202,22 @@ def evaluate_promptable_model(
     return summary
 
 
-def _target_spacing(datamodule: Any) -> tuple[float, ...] | None:
-    """The voxel size (mm, RAS order) the run resamples to: its ``Spacingd``'s ``pixdim``, or ``None`` without one."""
+def spacing_of(preprocessing: Any) -> tuple[float, ...] | None:
+    """The voxel size (mm, RAS order) a deterministic transform resamples to: its ``Spacingd``'s ``pixdim``, or
+    ``None`` when it does not resample."""
     from monai.transforms import Spacingd
 
-    if getattr(datamodule, "target_spacing", None) is not None:
-        return tuple(float(s) for s in datamodule.target_spacing)
-    for transform in getattr(datamodule.deterministic_transform, "transforms", ()):
+    for transform in getattr(preprocessing, "transforms", ()):
         if isinstance(transform, Spacingd):
             return tuple(float(s) for s in transform.spacing_transform.pixdim)
     return None
+
+
+def target_spacing(datamodule: Any) -> tuple[float, ...] | None:
+    """The voxel size (mm, RAS order) a run's datamodule resamples to (``None``: no resampling)."""
+    if getattr(datamodule, "target_spacing", None) is not None:
+        return tuple(float(s) for s in datamodule.target_spacing)
+    return spacing_of(datamodule.deterministic_transform)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -25,7 +25,6 @@ A 2-D box (``k0 == k1``) is a 3-D box one voxel thick to this model: there is no
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -68,7 +67,7 @@ def run_model_grid(loaded: LoadedModel, image: MetaTensor, oriented_shape: Seque
     """
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-    from medseg.evaluate import _target_spacing
+    from medseg.evaluate import spacing_of
     from medseg.evaluation.interactive_run import model_grid
     from medseg.evaluation.metrics import spacing_from_affine
     from medseg.inference.dense import preprocessing_of
@@ -79,7 +78,7 @@ def run_model_grid(loaded: LoadedModel, image: MetaTensor, oriented_shape: Seque
     spacing = [0.0] * 3
     for axis, (new_axis, _) in enumerate(to_ras):  # the file's voxel sizes (mm) along the RAS axes
         spacing[int(new_axis)] = float(native_spacing[axis])
-    target = _target_spacing(SimpleNamespace(target_spacing=None, deterministic_transform=preprocessing_of(loaded)))
+    target = spacing_of(preprocessing_of(loaded))
     return model_grid(oriented_shape, spacing, target)
 
 

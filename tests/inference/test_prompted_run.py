@@ -149,10 +149,10 @@ def test_run_prepares_the_scan_as_its_evaluation_does(evaluation_view, phantom_s
     oriented_ras = apply_orientation(ras, volume.to_oriented)
     assert oriented_ras[tuple(mapped.points[0])] == ras[tuple(point)]
 
-    # a 3-D volumetric run is refused with a message naming what to do instead
-    flat = SimpleNamespace(spatial_dims=3)
-    with pytest.raises(ConfigError, match="3-D volumetric promptable run"):
-        predict_run_prompts(LoadedModel(flat, "promptable", loaded.config, source="3d run"), image, objects)
+    # a model that is neither 2-D nor 3-D (a mixed-up run) is refused with a message naming the model configs
+    odd = SimpleNamespace(spatial_dims=4)
+    with pytest.raises(ConfigError, match="model.spatial_dims is 4.*promptable_2d.*promptable_3d"):
+        predict_run_prompts(LoadedModel(odd, "promptable", loaded.config, source="odd run"), image, objects)
 
 
 def test_2d_box_matches_the_evaluation_predict_fn_on_the_files_grid(evaluation_view, phantom_scan, promptable_run,

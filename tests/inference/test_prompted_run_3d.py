@@ -23,7 +23,7 @@ from omegaconf import OmegaConf, open_dict
 from medseg.cli import main
 from medseg.config import instantiate
 from medseg.data.prepare import synthetic
-from medseg.evaluate import _target_spacing
+from medseg.evaluate import target_spacing
 from medseg.evaluation.interactive_run import intensity_transforms, load_native_case, model_grid, volume_predictor
 from medseg.inference.cases import read_case
 from medseg.inference.sources import load_model
@@ -101,7 +101,7 @@ def _evaluation_labels(run: Path, path: Path, box: list[int]) -> np.ndarray:
     native = load_native_case("oblique_ct", [path], path, intensity_transforms(transform))  # image as its reference
     model = load_model(run, device="cpu").model
     volume = minmax_per_image(torch.from_numpy(native.image).float()[None])[0]
-    shape = model_grid(native.label.shape, native.spacing, _target_spacing(datamodule))
+    shape = model_grid(native.label.shape, native.spacing, target_spacing(datamodule))
     assert shape != native.label.shape  # the run resamples: the zoom to its spacing is exercised
     predict = volume_predictor(model, volume, shape, float(run_cfg.task.inference.overlap))
     mask = np.zeros(nib.load(path).shape, dtype=bool)
