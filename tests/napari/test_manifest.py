@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,9 @@ def test_npe2_validate_cli_passes():
     npe2 = shutil.which("npe2", path=str(Path(sys.executable).parent))
     if npe2 is None:
         pytest.fail("npe2 is not installed next to this Python: install medseg with the [napari] extra.")
-    done = subprocess.run([npe2, "validate", "medseg"], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}  # npe2 prints a check mark
+    done = subprocess.run(
+        [npe2, "validate", "medseg"], capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "valid" in done.stdout
