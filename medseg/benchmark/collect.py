@@ -3,7 +3,8 @@
 ``summary.json`` is read through :func:`medseg.evaluation.read_summary`. Per case, each metric is written per class
 (``dice/grey_matter``) and as the mean over the foreground classes (``dice``), the per-case counterpart of the
 summary's ``foreground_mean`` (HD95 skips classes where it is undefined; NaN when it is undefined for all). When a
-summary has an ``interactive`` section, its per-case means (``noc85``, ``noc90``, ...) are added too.
+summary has an ``interactive`` section (promptable runs), its per-case means are added too: ``dice_click1``...
+``dice_click10``, ``noc85``, ``noc90``, ``box_dice``, ``propagation_dice``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from medseg.evaluation.metrics import METRICS
+from medseg.evaluation.summary import interactive_per_case
 
 __all__ = ["COST_COLUMNS", "PER_CASE_COLUMNS", "cost_table", "per_case_rows"]
 
@@ -51,13 +53,11 @@ def per_case_rows(summary: Mapping[str, Any], arm: str, label_fraction: float, s
             rows.append(
                 {**base, "case": case_id, "metric": metric, "value": float(np.mean(finite)) if finite else math.nan}
             )
-    interactive = summary.get("interactive")
-    if isinstance(interactive, Mapping) and isinstance(interactive.get("per_case"), Mapping):
-        for case_id, entry in interactive["per_case"].items():
-            means = entry.get("mean", {}) if isinstance(entry, Mapping) else {}
-            for metric in _INTERACTIVE:
-                if metric in means:
-                    rows.append({**base, "case": str(case_id), "metric": metric, "value": _number(means[metric])})
+    if summary.get("interactive") is not None:
+        for case_id, means in interactive_per_case(summary).items():
+            values = {f"dice_click{k}": dice for k, dice in enumerate(means.get("dice_at_k") or (), start=1)}
+            values.update({metric: means[metric] for metric in _INTERACTIVE if metric in means})
+            rows.extend({**base, "case": str(case_id), "metric": m, "value": _number(v)} for m, v in values.items())
     return rows
 
 

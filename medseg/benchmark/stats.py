@@ -66,12 +66,14 @@ class Interval:
 
 
 def higher_is_better(metric: str) -> bool:
-    """The good direction of ``metric`` (``dice``, ``nsd``, ``hd95``, ``noc``, or ``<metric>/<class>``).
+    """The good direction of ``metric`` (``dice``, ``nsd``, ``hd95``, ``noc85``, ``dice_click5``, ``<metric>/<class>``).
 
     Raises:
         ConfigError: the metric is not one of :data:`HIGHER_IS_BETTER`.
     """
     base = metric.split("/", 1)[0].lower()
+    if base.startswith("dice_click"):  # Dice after k clicks (promptable runs)
+        return True
     if base not in HIGHER_IS_BETTER:
         raise ConfigError(
             f"metric {metric!r} has no known direction; use one of {sorted(HIGHER_IS_BETTER)} "

@@ -83,3 +83,19 @@ def test_tables_report_and_plots_from_a_constructed_table(settings, tmp_path):
     for heading in ("**Question.**", "## Setup", "## Results", "### Comparisons", "## Cost", "## Limitations"):
         assert heading in report
     assert "0.1" in report and "10 held-out test cases" in report
+
+
+def test_promptable_runs_add_their_interactive_metrics_per_case():
+    from medseg.benchmark.collect import per_case_rows
+    from medseg.benchmark.stats import higher_is_better
+
+    scores = {"dice": 0.5, "nsd": 0.6, "hd95": 3.0}
+    summary = {
+        "dataset": "Dataset990_Synthetic",
+        "metric_per_case": [{"case_id": "c1", "metrics": {"liver": scores}}],
+        "interactive": {"per_case": {"c1": {"mean": {"dice_at_k": [0.4, 0.7], "noc85": 20, "box_dice": 0.8}}}},
+    }
+    rows = {r["metric"]: r["value"] for r in per_case_rows(summary, "arm", 1.0, 0)}
+    assert rows["dice_click1"] == 0.4 and rows["dice_click2"] == 0.7 and rows["noc85"] == 20.0
+    assert rows["box_dice"] == 0.8 and "propagation_dice" not in rows and rows["dice"] == 0.5
+    assert higher_is_better("dice_click2") and not higher_is_better("noc85")
