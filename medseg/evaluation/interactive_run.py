@@ -59,6 +59,7 @@ from medseg.inference.recipe import (
     embed_slices,
     postprocess_logits,
     preprocess_slice,
+    prompt_lists,
     scaled_prompts,
     slice_geometry,
     to_uint8,
@@ -194,17 +195,19 @@ def slice_predictor(model: torch.nn.Module, slice_2d: np.ndarray, cache: Embeddi
 
     @torch.no_grad()
     def predict(prompts: Prompts, prev_mask: torch.Tensor | None) -> np.ndarray:
-        box = None if prompts.box is None else prompts.box[0].tolist()
-        points = labels = None
-        if prompts.point_coords is not None:
-            real = prompts.point_labels[0] >= 0
-            points, labels = prompts.point_coords[0][real].tolist(), prompts.point_labels[0][real].tolist()
+        box, points, labels = prompt_lists(prompts)
         previous = state.get("logits") if prev_mask is not None else None
         scaled = scaled_prompts(geometry, box, points, labels, previous).to(embedding.device)
         state["logits"] = decode_best(model, embedding, scaled, multimask)
         return (torch.sigmoid(postprocess_logits(state["logits"], geometry))[0, 0] > 0.5).cpu().numpy()
 
     return predict
+
+
+def _objects(case: NativeCase, labels: Mapping[str, Any], settings: InteractiveSettings) -> list[dict[str, Any]]:
+    """The case's objects to click on (classes or components), at most ``settings.max_objects``."""
+    objects = interactive_objects(case.label, labels, settings.object_mode)
+    return objects if settings.max_objects is None else objects[: settings.max_objects]
 
 
 def _value(labels: Mapping[str, Any], name: str) -> int:
@@ -243,9 +246,7 @@ def evaluate_case(
     volume = case.image[0]
     spacing_2d = [s for axis, s in enumerate(case.spacing) if axis != slice_axis]
     prediction = np.zeros(case.label.shape, dtype=np.int64)
-    objects = interactive_objects(case.label, labels, settings.object_mode)
-    if settings.max_objects is not None:
-        objects = objects[: settings.max_objects]
+    objects = _objects(case, labels, settings)
     results = []
     for index, obj in enumerate(objects):
         mask = obj["mask"]
@@ -387,9 +388,7 @@ def evaluate_case_3d(
         return output
 
     prediction = np.zeros(case.label.shape, dtype=np.int64)
-    objects = interactive_objects(case.label, labels, settings.object_mode)
-    if settings.max_objects is not None:
-        objects = objects[: settings.max_objects]
+    objects = _objects(case, labels, settings)
     results = []
     for index, obj in enumerate(objects):
         mask = obj["mask"]

@@ -243,6 +243,20 @@ def segment_slice(
     return predict_slice(model, slice_2d, box, points, point_labels, None, recipe, multimask, cache, threshold).mask
 
 
+def prompt_lists(prompts: Prompts) -> tuple[list | None, list | None, list | None]:
+    """The first prompt set of a batch as plain lists: ``(box, points, point labels)``, padding points dropped.
+
+    The per-slice functions of this module take lists in the slice's own pixels; interactive loops hold
+    :class:`~medseg.prompts.contract.Prompts` batches of one.
+    """
+    box = None if prompts.box is None else prompts.box[0].tolist()
+    points = labels = None
+    if prompts.point_coords is not None:
+        real = prompts.point_labels[0] >= 0
+        points, labels = prompts.point_coords[0][real].tolist(), prompts.point_labels[0][real].tolist()
+    return box, points, labels
+
+
 def slice_predictor(
     model: torch.nn.Module,
     slice_2d: np.ndarray,
@@ -262,11 +276,7 @@ def slice_predictor(
     state: dict[str, torch.Tensor] = {}
 
     def predict(prompts: Prompts, prev_mask: torch.Tensor | None) -> np.ndarray:
-        box = None if prompts.box is None else prompts.box[0].tolist()
-        points = labels = None
-        if prompts.point_coords is not None:
-            real = prompts.point_labels[0] >= 0
-            points, labels = prompts.point_coords[0][real].tolist(), prompts.point_labels[0][real].tolist()
+        box, points, labels = prompt_lists(prompts)
         previous = state.get("logits") if prev_mask is not None else None
         result = predict_slice(model, slice_2d, box, points, labels, previous, recipe, multimask, cache)
         state["logits"] = result.logits
