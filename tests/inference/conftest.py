@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from medseg.cli import main
 from medseg.data.prepare import synthetic
 from medseg.train import CONFIG_DIR
 
@@ -36,17 +38,18 @@ TINY_RUN = [
 ]
 
 
-@pytest.fixture(scope="session")
-def dense_run(tmp_path_factory) -> Path:
-    """A run folder of ``medseg train`` (checkpoint + ``.hydra/config.yaml``) on tiny synthetic phantoms."""
+def train_run_folder(overrides: list[str], root: Path, run_dir: Path, data_seed: int, shape: tuple[int, int, int]):
+    """Train ``medseg train <overrides>`` on fresh synthetic phantoms into ``run_dir`` as a real run folder.
+
+    The folder holds the checkpoints and ``.hydra/config.yaml`` (what Hydra writes), so model loaders see exactly
+    what `medseg train` leaves behind.
+    """
     from medseg.train import train
 
-    root = tmp_path_factory.mktemp("predict_data")
-    synthetic.build(root, seed=2, num_train=4, num_test=1, shape=(32, 32, 12))
-    run_dir = tmp_path_factory.mktemp("predict_run")
+    synthetic.build(root, seed=data_seed, num_train=4, num_test=1, shape=shape)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=TINY_RUN, return_hydra_config=True)
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
@@ -57,6 +60,35 @@ def dense_run(tmp_path_factory) -> Path:
     OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
     GlobalHydra.instance().clear()
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def run_folder_trainer():
+    """:func:`train_run_folder`, for test modules that train their own kind of run."""
+    return train_run_folder
+
+
+@pytest.fixture(scope="session")
+def dense_run(tmp_path_factory) -> Path:
+    """A run folder of ``medseg train`` (checkpoint + ``.hydra/config.yaml``) on tiny synthetic phantoms."""
+    root, run_dir = tmp_path_factory.mktemp("predict_data"), tmp_path_factory.mktemp("predict_run")
+    return train_run_folder(TINY_RUN, root, run_dir, data_seed=2, shape=(32, 32, 12))
+
+
+@pytest.fixture(scope="session")
+def predict_cli():
+    """``medseg predict -m RUN --prompts <prompts as JSON>`` on one scan, through the CLI; the written label map."""
+
+    def predict(run: Path, image: Path, prompts: dict, out: Path) -> nib.Nifti1Image:
+        out.mkdir(parents=True, exist_ok=True)
+        file = out / "prompts.json"
+        file.write_text(json.dumps(prompts))
+        code = main(["predict", "-i", str(image), "-o", str(out), "-m", str(run), "--prompts", str(file),
+                     "--device", "cpu", "--no-progress"])  # fmt: skip
+        assert code == 0
+        return nib.load(out / image.name)
+
+    return predict
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,10 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from medseg.cli import main
 from medseg.config import instantiate
-from medseg.data.prepare import synthetic
 from medseg.errors import ConfigError
 from medseg.evaluation.interactive_run import intensity_transforms, load_native_case, slice_predictor
 from medseg.inference.cache import EmbeddingCache
@@ -31,7 +26,6 @@ from medseg.inference.recipe import SliceRecipe
 from medseg.inference.sources import load_model
 from medseg.prompts.contract import Prompts
 from medseg.prompts.files import dump_prompts, load_prompts
-from medseg.train import CONFIG_DIR
 
 # A tiny SAM (2 blocks of width 32 at 64 px), 30 steps: a real promptable run folder, not a good model.
 TINY_PROMPTABLE = [
@@ -51,36 +45,10 @@ TINY_PROMPTABLE = [
 
 
 @pytest.fixture(scope="module")
-def promptable_run(one_thread, tmp_path_factory) -> Path:
+def promptable_run(one_thread, run_folder_trainer, tmp_path_factory) -> Path:
     """A run folder of ``medseg train experiment=promptable_synthetic`` (checkpoint + ``.hydra/config.yaml``)."""
-    from medseg.train import train
-
-    root = tmp_path_factory.mktemp("promptable_data")
-    synthetic.build(root, seed=4, num_train=4, num_test=1, shape=(32, 32, 12))
-    run_dir = tmp_path_factory.mktemp("promptable_run")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=TINY_PROMPTABLE, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir)
-        cfg.paths.data_dir = str(root)
-    train(cfg)
-    saved = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what Hydra writes to .hydra/
-    (run_dir / ".hydra").mkdir()
-    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
-    GlobalHydra.instance().clear()
-    return run_dir
-
-
-def _predict(run: Path, image: Path, prompts: dict, out: Path) -> nib.Nifti1Image:
-    out.mkdir(parents=True, exist_ok=True)
-    file = out / "prompts.json"
-    file.write_text(json.dumps(prompts))
-    code = main(["predict", "-i", str(image), "-o", str(out), "-m", str(run), "--prompts", str(file), "--device",
-                 "cpu", "--no-progress"])  # fmt: skip
-    assert code == 0
-    return nib.load(out / "oblique_ct.nii.gz")
+    root, run_dir = tmp_path_factory.mktemp("promptable_data"), tmp_path_factory.mktemp("promptable_run")
+    return run_folder_trainer(TINY_PROMPTABLE, root, run_dir, data_seed=4, shape=(32, 32, 12))
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +123,12 @@ def test_run_prepares_the_scan_as_its_evaluation_does(evaluation_view, phantom_s
         predict_run_prompts(LoadedModel(odd, "promptable", loaded.config, source="odd run"), image, objects)
 
 
-def test_2d_box_matches_the_evaluation_predict_fn_on_the_files_grid(evaluation_view, phantom_scan, promptable_run,
-                                                                      tmp_path):  # fmt: skip
+def test_2d_box_matches_the_evaluation_predict_fn_on_the_files_grid(
+    predict_cli, evaluation_view, phantom_scan, promptable_run, tmp_path
+):
     view = evaluation_view
     box = _object_box(phantom_scan["label"], view.file_axis)
-    written = _predict(promptable_run, phantom_scan["path"], {"space": "voxel", "objects": [{"label": 3,
+    written = predict_cli(promptable_run, phantom_scan["path"], {"space": "voxel", "objects": [{"label": 3,
                        "boxes": [box]}]}, tmp_path / "out")  # fmt: skip
     source = nib.load(phantom_scan["path"])
     assert written.shape == source.shape and written.get_data_dtype() == np.uint8
@@ -184,11 +153,11 @@ def test_2d_box_matches_the_evaluation_predict_fn_on_the_files_grid(evaluation_v
     np.testing.assert_array_equal(labels, view.native.native(expected))
 
 
-def test_3d_box_propagates_inside_its_slices_as_evaluation_propagates(evaluation_view, phantom_scan,
+def test_3d_box_propagates_inside_its_slices_as_evaluation_propagates(predict_cli, evaluation_view, phantom_scan,
                                                                         promptable_run, tmp_path):  # fmt: skip
     view = evaluation_view
     box = _object_box(phantom_scan["label"], view.file_axis, depth=4)
-    labels = np.asarray(_predict(promptable_run, phantom_scan["path"], {"space": "voxel", "objects": [{"label": 5,
+    labels = np.asarray(predict_cli(promptable_run, phantom_scan["path"], {"space": "voxel", "objects": [{"label": 5,
                         "boxes": [box]}]}, tmp_path / "out").dataobj)  # fmt: skip
     lo, hi = box[view.file_axis], box[view.file_axis + 3]
     outside = np.ones(labels.shape, dtype=bool)
@@ -209,7 +178,9 @@ def test_3d_box_propagates_inside_its_slices_as_evaluation_propagates(evaluation
     np.testing.assert_array_equal(labels, view.native.native(expected))
 
 
-def test_world_prompts_give_the_voxel_prompts_output(evaluation_view, phantom_scan, promptable_run, tmp_path):
+def test_world_prompts_give_the_voxel_prompts_output(
+    predict_cli, evaluation_view, phantom_scan, promptable_run, tmp_path
+):
     affine = phantom_scan["affine"]
     label = phantom_scan["label"]
     point = np.argwhere(label > 0)[len(np.argwhere(label > 0)) // 2]
@@ -220,7 +191,7 @@ def test_world_prompts_give_the_voxel_prompts_output(evaluation_view, phantom_sc
         {"label": 1, "points": [world_point.tolist()], "point_labels": [1]},
         {"label": 2, "boxes": [[*corners[0].tolist(), *corners[1].tolist()]]},
     ]}  # fmt: skip
-    from_world = np.asarray(_predict(promptable_run, phantom_scan["path"], world, tmp_path / "world").dataobj)
+    from_world = np.asarray(predict_cli(promptable_run, phantom_scan["path"], world, tmp_path / "world").dataobj)
 
     # the same prompts in voxels: the point itself, and the voxel box the world box covers
     source = nib.load(phantom_scan["path"])
@@ -230,6 +201,6 @@ def test_world_prompts_give_the_voxel_prompts_output(evaluation_view, phantom_sc
     dump_prompts(converted, voxel_file)
     voxel = json.loads(voxel_file.read_text())
     assert voxel["space"] == "voxel"
-    from_voxel = np.asarray(_predict(promptable_run, phantom_scan["path"], voxel, tmp_path / "voxel").dataobj)
+    from_voxel = np.asarray(predict_cli(promptable_run, phantom_scan["path"], voxel, tmp_path / "voxel").dataobj)
     np.testing.assert_array_equal(from_world, from_voxel)
     assert (from_world == 1).any() and (from_world == 2).any()  # measured: 31 and 150 voxels

@@ -14,15 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from medseg.cli import main
 from medseg.config import instantiate
-from medseg.data.prepare import synthetic
 from medseg.evaluate import target_spacing
 from medseg.evaluation.interactive_run import intensity_transforms, load_native_case, model_grid, volume_predictor
 from medseg.inference.cases import read_case
@@ -30,7 +25,6 @@ from medseg.inference.sources import load_model
 from medseg.prompts.contract import Prompts
 from medseg.prompts.files import load_prompts
 from medseg.tasks.prompt_sampling import minmax_per_image
-from medseg.train import CONFIG_DIR
 
 # The 3-D smoke experiment (2 ViT blocks of width 32, roi 32 x 32 x 16, target spacing 1.5 x 1.5 x 3 mm), 10 steps.
 TINY_PROMPTABLE_3D = [
@@ -51,36 +45,10 @@ LABEL = 3
 
 
 @pytest.fixture(scope="module")
-def run_3d(one_thread, tmp_path_factory) -> Path:
+def run_3d(one_thread, run_folder_trainer, tmp_path_factory) -> Path:
     """A run folder of ``medseg train experiment=promptable_synthetic_3d`` (checkpoint + ``.hydra/config.yaml``)."""
-    from medseg.train import train
-
-    root = tmp_path_factory.mktemp("promptable_3d_data")
-    synthetic.build(root, seed=6, num_train=4, num_test=1, shape=(48, 48, 24))
-    run_dir = tmp_path_factory.mktemp("promptable_3d_run")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=TINY_PROMPTABLE_3D, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir)
-        cfg.paths.data_dir = str(root)
-    train(cfg)
-    saved = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what Hydra writes to .hydra/
-    (run_dir / ".hydra").mkdir()
-    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
-    GlobalHydra.instance().clear()
-    return run_dir
-
-
-def _predict(run: Path, image: Path, prompts: dict, out: Path) -> nib.Nifti1Image:
-    out.mkdir(parents=True, exist_ok=True)
-    file = out / "prompts.json"
-    file.write_text(json.dumps(prompts))
-    code = main(["predict", "-i", str(image), "-o", str(out), "-m", str(run), "--prompts", str(file), "--device",
-                 "cpu", "--no-progress"])  # fmt: skip
-    assert code == 0
-    return nib.load(out / "oblique_ct.nii.gz")
+    root, run_dir = tmp_path_factory.mktemp("promptable_3d_data"), tmp_path_factory.mktemp("promptable_3d_run")
+    return run_folder_trainer(TINY_PROMPTABLE_3D, root, run_dir, data_seed=6, shape=(48, 48, 24))
 
 
 def _tight_box(label: np.ndarray) -> list[int]:
@@ -114,11 +82,13 @@ def _evaluation_labels(run: Path, path: Path, box: list[int]) -> np.ndarray:
     return native.native(labels)
 
 
-def test_3d_run_voxel_box_writes_the_evaluations_mask_on_the_files_grid(run_3d, phantom_scan, tmp_path):
+def test_3d_run_voxel_box_writes_the_evaluations_mask_on_the_files_grid(predict_cli, run_3d, phantom_scan, tmp_path):
     path = phantom_scan["path"]
     box = _tight_box(phantom_scan["label"])
     started = time.perf_counter()
-    written = _predict(run_3d, path, {"space": "voxel", "objects": [{"label": LABEL, "boxes": [box]}]}, tmp_path / "v")
+    written = predict_cli(
+        run_3d, path, {"space": "voxel", "objects": [{"label": LABEL, "boxes": [box]}]}, tmp_path / "v"
+    )
     seconds = time.perf_counter() - started
     source = nib.load(path)
     assert written.shape == source.shape and written.get_data_dtype() == np.uint8
@@ -135,7 +105,7 @@ def test_3d_run_voxel_box_writes_the_evaluations_mask_on_the_files_grid(run_3d, 
     assert seconds < 60, seconds
 
 
-def test_3d_run_world_box_gives_the_voxel_box_it_converts_to(run_3d, phantom_scan, tmp_path):
+def test_3d_run_world_box_gives_the_voxel_box_it_converts_to(predict_cli, run_3d, phantom_scan, tmp_path):
     path = phantom_scan["path"]
     affine = nib.load(path).affine
     box = _tight_box(phantom_scan["label"])
@@ -148,21 +118,21 @@ def test_3d_run_world_box_gives_the_voxel_box_it_converts_to(run_3d, phantom_sca
     voxel_box = converted.boxes[0].tolist()
     lo, hi = np.asarray(voxel_box[:3]), np.asarray(voxel_box[3:])
     assert (lo <= np.asarray(box[:3])).all() and (hi >= np.asarray(box[3:])).all()  # covers the world corners
-    by_world = np.asarray(_predict(run_3d, path, world, tmp_path / "w").dataobj)
+    by_world = np.asarray(predict_cli(run_3d, path, world, tmp_path / "w").dataobj)
     voxel = {"space": "voxel", "objects": [{"label": LABEL, "boxes": [voxel_box]}]}
-    by_voxel = np.asarray(_predict(run_3d, path, voxel, tmp_path / "v").dataobj)
+    by_voxel = np.asarray(predict_cli(run_3d, path, voxel, tmp_path / "v").dataobj)
     np.testing.assert_array_equal(by_world, by_voxel)
 
 
-def test_3d_run_paints_objects_in_order_and_takes_points(run_3d, phantom_scan, tmp_path):
+def test_3d_run_paints_objects_in_order_and_takes_points(predict_cli, run_3d, phantom_scan, tmp_path):
     path = phantom_scan["path"]
     label = phantom_scan["label"]
     box = _tight_box(label)
     point = np.argwhere(label > 0)[len(np.argwhere(label > 0)) // 2].tolist()
     first = {"label": 1, "boxes": [box]}
     second = {"label": 2, "points": [point], "point_labels": [1]}  # a click alone: no box
-    alone = [np.asarray(_predict(run_3d, path, {"space": "voxel", "objects": [o]}, tmp_path / str(i)).dataobj)
+    alone = [np.asarray(predict_cli(run_3d, path, {"space": "voxel", "objects": [o]}, tmp_path / str(i)).dataobj)
              for i, o in enumerate((first, second))]  # fmt: skip
-    both = np.asarray(_predict(run_3d, path, {"space": "voxel", "objects": [first, second]}, tmp_path / "b").dataobj)
+    both = np.asarray(predict_cli(run_3d, path, {"space": "voxel", "objects": [first, second]}, tmp_path / "b").dataobj)
     assert (alone[0] > 0).any() and (alone[1] > 0).any()
     np.testing.assert_array_equal(both, np.where(alone[1] > 0, 2, alone[0]))  # the later object wins
