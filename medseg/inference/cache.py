@@ -9,11 +9,14 @@ is a SHA-256 over all three (:func:`embedding_key`):
   It is computed once per model and reused while no tensor changed: PyTorch bumps a tensor's version counter on
   every in-place write (optimizer steps, ``load_state_dict``), and a changed counter, storage or tensor object
   triggers a fresh hash;
-* the preprocessing: a string naming every choice that changes the model input (recipe, window, size...).
+* the preprocessing: a string naming every choice that changes the model input (recipe, window, size...);
+* the numerics: the autocast state of the thread computing the key (:func:`medseg.inference.precision
+  .numerics_signature`), since a bfloat16 embedding is not the float32 one. Compute the key in the same thread and
+  precision as the embedding.
 
-A changed image, weights or preprocessing therefore gives another key and never a stale embedding. Entries live in
-memory (least recently used dropped first, bounded by count and bytes) and optionally in a folder as ``<key>
-.safetensors`` files, whose metadata repeats the key and is checked on reading, so a renamed or foreign file is
+A changed image, weights, preprocessing or precision therefore gives another key and never a stale embedding.
+Entries live in memory (least recently used dropped first, bounded by count and bytes) and optionally in a folder as
+``<key>.safetensors`` files, whose metadata repeats the key and is checked on reading, so a renamed or foreign file is
 ignored rather than trusted.
 """
 
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from medseg.atomic import atomic_path
+from medseg.inference.precision import numerics_signature
 
 __all__ = ["EmbeddingCache", "embedding_key", "image_digest", "weights_hash"]
 
@@ -92,8 +96,9 @@ def weights_hash(model: nn.Module | Mapping[str, nn.Module]) -> str:
 
 
 def embedding_key(image: np.ndarray | torch.Tensor, weights: str, preprocessing: str) -> str:
-    """Cache key: SHA-256 of the image digest, the weights hash and the preprocessing signature."""
-    text = f"image={image_digest(image)}|weights={weights}|preprocessing={preprocessing}"
+    """Cache key: SHA-256 of the image digest, the weights hash, the preprocessing signature and the precision."""
+    numerics = numerics_signature()
+    text = f"image={image_digest(image)}|weights={weights}|preprocessing={preprocessing}|numerics={numerics}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 

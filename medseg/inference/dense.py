@@ -85,24 +85,27 @@ def _inference_settings(loaded: LoadedModel) -> dict[str, Any]:
     return settings
 
 
-def _logits(model: torch.nn.Module, image: torch.Tensor, settings: Mapping[str, Any], tta: bool, progress: bool):
+def _logits(
+    model: torch.nn.Module, image: torch.Tensor, settings: Mapping[str, Any], tta: bool, progress: bool, precision: str
+):
     spatial_dims = int(getattr(model, "spatial_dims", 3))
     combos = mirror_axes(spatial_dims, settings.get("slice_axis")) if tta else [()]
-    device = next(iter(model.parameters())).device
-    amp = device.type == "cuda"
     total = None
     for axes in combos:
         dims = [a + 1 for a in axes]  # (C, X, Y, Z): spatial axis a is tensor dim a + 1
         flipped = image.flip(dims) if dims else image
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = predict_logits(model, flipped, spatial_dims=spatial_dims, progress=progress, **settings)
+        logits = predict_logits(
+            model, flipped, spatial_dims=spatial_dims, progress=progress, precision=precision, **settings
+        )
         logits = logits.flip(dims) if dims else logits
         total = logits if total is None else total + logits
     return total / len(combos)
 
 
 @torch.inference_mode()
-def predict_dense(loaded: LoadedModel, image: MetaTensor, tta: bool = False, progress: bool = False) -> DensePrediction:
+def predict_dense(
+    loaded: LoadedModel, image: MetaTensor, tta: bool = False, progress: bool = False, precision: str = "auto"
+) -> DensePrediction:
     """Label map and class probabilities of one raw image on its own grid (module docstring).
 
     Args:
@@ -110,6 +113,8 @@ def predict_dense(loaded: LoadedModel, image: MetaTensor, tta: bool = False, pro
         image: ``(C, X, Y, Z)`` as :func:`medseg.data.io.load_image` reads it (affine in RAS+ mm).
         tta: average the logits of mirrored copies (nnU-Net's test-time augmentation).
         progress: show a progress bar over slices or windows.
+        precision: ``auto`` (bf16 autocast on a GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``
+            (:mod:`medseg.inference.precision`).
 
     Raises:
         ConfigError: a model that is not dense, or a config without preprocessing or inference settings.
@@ -121,7 +126,7 @@ def predict_dense(loaded: LoadedModel, image: MetaTensor, tta: bool = False, pro
     item = transform({"image": image})
     preprocessed = item["image"]
     plain = preprocessed.as_tensor() if isinstance(preprocessed, MetaTensor) else torch.as_tensor(preprocessed)
-    logits = _logits(loaded.model, plain.float(), settings, tta, progress)
+    logits = _logits(loaded.model, plain.float(), settings, tta, progress, precision)
     probabilities = torch.softmax(logits.float(), dim=0)
     native = to_native(probabilities, item, transform, nearest=False).as_tensor().float().clamp_(0.0, 1.0)
     native[0] += (1.0 - native.sum(dim=0)).clamp_min(0.0)  # cropped-away regions are background

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import torch
 from monai.data import MetaTensor
 
 from medseg.atomic import atomic_path
@@ -42,6 +43,7 @@ from medseg.errors import ConfigError, InputShapeError, MedsegError
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.cases import Case, discover_cases, read_case
 from medseg.inference.loaded import LoadedModel
+from medseg.inference.precision import check_precision, inference_precision, prepare_model
 from medseg.prompts.files import ObjectPrompts, PromptFileError, load_prompts
 
 __all__ = [
@@ -69,6 +71,10 @@ class PredictOptions:
         save_probabilities: also write ``<case>.npz`` (dense models).
         slice_axis: array axis a promptable 2-D model slices along (default 2, the last).
         progress: progress bars over cases and slices.
+        precision: ``auto`` (bf16 autocast on a GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``
+            (:mod:`medseg.inference.precision`).
+        batch_size: slices per encoder call for promptable 2-D models (``None``: 1 on CPU, where batching gains
+            nothing, 8 on a GPU).
     """
 
     window: str | None = None
@@ -76,6 +82,14 @@ class PredictOptions:
     save_probabilities: bool = False
     slice_axis: int = 2
     progress: bool = False
+    precision: str = "auto"
+    batch_size: int | None = None
+
+    def slices_per_batch(self, device: torch.device) -> int:
+        """``batch_size``, or its default for ``device``."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 8 if device.type == "cuda" else 1
 
 
 @dataclass
@@ -151,6 +165,8 @@ def check_options(loaded: LoadedModel, options: PredictOptions, has_prompts: boo
                 "--save-probabilities and --tta apply to prompt-free (dense) models; a promptable model gives one "
                 "thresholded mask per object. Drop them."
             )
+    if options.batch_size is not None and options.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1 slice, got {options.batch_size}.")
     if options.slice_axis not in (0, 1, 2):
         raise ConfigError(f"--slice-axis must be 0, 1 or 2 (an array axis of the input), got {options.slice_axis}.")
 
@@ -179,8 +195,23 @@ def predict_image(
     if loaded.kind == "dense":
         from medseg.inference.dense import predict_dense
 
-        dense = predict_dense(loaded, image, tta=options.tta, progress=options.progress)
+        dense = predict_dense(loaded, image, options.tta, options.progress, options.precision)
         return Prediction(dense.labels, dense.probabilities, dense.class_values)
+    with inference_precision(options.precision, _device(loaded)):
+        return _predict_prompted(loaded, image, objects, options, cache)
+
+
+def _device(loaded: LoadedModel) -> torch.device:
+    return next(iter(loaded.model.parameters()), torch.empty(0)).device
+
+
+def _predict_prompted(
+    loaded: LoadedModel,
+    image: MetaTensor,
+    objects: Sequence[ObjectPrompts] | None,
+    options: PredictOptions,
+    cache: EmbeddingCache | None,
+) -> Prediction:
     from medseg.inference.prompted import recipe_for, segment_objects
 
     if image.shape[0] != 1:
@@ -198,6 +229,7 @@ def predict_image(
         result = segment_objects(
             loaded.model, np.asarray(image[0].detach().cpu().numpy()), list(objects or []),
             recipe=recipe_for(options.window), slice_axis=options.slice_axis, cache=cache, progress=options.progress,
+            batch_size=options.slices_per_batch(_device(loaded)),
         )  # fmt: skip
     return Prediction(result.labels, None, sorted({0, *(int(o.label) for o in objects or [])}), result.ignored)
 
@@ -314,13 +346,16 @@ def predict_cases(
     if prompts is not None and not Path(prompts).exists():
         raise PromptFileError(f"prompts file {prompts} does not exist. Give a JSON prompts file or a folder of them.")
     check_options(loaded, options, prompts is not None)
+    check_precision(options.precision, _device(loaded))
+    prepare_model(loaded.model, options.precision)
     cache = EmbeddingCache(folder=cache_dir) if loaded.kind == "promptable" else None
     report = PredictReport()
     with _progress(options.progress, len(cases)) as advance:
         if loaded.kind == "classifier":
             from medseg.inference.classified import predict_classifier_cases
 
-            predict_classifier_cases(loaded, cases, output_dir, report, advance, debug)
+            with inference_precision(options.precision, _device(loaded)):
+                predict_classifier_cases(loaded, cases, output_dir, report, advance, debug)
             return report
         for case in cases:
             written = report.attempt(

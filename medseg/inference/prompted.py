@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from medseg.errors import ConfigError
-from medseg.inference.cache import EmbeddingCache
+from medseg.inference.cache import EmbeddingCache, embedding_key, weights_hash
 from medseg.inference.propagate import PropagationConfig, propagate, slice_box
-from medseg.inference.recipe import SliceRecipe, segment_slice, to_uint8
+from medseg.inference.recipe import SliceRecipe, embed_slices, preprocess_slice, segment_slice, to_uint8
 from medseg.prompts.files import ObjectPrompts, PromptFileError
 
 __all__ = ["PromptedResult", "recipe_for", "segment_objects", "window_from_text"]
@@ -87,6 +87,43 @@ def _points_on(obj: ObjectPrompts, axis: int, k: int) -> tuple[list | None, list
     return _in_plane(obj.points[on], axis).tolist(), obj.point_labels[on].tolist()
 
 
+class _FlatSlices:
+    """Embeds the slices that flat (2-D) boxes sit on ``batch_size`` at a time, ahead of their decoding.
+
+    Batching is a GPU lever (on a CPU one slice at a time is as fast); with ``batch_size`` 1 nothing is done ahead.
+    Slices are embedded in the order the boxes come, a batch at a time, so the cache (LRU, 256 slices by default)
+    never has to hold more than one batch beyond what is being decoded.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, volume: np.ndarray, objects: Sequence[ObjectPrompts], axis: int,
+        cache: EmbeddingCache, batch_size: int,
+    ) -> None:  # fmt: skip
+        self.model, self.volume, self.axis, self.cache, self.batch_size = model, volume, axis, cache, batch_size
+        order = [int(b[axis]) for o in objects for b in o.boxes if int(b[axis]) == int(b[axis + 3])]
+        self.order = list(dict.fromkeys(order))  # unique, in the order the boxes are decoded
+        self.position = {k: i for i, k in enumerate(self.order)}
+        self.done: set[int] = set()
+        self.signature = SliceRecipe("none").signature(model.image_size, None)
+
+    def ensure(self, k: int) -> None:
+        """Embed slice ``k`` and the next ``batch_size - 1`` slices to come, unless cached or embedded already."""
+        if self.batch_size < 2 or k in self.done or k not in self.position:
+            return
+        chunk = [j for j in self.order[self.position[k] :] if j not in self.done][: self.batch_size]
+        self.done.update(chunk)
+        weights = weights_hash(self.model)
+        keys = {j: embedding_key(np.take(self.volume, j, axis=self.axis), weights, self.signature) for j in chunk}
+        missing = [j for j in chunk if self.cache.get(keys[j]) is None]
+        if not missing:
+            return
+        planes = np.stack([np.take(self.volume, j, axis=self.axis) for j in missing])
+        batch, _ = preprocess_slice(planes, self.model.image_size)
+        self.cache.misses += len(missing)
+        for j, embedding in zip(missing, embed_slices(self.model, batch)):
+            self.cache.put(keys[j], embedding[None])
+
+
 class _Encoder:
     """Counts the slices a model encodes, by wrapping its ``encode`` for the duration of a call."""
 
@@ -120,6 +157,7 @@ def _object_mask(
     config: PropagationConfig,
     progress: bool,
     notes: list[str],
+    ahead: _FlatSlices,
 ) -> np.ndarray:
     plain = SliceRecipe("none")  # intensities are 0-255 already (whole-volume window or percentiles)
     mask = np.zeros(volume.shape, dtype=bool)
@@ -131,6 +169,7 @@ def _object_mask(
             plane = np.take(volume, k, axis=axis)
             index = [slice(None)] * 3
             index[axis] = k
+            ahead.ensure(k)
             mask[tuple(index)] |= segment_slice(model, plane, box2d, points, labels, recipe=plain, cache=cache)
             continue
         middle = (lo + hi) // 2
@@ -181,6 +220,7 @@ def segment_objects(
     cache: EmbeddingCache | None = None,
     propagation: PropagationConfig | None = None,
     progress: bool = False,
+    batch_size: int | None = None,
 ) -> PromptedResult:
     """Segment every object of a prompts file on a raw volume with a 2-D promptable model (module docstring).
 
@@ -193,6 +233,8 @@ def segment_objects(
         cache: embedding cache shared across objects, calls and (with a folder) processes; default a private one.
         propagation: carry and stop rules (its ``axis`` is replaced by ``slice_axis``).
         progress: show a progress bar over the slices of each propagation.
+        batch_size: slices per encoder call, for flat boxes and propagation alike (default: the propagation
+            config's, 4); 1 on CPU is as fast as any batch there.
 
     Returns:
         :class:`PromptedResult` with the label map (``uint8``, ``uint16`` above label 255).
@@ -209,11 +251,14 @@ def segment_objects(
     recipe = recipe or SliceRecipe("mr")
     cache = cache if cache is not None else EmbeddingCache()
     config = replace(propagation or PropagationConfig(), axis=slice_axis)
+    if batch_size is not None:
+        config = replace(config, batch_size=batch_size)
     scaled = to_uint8(array, recipe, recipe.bounds(array))
     top = max((int(o.label) for o in objects), default=0)
     labels = np.zeros(array.shape, dtype=np.uint8 if top <= 255 else np.uint16)
     notes: list[str] = []
+    ahead = _FlatSlices(model, scaled, objects, slice_axis, cache, config.batch_size)
     with _Encoder(model) as encoder:
         for obj in objects:
-            labels[_object_mask(model, scaled, obj, slice_axis, cache, config, progress, notes)] = obj.label
+            labels[_object_mask(model, scaled, obj, slice_axis, cache, config, progress, notes, ahead)] = obj.label
     return PromptedResult(labels, encoder.count, notes)

@@ -23,6 +23,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Resize, SpatialPad
 
 from medseg.errors import ConfigError, MedsegError
+from medseg.inference.precision import inference_precision
 
 __all__ = [
     "InferenceError",
@@ -125,7 +126,7 @@ def _predict_slices(
     batch_size: int,
     slice_axis: int,
     device: torch.device,
-    amp: bool,
+    precision: str,
     progress: bool,
 ) -> torch.Tensor:
     slices = volume.movedim(slice_axis + 1, 0)  # (D, C, H, W)
@@ -137,7 +138,7 @@ def _predict_slices(
     outputs = []
     for start in starts:
         batch, geometry = to_model_input(slices[start : start + batch_size].to(device), size)
-        with torch.autocast(device_type=device.type, enabled=amp):
+        with inference_precision(precision, device):
             logits = _check_output(model(batch), "2D")
         outputs.append(from_model_output(logits.float(), geometry).to(volume.device))
     return torch.cat(outputs).movedim(0, slice_axis + 1)
@@ -153,7 +154,7 @@ def predict_logits(
     slice_axis: int = 2,
     mode: Literal["gaussian", "constant"] = "gaussian",
     device: torch.device | str | None = None,
-    amp: bool = False,
+    precision: str = "fp32",
     progress: bool = False,
 ) -> torch.Tensor:
     """Logits of a whole preprocessed volume, from a 3D model by sliding window or from a 2D model slice by slice.
@@ -170,7 +171,7 @@ def predict_logits(
         mode: blending of overlapping windows (3D): ``gaussian`` weighs window centres more, ``constant`` averages.
         device: where the model runs (default: the model's parameters' device, else the image's); the stitched
             volume stays on the image's device, so a large volume need not fit on the GPU.
-        amp: run the model under ``torch.autocast``.
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``auto`` (:mod:`medseg.inference.precision`).
         progress: show a progress bar.
 
     Returns:
@@ -198,14 +199,14 @@ def predict_logits(
                 raise ConfigError(f"slice_axis must be 0, 1 or 2 (a spatial axis), got {slice_axis}.")
             if len(set(roi)) != 1 or len(roi) > 2:
                 raise ConfigError(f"a 2D model's roi_size is its square input size (S or [S, S]), got {roi_size}.")
-            return _predict_slices(model, volume, roi[0], sw_batch_size, slice_axis, device, amp, progress)
+            return _predict_slices(model, volume, roi[0], sw_batch_size, slice_axis, device, precision, progress)
         if len(roi) == 1:
             roi = roi * 3
         if len(roi) != 3:
             raise ConfigError(f"a 3D model's roi_size needs 3 sizes in voxels, got {roi_size}.")
 
         def predictor(window: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device_type=device.type, enabled=amp):
+            with inference_precision(precision, device):
                 return _check_output(model(window), "3D").float()
 
         logits = sliding_window_inference(

@@ -43,3 +43,19 @@ def test_prompts_for_a_dense_model_are_refused_before_any_case(dense_run, phanto
     err = capsys.readouterr().err
     assert code == 2 and "prompt-free" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_precision_and_batch_size_flags(dense_run, phantom_scan, tmp_path, capsys):
+    """fp16 on CPU and a zero batch are refused in one line before any case; bf16 writes what fp32 writes, or
+    nearly (an untrained tiny model, so the labels are compared, not scored)."""
+    args = ["predict", "-i", str(phantom_scan["path"]), "-m", str(dense_run), "--device", "cpu", "--no-progress"]
+    for bad, text in ((["--precision", "fp16"], "fp16 needs a CUDA device"), (["--batch-size", "0"], "at least 1")):
+        code = main([*args, "-o", str(tmp_path / "bad"), *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and text in err and "Traceback" not in err, err
+        assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").iterdir())
+    labels = {}
+    for precision in ("fp32", "bf16"):
+        assert main([*args, "-o", str(tmp_path / precision), "--precision", precision]) == 0
+        labels[precision] = np.asarray(nib.load(tmp_path / precision / "oblique_ct.nii.gz").dataobj)
+    assert (labels["bf16"] == labels["fp32"]).mean() > 0.95

@@ -192,3 +192,22 @@ def test_disk_cache_lets_a_second_run_skip_the_encoder(scene, encoder_counter, t
         np.asarray(nib.load(tmp_path / "a" / "scan.nii.gz").dataobj),
         np.asarray(nib.load(tmp_path / "b" / "scan.nii.gz").dataobj),
     )
+
+
+def test_flat_boxes_are_embedded_in_batches_with_the_same_masks(scene):
+    """``batch_size`` slices go through the encoder together (the GPU lever); the masks do not change."""
+    r0, c0, _, r1, c1, _ = scene["box"]
+    objects = objects_of({"space": "voxel", "objects": [
+        {"label": 1, "boxes": [[r0, c0, k, r1, c1, k] for k in (2, 0)]},
+        {"label": 2, "boxes": [[r0, c0, 1, r1, c1, 1], [r0, c0, 0, r1, c1, 0]]},
+    ]})  # fmt: skip
+    results, calls = {}, {}
+    for batch_size in (1, 3):
+        model = BrightTracker()
+        original, sizes = model.encode, []
+        model.encode = lambda images, original=original, sizes=sizes: sizes.append(len(images)) or original(images)
+        results[batch_size] = segment_objects(model, scene["volume"], objects, batch_size=batch_size)
+        calls[batch_size] = sizes
+    assert calls == {1: [1, 1, 1], 3: [3]}  # slices 2, 0, 1 once each; slice 0 again from the cache
+    np.testing.assert_array_equal(results[3].labels, results[1].labels)
+    assert set(np.unique(results[1].labels)) == {0, 1, 2}
