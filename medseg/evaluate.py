@@ -95,13 +95,10 @@ def evaluate_model(
     for stale in predictions.glob("*.nii.gz"):
         stale.unlink()
     model = task.model
-    device = next(model.parameters()).device
-    amp = device.type == "cuda"
     suffix = datamodule.info.file_ending
     for index, case in enumerate(cases):
         item = dataset[datamodule.test_ids.index(case.case_id)]
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = predict_logits(model, item["image"], spatial_dims=int(model.spatial_dims), **task.inference)
+        logits = predict_logits(model, item["image"], spatial_dims=int(model.spatial_dims), **task.inference)
         native = native_label_map(logits, item, datamodule.deterministic_transform)
         write_label_map(native, case.images[0], predictions / f"{case.case_id}{suffix}")
         log.info("Predicted test case %d/%d: %s", index + 1, len(cases), case.case_id)

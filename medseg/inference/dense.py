@@ -82,6 +82,7 @@ def _inference_settings(loaded: LoadedModel) -> dict[str, Any]:
         raise ConfigError(f"model {loaded.source or '?'}: task.inference.roi_size is missing; it is the training size.")
     if settings.get("slice_axis") is None:
         settings.pop("slice_axis", None)
+    settings.pop("precision", None)  # the run's evaluation precision; predict's own --precision decides here
     return settings
 
 
