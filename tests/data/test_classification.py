@@ -118,3 +118,31 @@ def test_validate_lists_every_problem_of_a_classification_folder(tmp_path, capsy
     _table(folder, ["case_id", "image", "label", "split"], [rows[0]], name="classification.csv")
     assert run_prepare([str(folder)], only_check=True) == 0
     assert "valid classification table: 1 cases (1 train, 0 val, 0 test); columns label" in capsys.readouterr().out
+
+
+def test_dicom_files_and_series_load_as_2d_slices_and_3d_volumes(tmp_path):
+    """A real single-slice CT file (pydicom's CT_small.dcm) is a 2-D case; a DICOM series folder is a 3-D case."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from medseg.data.dicom import write_dicom_series
+
+    ct_small = get_testdata_file("CT_small.dcm")
+    rows2d, rows3d = [], []
+    for i in range(4):
+        shutil.copy(ct_small, tmp_path / f"s{i}.dcm")
+        rows2d.append([f"s{i}", f"s{i}.dcm", i % 2, "test" if i == 3 else "val" if i == 2 else "train"])
+        volume = np.random.default_rng(i).normal(0, 100, (24, 20, 12))
+        write_dicom_series(volume, np.diag([0.8, 0.8, 2.0, 1.0]), tmp_path / f"series{i}")
+        rows3d.append([f"v{i}", f"series{i}", i % 2, "test" if i == 3 else "val" if i == 2 else "train"])
+    ct_window = [{"_target_": "monai.transforms.ScaleIntensityRanged", "keys": "image", "a_min": -160, "a_max": 240,
+                  "b_min": 0.0, "b_max": 1.0, "clip": True}]  # fmt: skip
+    slices = ClassificationDataModule(str(_table(tmp_path, ["case_id", "image", "label", "split"], rows2d, "2d.csv")),
+                                      label_kind="binary", size=16, preprocess=ct_window)  # fmt: skip
+    image = slices.dataset_for("test")[0]["image"]
+    assert image.shape == (1, 16, 16) and 0 <= float(image.min()) < float(image.max()) <= 1  # real CT contrast
+    volumes = ClassificationDataModule(str(_table(tmp_path, ["case_id", "image", "label", "split"], rows3d, "3d.csv")),
+                                       label_kind="binary", spatial_dims=3, size=16, num_slices=6)  # fmt: skip
+    assert volumes.dataset_for("test")[0]["image"].shape == (1, 16, 16, 6)
+    assert list(volumes.targets(volumes.test_ids)) == [1]
