@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from medseg.classification_protocols import FROZEN_PROTOCOLS, PROTOCOLS, KNNHead, fit_knn, fit_linear_probe
 from medseg.config import instantiate
 from medseg.errors import ConfigError, WeightsError
+from medseg.inference.precision import inference_precision
 
 __all__ = [
     "CONFIG_DIR",
@@ -136,6 +137,15 @@ def save_classifier(run_dir: Path, model: torch.nn.Module, cfg: DictConfig, data
     atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(record)))
 
 
+def _no_grad_precision(cfg: DictConfig) -> str:
+    """Feature extraction and test predictions run in the numerics of training (``bf16-mixed`` -> ``bf16``), so a
+    bf16 ladder is bf16 throughout; the feature cache keys on it (:mod:`medseg.inference.precision`)."""
+    from medseg.train import resolve_precision
+
+    trained = str(resolve_precision(cfg.trainer.get("precision", "auto")))
+    return "bf16" if trained.startswith("bf16") else "fp16" if trained.startswith("16") else "fp32"
+
+
 def train_classifier(cfg: DictConfig) -> dict[str, float]:
     """Run one protocol on one data/model config; write the run folder; return ``val/*`` and ``test/*`` metrics."""
     from medseg.evaluation.classification import classification_metrics
@@ -152,14 +162,17 @@ def train_classifier(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     model = build_model(cfg, datamodule)
     report = model.trainable_report()
+    numerics = inference_precision(_no_grad_precision(cfg), next(iter(model.parameters())).device)
     if protocol in FROZEN_PROTOCOLS:
-        facts, probabilities = _fit_frozen(cfg, model, datamodule, protocol)
+        with numerics:
+            facts, probabilities = _fit_frozen(cfg, model, datamodule, protocol)
         report = {"trainable": sum(p.numel() for p in model.head.parameters()), "total": report["total"]}
     else:
         facts = _fit_trained(cfg, model, datamodule, run_dir)
-        probabilities = {
-            s: predict_split(model, datamodule, s) for s in ("val", "test") if getattr(datamodule, f"{s}_ids")
-        }
+        with numerics:
+            probabilities = {
+                s: predict_split(model, datamodule, s) for s in ("val", "test") if getattr(datamodule, f"{s}_ids")
+            }
     fit_seconds = time.perf_counter() - started
     save_classifier(run_dir, model, cfg, datamodule, protocol)
     kind, names = datamodule.spec.kind, datamodule.class_names

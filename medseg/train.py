@@ -27,7 +27,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def resolve_precision(precision: Any) -> Any:
-    """``auto``: bf16 autocast on CUDA GPUs that support bf16, full fp32 elsewhere (CPU autocast is slower)."""
+    """``auto``: bf16 autocast on CUDA GPUs that support bf16, full fp32 elsewhere (CPU bf16 autocast helps only
+    with native bf16 instructions, AVX512-BF16 or AMX: ask for ``bf16-mixed`` explicitly there)."""
     if str(precision) != "auto":
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():

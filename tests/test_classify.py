@@ -95,6 +95,19 @@ def test_linear_probe_reuses_the_features_knn_cached(disks_table, tmp_path):
     assert (summary["feature_cache_hits"], summary["feature_cache_misses"]) == (90, 0)
 
 
+def test_bf16_ladder_extracts_its_own_features(disks_table, tmp_path):
+    """trainer.precision=bf16-mixed makes the frozen features bf16 too: fp32 features cached by an earlier run are
+    not reused for them, and the probe still learns the task."""
+    train_classifier(_config(disks_table, tmp_path, "knn"))
+    cfg = _config(disks_table, tmp_path, "linear", ["trainer.precision=bf16-mixed"])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path / "bf16")
+    metrics = train_classifier(cfg)
+    summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert (summary["feature_cache_hits"], summary["feature_cache_misses"]) == (0, 90)
+    assert metrics["test/accuracy"] >= 0.6, metrics
+
+
 def test_medseg_predict_writes_a_probability_table_for_a_classifier_run(disks_table, tmp_path, capsys):
     from medseg.cli import main
 
@@ -122,3 +135,30 @@ def test_medseg_predict_writes_a_probability_table_for_a_classifier_run(disks_ta
         assert got["prediction"] == max(CLASSES, key=lambda c: row["probabilities"][c])
     assert main(["predict", "-i", str(inputs), "-o", str(tmp_path / "o2"), "-m", str(tmp_path / "run"), "--tta"]) == 2
     assert "is a classifier" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def cylinders_table(tmp_path_factory) -> Path:
+    """36 NIfTI volumes (32 x 32 x 4) holding a disk of one of three sizes on every slice (24 train, 6 val, 6 test)."""
+    root = tmp_path_factory.mktemp("cylinders")
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(36):
+        kind, split = i % 3, ("train" if i < 24 else "val" if i < 30 else "test")
+        path = root / f"v{i:02d}.nii.gz"
+        write_nifti(np.stack([_disk(kind, rng) for _ in range(4)], axis=-1), np.eye(4), path)
+        rows.append([f"v{i:02d}", path.name, CLASSES[kind], "AB"[i % 2], split])
+    with open(root / "table.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["case_id", "image", "size", "site", "split"], *rows])
+    return root / "table.csv"
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linear", "peft", "full"])
+def test_every_protocol_learns_from_3d_volumes(protocol, cylinders_table, tmp_path):
+    """The same switch on volumes: slice-wise features aggregated over the 4 slices of each volume."""
+    volumes = ["data.spatial_dims=3", "data.num_slices=4", "trainer.max_steps=30"]
+    cfg = _config(cylinders_table, tmp_path, protocol, volumes)
+    metrics = train_classifier(cfg)
+    assert metrics["test/accuracy"] >= 0.6 and metrics["test/auroc_macro"] >= 0.8, metrics  # chance: 1/3 and 0.5
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["n_cases"] == 6 and summary["protocol"] == protocol

@@ -1,4 +1,4 @@
-"""The napari dock widget: buttons and layers around a :class:`~medseg.napari.session.SegmentationSession`.
+"""The napari dock widget: buttons and layers around a :class:`~medseg.inference.session.SegmentationSession`.
 
 It only wires napari to the session (micro-sam's rule: thin widgets, logic tested without Qt). For the chosen image
 layer it adds three layers sharing the image's transform, so their data are the image's voxel indices: ``<image>
@@ -36,10 +36,10 @@ from qtpy.QtWidgets import (
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.recipe import SliceRecipe
+from medseg.inference.session import SegmentationSession, guess_intensity
 from medseg.napari.geometry import sliced_data_axis
 from medseg.napari.layers import boxes_layer, labels_layer, layer_name, points_layer
 from medseg.napari.prompts import POINT_KINDS, boxes_on_slice, point_labels, points_on_slice
-from medseg.napari.session import SegmentationSession, guess_intensity
 from medseg.napari.writer import write_labels
 
 __all__ = ["SegmentationWidget"]

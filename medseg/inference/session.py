@@ -1,4 +1,4 @@
-"""``SegmentationSession``: the interactive segmentation state behind the napari widget, without Qt.
+"""``SegmentationSession``: the interactive segmentation state behind the napari widget, without Qt or napari.
 
 micro-sam keeps its widgets thin and its logic in library functions tested without a display; this is that logic for
 one volume. It holds the volume, a promptable model, an :class:`~medseg.inference.cache.EmbeddingCache` and the label

@@ -11,7 +11,7 @@ from medseg.errors import ConfigError, InputShapeError
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.recipe import SliceRecipe
-from medseg.napari.session import SegmentationSession, guess_intensity
+from medseg.inference.session import SegmentationSession, guess_intensity
 
 
 @pytest.fixture(scope="module")
