@@ -28,20 +28,24 @@ def _disk(kind: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     return (100 + 80 * inside + rng.normal(0, 5, size=(size, size))).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def disks_table(tmp_path_factory) -> Path:
-    """90 one-slice NIfTI images of three disk sizes (60 train, 12 val, 18 test) with a site column."""
-    root = tmp_path_factory.mktemp("disks")
-    rng = np.random.default_rng(0)
+def _disk_table(root: Path, count: int, n_train: int, n_val: int, slices: int, seed: int) -> Path:
+    """``count`` NIfTI images of ``slices`` slices, each slice a disk of the case's size class, with a site column."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for i in range(90):
-        kind, split = i % 3, ("train" if i < 60 else "val" if i < 72 else "test")
-        path = root / "images" / f"c{i:02d}.nii.gz"
-        write_nifti(_disk(kind, rng)[:, :, None], np.eye(4), path)
-        rows.append([f"c{i:02d}", f"images/c{i:02d}.nii.gz", CLASSES[kind], "AB"[i % 2], split])
+    for i in range(count):
+        kind, split = i % 3, ("train" if i < n_train else "val" if i < n_train + n_val else "test")
+        name = f"images/c{i:02d}.nii.gz"
+        write_nifti(np.stack([_disk(kind, rng) for _ in range(slices)], axis=-1), np.eye(4), root / name)
+        rows.append([f"c{i:02d}", name, CLASSES[kind], "AB"[i % 2], split])
     with open(root / "table.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([["case_id", "image", "size", "site", "split"], *rows])
     return root / "table.csv"
+
+
+@pytest.fixture(scope="module")
+def disks_table(tmp_path_factory) -> Path:
+    """90 one-slice NIfTI images of three disk sizes (60 train, 12 val, 18 test) with a site column."""
+    return _disk_table(tmp_path_factory.mktemp("disks"), 90, 60, 12, slices=1, seed=0)
 
 
 def _config(table: Path, run_dir: Path, protocol: str, extra=()):
@@ -140,17 +144,7 @@ def test_medseg_predict_writes_a_probability_table_for_a_classifier_run(disks_ta
 @pytest.fixture(scope="module")
 def cylinders_table(tmp_path_factory) -> Path:
     """36 NIfTI volumes (32 x 32 x 4) holding a disk of one of three sizes on every slice (24 train, 6 val, 6 test)."""
-    root = tmp_path_factory.mktemp("cylinders")
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(36):
-        kind, split = i % 3, ("train" if i < 24 else "val" if i < 30 else "test")
-        path = root / f"v{i:02d}.nii.gz"
-        write_nifti(np.stack([_disk(kind, rng) for _ in range(4)], axis=-1), np.eye(4), path)
-        rows.append([f"v{i:02d}", path.name, CLASSES[kind], "AB"[i % 2], split])
-    with open(root / "table.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([["case_id", "image", "size", "site", "split"], *rows])
-    return root / "table.csv"
+    return _disk_table(tmp_path_factory.mktemp("cylinders"), 36, 24, 6, slices=4, seed=1)
 
 
 @pytest.mark.parametrize("protocol", ["knn", "linear", "peft", "full"])
