@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -224,13 +223,13 @@ def _cuda_available() -> bool:
 
 
 def _write(args: argparse.Namespace, results: list[dict]) -> None:
-    import torch
+    from medseg.benchmark.machine import machine_facts
 
     payload = {
         "command": "python tools/bench_adapters.py " + " ".join(sys.argv[1:]),
         "device": args.device,
         "dtype": "bfloat16 autocast" if args.device.startswith("cuda") else "float32",
-        "host": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "host": machine_facts(),
         "memory_measure": (
             "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "ru_maxrss of a worker process"
         ),

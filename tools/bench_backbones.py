@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -90,34 +89,6 @@ def _worker(name: str, batch: int, device: str, repeats: int, warmup: int) -> di
     return record
 
 
-def _machine() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    return info
-
-
-def _write_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _markdown(records: list[dict]) -> str:
     """One row per record, for a README table."""
     lines = [
@@ -159,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from medseg.atomic import atomic_write_json
     from medseg.backbones import list_backbones
+    from medseg.benchmark.machine import machine_facts
 
     names = args.names or list_backbones()
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -167,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = list(previous.get("results", []))
     done = {(r["name"], r["device"], r["batch"]) for r in records}
     commands = [*previous.get("commands", []), " ".join(["python", *sys.argv])]
-    payload = {"machine": _machine(), "commands": commands, "results": records, "failures": []}
+    payload = {"machine": machine_facts(), "commands": commands, "results": records, "failures": []}
     for name in names:
         for device in devices:
             for batch in args.batch_sizes:
@@ -190,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 record = {**json.loads(proc.stdout.strip().splitlines()[-1]), "loadavg_1m_before": round(load, 2)}
                 records.append(record)
                 print(f"[bench]   {record['latency_s_median']} s, peak {record['peak_rss_mb']} MiB", file=sys.stderr)
-                _write_atomic(args.output, payload)
-    _write_atomic(args.output, payload)
+                atomic_write_json(args.output, payload)
+    atomic_write_json(args.output, payload)
     print(_markdown(records))
     return 0
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medseg.atomic import atomic_write_json
+from medseg.benchmark.machine import machine_facts
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.propagate import PropagationConfig, propagate
 from medseg.inference.recipe import predict_slice, scaled_prompts, slice_geometry
@@ -225,13 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         records.append(measure(torch.device(name), args.clicks, args.slices, args.batch_size, args.encoder_repeats))
     out = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
+        "machine": machine_facts(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "records": records,
         "notes": (

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medseg.atomic import atomic_write_json
+from medseg.benchmark.machine import machine_facts
 from medseg.cli import main as medseg_main
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.prompted import recipe_for
@@ -203,10 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             records.append(
                 measure(device, tuple(args.shape), args.slices, args.clicks, Path(work), args.precisions, args.warmup)
             )
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "gpu": gpu}
     result = {
-        "machine": {**machine, "torch_threads": torch.get_num_threads()},
+        "machine": machine_facts(),
         "command": "python tools/bench_predict.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "records": records,
     }
