@@ -8,7 +8,9 @@ checking that they share a grid, and errors that name the file instead of a trac
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +64,30 @@ def _reader_for(path: Path):
     )
 
 
+_PYDICOM_SETTINGS = threading.Lock()
+
+
+@contextlib.contextmanager
+def _lenient_dicom_values():
+    """pydicom's value validation as its default (warn), for the duration of one MONAI read.
+
+    MONAI's ``PydicomReader`` appends the mean slice distance, a float of up to 17 digits, to the first slice's
+    ``PixelSpacing`` (a DICOM decimal string list, 16 characters at most). pydicom validates that in its global
+    *reading* mode, which ``Dataset.to_json_dict`` (MONAI's metadata) switches to "raise" and back without a lock:
+    reads in two threads can leave it at "raise" for good, and every later series with an unround slice distance
+    then fails to load. The mode is set here, under a lock, and restored after.
+    """
+    from pydicom import config
+
+    with _PYDICOM_SETTINGS:
+        saved = config.settings._reading_validation_mode
+        config.settings.reading_validation_mode = config.WARN
+        try:
+            yield
+        finally:
+            config.settings._reading_validation_mode = saved
+
+
 def load_image(path: str | os.PathLike[str]) -> MetaTensor:
     """Read one image file or DICOM series folder as a channel-first MetaTensor.
 
@@ -77,7 +103,8 @@ def load_image(path: str | os.PathLike[str]) -> MetaTensor:
         raise ReaderError(f"{path} does not exist.")
     reader = _reader_for(path)
     try:
-        image = LoadImage(reader=reader, image_only=True)(str(path))
+        with _lenient_dicom_values() if isinstance(reader, PydicomReader) else contextlib.nullcontext():
+            image = LoadImage(reader=reader, image_only=True)(str(path))
         image = EnsureChannelFirst()(image)
     except ReaderError:
         raise
