@@ -33,7 +33,7 @@ import torch
 from medseg.errors import ConfigError
 from medseg.inference.cache import EmbeddingCache, embedding_key, weights_hash
 from medseg.inference.propagate import PropagationConfig, propagate, slice_box
-from medseg.inference.recipe import SliceRecipe, embed_slices, preprocess_slice, segment_slice, to_uint8
+from medseg.inference.recipe import SliceRecipe, embed_into_cache, segment_slice, to_uint8
 from medseg.prompts.files import ObjectPrompts, PromptFileError
 
 __all__ = ["PromptedResult", "recipe_for", "segment_objects", "window_from_text"]
@@ -115,13 +115,9 @@ class _FlatSlices:
         weights = weights_hash(self.model)
         keys = {j: embedding_key(np.take(self.volume, j, axis=self.axis), weights, self.signature) for j in chunk}
         missing = [j for j in chunk if self.cache.get(keys[j]) is None]
-        if not missing:
-            return
-        planes = np.stack([np.take(self.volume, j, axis=self.axis) for j in missing])
-        batch, _ = preprocess_slice(planes, self.model.image_size)
-        self.cache.misses += len(missing)
-        for j, embedding in zip(missing, embed_slices(self.model, batch)):
-            self.cache.put(keys[j], embedding[None])
+        if missing:
+            planes = np.stack([np.take(self.volume, j, axis=self.axis) for j in missing])
+            embed_into_cache(self.model, planes, [keys[j] for j in missing], self.cache)
 
 
 class _Encoder:

@@ -32,6 +32,7 @@ __all__ = [
     "INTENSITY_MODES",
     "SliceRecipe",
     "SliceResult",
+    "embed_into_cache",
     "embed_slices",
     "postprocess_logits",
     "predict_slice",
@@ -168,6 +169,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def embed_slices(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     channels = getattr(model, "in_channels", 1)
     return model.encode(batch.to(model_device(model)).expand(-1, channels, -1, -1))
+
+
+def embed_into_cache(model: torch.nn.Module, planes: np.ndarray, keys: Sequence[str], cache: EmbeddingCache) -> None:
+    """Embed a stack of 0-255 slices ``(N, H, W)`` in one encoder call and store each under its key (a miss each):
+    what embedding ahead of time (napari's *Compute embeddings*, batched flat boxes) does before the clicks."""
+    batch, _ = preprocess_slice(planes, model.image_size)
+    cache.misses += len(keys)
+    for key, embedding in zip(keys, embed_slices(model, batch)):
+        cache.put(key, embedding[None])
 
 
 @torch.inference_mode()

@@ -34,7 +34,7 @@ from medseg.errors import ConfigError, InputShapeError
 from medseg.inference.cache import EmbeddingCache, embedding_key, weights_hash
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.propagate import PropagationConfig, PropagationResult, propagate
-from medseg.inference.recipe import SliceRecipe, SliceResult, embed_slices, predict_slice, preprocess_slice, to_uint8
+from medseg.inference.recipe import SliceRecipe, SliceResult, embed_into_cache, predict_slice, to_uint8
 from medseg.inference.writers import write_label_map
 
 __all__ = ["SegmentationSession", "guess_intensity"]
@@ -160,11 +160,8 @@ class SegmentationSession:
         with torch.inference_mode():
             for start in range(0, total, max(1, batch_size)):
                 chunk = missing[start : start + batch_size]
-                batch, _ = preprocess_slice(to_uint8(self._slices[chunk], _PREPARED), self.model.image_size)
-                for index, embedding in zip(chunk, embed_slices(self.model, batch)):
-                    self.cache.put(self._key(index), embedding[None])
+                embed_into_cache(self.model, self._slices[chunk], [self._key(i) for i in chunk], self.cache)
                 self.encoded += len(chunk)
-                self.cache.misses += len(chunk)
                 yield start + len(chunk), total
 
     def compute_embeddings(
