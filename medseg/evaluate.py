@@ -40,11 +40,14 @@ SUMMARY = "summary.json"
 
 
 def load_weights(task: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Load a Lightning checkpoint's weights into ``task`` (strictly: a mismatch is a wrong checkpoint)."""
-    state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    if "state_dict" not in state:
-        raise ConfigError(f"{checkpoint} is not a Lightning checkpoint (no 'state_dict').")
-    task.load_state_dict(state["state_dict"], strict=True)
+    """Load a Lightning checkpoint's weights into ``task`` (strictly: a mismatch is a wrong checkpoint).
+
+    The file is read weights-only (:func:`medseg.backbones.weights.read_lightning_state`): a checkpoint is a pickle,
+    and one holding anything but tensors is refused with a ``WeightsError`` before any of it runs.
+    """
+    from medseg.backbones.weights import read_lightning_state
+
+    task.load_state_dict(read_lightning_state(checkpoint), strict=True)
 
 
 def _reference_labels(datamodule: Any) -> Path:

@@ -95,17 +95,11 @@ def load_litemedsam(device: str | torch.device | None = None) -> LoadedModel:
 
 
 def _model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, pickle errors...
-        raise WeightsError(
-            f"checkpoint {checkpoint} cannot be read ({type(err).__name__}); it is truncated or corrupted. Use "
-            f"another checkpoint of the run (-m RUN --ckpt last) or retrain."
-        ) from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise WeightsError(f"{checkpoint} is not a Lightning checkpoint (no 'state_dict'); give a run folder.")
+    """The model's tensors of a Lightning checkpoint, read weights-only (a pickled object is refused, never run)."""
+    from medseg.backbones.weights import read_lightning_state
+
     prefix = "model."
-    return {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in read_lightning_state(checkpoint).items() if k.startswith(prefix)}
 
 
 def _plain(node: Any) -> Any:
