@@ -1,7 +1,10 @@
-"""A tiny trained run (MAE-shaped ViT + LoRA + UNETR on synthetic phantoms) and its releases, built once per session.
+"""Tiny trained runs (MAE-shaped ViT + LoRA + UNETR, and a from-scratch UNet baseline, on synthetic phantoms) and
+their releases, built once per session.
 
 The "pretrained" base of the tiny backbone is a scratch ViT saved to a safetensors file: it plays the part of an
 official checkpoint, so the adapter-only path (base named by file and SHA-256) is exercised without any download.
+Both runs are evaluated as `medseg evaluate run_dir=...` does, so their ``summary.json`` lacks the facts `medseg train`
+adds (backbone, model, dataset): export must find them in the run's config and folder.
 """
 
 from __future__ import annotations
@@ -11,30 +14,30 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from medseg.data.prepare import synthetic
+from medseg.release.checksums import write_checksums
 from medseg.train import CONFIG_DIR
 
 ARCH = "{depth:2,embed_dim:32,num_heads:2,img_size:64}"
 BASE_FILE = "tiny_mae.safetensors"
 
 
-def _train(root: Path, base: Path) -> Path:
+def _train(root: Path, run_name: str, overrides: list[str], saved_names: dict[str, str]) -> Path:
     from medseg.evaluate import evaluate
     from medseg.train import train
 
     data = root / "data"
     synthetic.build(data, seed=4, num_train=4, num_test=1, shape=(32, 32, 12))
-    run_dir = root / "results" / "synthetic" / "tiny-vit_unetr__lora__pretrained" / "fold_0"
+    run_dir = root / "results" / "synthetic" / run_name / "fold_0"
     overrides = [
-        "experiment=synthetic_unet", "model=vit_unetr", "backbone=mae_vit_base", "adapter=lora", "init=pretrained",
-        f"backbone.checkpoint={base}", "+backbone.img_size=64", f"+model.arch={ARCH}", "model.feature_size=4",
-        "data.sampling.size=64", "data.sampling.num_samples=2", "trainer.max_steps=3", "logger=csv",
-        "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "eval_ckpt=last",
+        *overrides, "trainer.max_steps=3", "logger=csv", "callbacks.rich_progress_bar=null",
+        "callbacks.model_summary=null", "eval_ckpt=last",
     ]  # fmt: skip
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -48,9 +51,8 @@ def _train(root: Path, base: Path) -> Path:
     saved = cfg.copy()
     with open_dict(saved):
         del saved["hydra"]
-        saved.model_name = "tiny-vit_unetr"
-        saved.adapter_name = "lora"
-        saved.run_name = "tiny-vit_unetr__lora__pretrained"
+        for key, value in saved_names.items():
+            saved[key] = value
     from omegaconf import OmegaConf
 
     OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
@@ -75,13 +77,35 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
     backbone = create_backbone("mae_vit_base", pretrained=False, arch={"depth": 2, "embed_dim": 32, "num_heads": 2,
                                                                       "img_size": 64}, img_size=64)  # fmt: skip
     save_file({k: v.contiguous() for k, v in backbone.vit.state_dict().items()}, str(weights / BASE_FILE))
+    overrides = [
+        "experiment=synthetic_unet", "model=vit_unetr", "backbone=mae_vit_base", "adapter=lora", "init=pretrained",
+        f"backbone.checkpoint={weights / BASE_FILE}", "+backbone.img_size=64", f"+model.arch={ARCH}",
+        "model.feature_size=4", "data.sampling.size=64", "data.sampling.num_samples=2",
+    ]  # fmt: skip
+    names = {"model_name": "tiny-vit_unetr", "adapter_name": "lora", "run_name": "tiny-vit_unetr__lora__pretrained"}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_dir = _train(root, weights / BASE_FILE)
+        run_dir = _train(root, names["run_name"], overrides, names)
     finally:
         torch.set_num_threads(threads)
     return {"run_dir": run_dir, "weights": weights}
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_run(tmp_path_factory) -> Path:
+    """A 3-step from-scratch 2-D UNet run (``experiment=synthetic_unet``, a baseline: no backbone, no decoder)."""
+    root = tmp_path_factory.mktemp("tiny_unet_run")
+    overrides = [
+        "experiment=synthetic_unet", "model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0",
+        "data.sampling.size=32", "data.sampling.num_samples=1", "data.batch_size=1",
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # saved as Hydra saves it: adapter_name and run_name stay ${hydra:...} interpolations, unresolvable later
+        return _train(root, "unet2d__full__scratch", overrides, {})
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +129,24 @@ def base_weights_env(tiny_run, monkeypatch) -> Path:
     """``MEDSEG_WEIGHTS`` pointing at the folder holding the tiny base file, for loading adapter-only releases."""
     monkeypatch.setenv("MEDSEG_WEIGHTS", str(tiny_run["weights"]))
     return tiny_run["weights"]
+
+
+@pytest.fixture
+def edit_config():
+    """``edit_config(folder, change)``: apply ``change(dict)`` to a release's config.yaml and recompute its checksums.
+
+    The result is a consistent but different release, as anyone who edits one can make: only content checks can
+    catch it, never the checksums.
+    """
+
+    def edit(folder: Path, change) -> Path:
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        change(config)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        write_checksums(folder)
+        return folder
+
+    return edit
 
 
 @pytest.fixture
