@@ -7,15 +7,23 @@
 - ``file://`` or ``https://`` to a ``.tar.gz``/``.tgz``/``.zip`` archive of a release folder (:func:`pack_release`
   writes one); ``sha256`` is that of the archive.
 
+An entry may also give ``sums_sha256``, the SHA-256 of the release's ``sha256sums.txt`` (:func:`release_digest`):
+since loading checks every file against that list, it pins the whole release, not only its weights.
+
 :func:`fetch_release` looks in the cache first (``$MEDSEG_WEIGHTS/releases/NAME/VERSION`` when ``MEDSEG_WEIGHTS`` is
 set, else ``~/.cache/medseg/releases/NAME/VERSION``), then uses the URL: an archive is downloaded with ``urllib``,
 its SHA-256 checked, unpacked into a hidden temporary folder and renamed into place, so an interrupted download never
-leaves a half-written release in the cache.
+leaves a half-written release in the cache. A cached folder is used under the registered name only if it matches the
+registry: its ``sha256sums.txt`` has the entry's ``sums_sha256``, or (for a folder URL) its ``model.safetensors`` the
+entry's ``sha256``, or it carries the record (:data:`RECORD`) of the download whose archive had the entry's
+``sha256``. A folder put there by hand, or changed since, is refused with the folder named: delete it to download
+the release again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -33,6 +41,7 @@ from medseg.errors import ConfigError, WeightsError
 from medseg.release.checksums import SHA256SUMS, ChecksumError
 
 __all__ = [
+    "RECORD",
     "REGISTRY_FILE",
     "RegistryEntry",
     "cache_root",
@@ -40,11 +49,14 @@ __all__ = [
     "find_entry",
     "pack_release",
     "read_registry",
+    "release_digest",
     "repository_root",
 ]
 
 REGISTRY_FILE = Path(__file__).with_name("registry.yaml")
 _ARCHIVES = (".tar.gz", ".tgz", ".zip")
+#: Hidden file written into a cached release after its download matched the registry (checksums ignore it).
+RECORD = ".medseg-registry.json"
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class RegistryEntry:
     url: str
     sha256: str
     description: str = ""
+    sums_sha256: str = ""
 
     @property
     def is_archive(self) -> bool:
@@ -106,6 +119,7 @@ def read_registry(path: str | Path | None = None) -> list[RegistryEntry]:
                 url=str(item["url"]),
                 sha256=str(item["sha256"]).lower(),
                 description=str(item.get("description", "")),
+                sums_sha256=str(item.get("sums_sha256") or "").lower(),
             )
         )
     return entries
@@ -135,6 +149,45 @@ def _sha256_of(path: Path) -> str:
     return sha256_file(path)
 
 
+def release_digest(folder: str | Path) -> str:
+    """SHA-256 of ``folder/sha256sums.txt``: one hash that pins every file of a release (``sums_sha256``)."""
+    return _sha256_of(Path(folder) / SHA256SUMS)
+
+
+def _stale(cached: Path, entry: RegistryEntry, why: str) -> ChecksumError:
+    return ChecksumError(
+        f"The cached release {cached} is not the registered {entry.name}@{entry.version}: {why}. It was put there by "
+        f"hand or changed since medseg downloaded it; delete that folder (medseg then downloads the registered "
+        f"release again), or load it by its path if you trust it."
+    )
+
+
+def _check_cached(cached: Path, entry: RegistryEntry) -> Path:
+    """``cached`` if it matches ``entry`` (see the module docstring), else a :class:`ChecksumError` naming it."""
+    if not (cached / SHA256SUMS).is_file():
+        raise _stale(cached, entry, f"it has no {SHA256SUMS}")
+    sums, registered = release_digest(cached), "the registry records"
+    if entry.sums_sha256:
+        if sums != entry.sums_sha256:
+            raise _stale(cached, entry, f"its {SHA256SUMS} has SHA-256 {sums}, {registered} {entry.sums_sha256}")
+        return cached
+    if not entry.is_archive:
+        weights = cached / "model.safetensors"
+        actual = _sha256_of(weights) if weights.is_file() else "none (no model.safetensors)"
+        if actual != entry.sha256:
+            raise _stale(cached, entry, f"its model.safetensors has SHA-256 {actual}, {registered} {entry.sha256}")
+        return cached
+    try:
+        record = json.loads((cached / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise _stale(cached, entry, f"it lacks the {RECORD} medseg writes after a verified download") from None
+    if not isinstance(record, dict) or record.get("archive_sha256") != entry.sha256:
+        raise _stale(cached, entry, f"it came from another archive than the registered one (SHA-256 {entry.sha256})")
+    if record.get("sums_sha256") != sums:
+        raise _stale(cached, entry, f"its {SHA256SUMS} changed since the download")
+    return cached
+
+
 def _local_path(url: str) -> Path:
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
@@ -156,6 +209,12 @@ def _folder_release(entry: RegistryEntry) -> Path:
         raise ChecksumError(
             f"{folder / 'model.safetensors'} has SHA-256 {actual}, but the registry ({REGISTRY_FILE.name}) records "
             f"{entry.sha256} for {entry.name}@{entry.version}: the folder holds another export. Restore it from git."
+        )
+    if entry.sums_sha256 and release_digest(folder) != entry.sums_sha256:
+        raise ChecksumError(
+            f"{folder / SHA256SUMS} has SHA-256 {release_digest(folder)}, but the registry ({REGISTRY_FILE.name}) "
+            f"records {entry.sums_sha256} for {entry.name}@{entry.version}: a file of the release changed. Restore it "
+            f"from git."
         )
     return folder
 
@@ -220,13 +279,14 @@ def fetch_release(name: str, registry: str | Path | None = None, cache: str | Pa
     Raises:
         ConfigError: unknown name.
         WeightsError: the URL cannot be reached, the archive is malformed, or a folder URL does not exist here.
-        ChecksumError: the download's (or folder's) SHA-256 differs from the registry's.
+        ChecksumError: the download's (or folder's) SHA-256 differs from the registry's, or the cached folder does
+            not match the registry (put there by hand or changed): the message names it and says to delete it.
     """
     entry = find_entry(name, registry)
     cache = Path(cache) if cache is not None else cache_root()
     cached = cache / entry.name / entry.version
-    if (cached / SHA256SUMS).is_file():
-        return cached
+    if cached.exists() and (not cached.is_dir() or any(cached.iterdir())):
+        return _check_cached(cached, entry)
     if not entry.is_archive:
         return _folder_release(entry)
     cache.mkdir(parents=True, exist_ok=True)
@@ -244,12 +304,15 @@ def fetch_release(name: str, registry: str | Path | None = None, cache: str | Pa
         staging.mkdir()
         _unpack(archive, staging)
         root = _release_root(staging, entry)
+        record = {"name": entry.name, "version": entry.version, "url": entry.url, "archive_sha256": actual}
+        (root / RECORD).write_text(json.dumps({**record, "sums_sha256": release_digest(root)}), encoding="utf-8")
         cached.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(root, cached)
         except OSError:
             if not (cached / SHA256SUMS).is_file():  # another process won the race with a complete copy otherwise
                 raise
+            return _check_cached(cached, entry)
     finally:
         archive.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)

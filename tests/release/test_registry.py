@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 
 import pytest
@@ -12,7 +13,15 @@ from medseg.backbones.weights import sha256_file
 from medseg.errors import ConfigError, WeightsError
 from medseg.release.checksums import ChecksumError
 from medseg.release.load import load_pretrained
-from medseg.release.registry import fetch_release, find_entry, pack_release, read_registry, repository_root
+from medseg.release.registry import (
+    RECORD,
+    fetch_release,
+    find_entry,
+    pack_release,
+    read_registry,
+    release_digest,
+    repository_root,
+)
 
 
 def _registry(path, url, sha256, version="1.2.3", name="tiny-test"):
@@ -81,3 +90,71 @@ def test_committed_registry_points_at_the_committed_release():
     folder = repository_root() / entry.url
     assert sha256_file(folder / "model.safetensors") == entry.sha256
     assert fetch_release(entry.name, cache=repository_root() / "no-such-cache") == folder
+
+
+def test_foreign_folder_under_a_registered_name_is_refused(tiny_releases, tmp_path, monkeypatch, capsys):
+    from medseg.cli import main
+
+    entry = find_entry("medseg-litemedsam-mni-tissue")
+    foreign = tmp_path / "weights" / "releases" / entry.name / entry.version
+    shutil.copytree(tiny_releases["merged"], foreign)  # a valid release, with valid checksums, but not this one
+    monkeypatch.setenv("MEDSEG_WEIGHTS", str(tmp_path / "weights"))
+    with pytest.raises(ChecksumError, match=r"is not the registered medseg-litemedsam-mni-tissue@0\.1\.0") as info:
+        load_pretrained(entry.name)
+    assert str(foreign) in str(info.value) and "delete that folder" in str(info.value)
+    image = next((foreign / "example").glob("image_*.nii.gz"))
+    code = main(["predict", "-m", entry.name, "-i", str(image), "-o", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(foreign) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cached_folder_release_checked_against_the_weights_hash(tiny_releases, tmp_path):
+    registry = _registry(tmp_path / "registry.yaml", str(tiny_releases["merged"]),
+                         sha256_file(tiny_releases["merged"] / "model.safetensors"))  # fmt: skip
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_releases["merged"], cache / "tiny-test" / "1.2.3")
+    assert fetch_release("tiny-test", registry=registry, cache=cache) == cache / "tiny-test" / "1.2.3"  # same export
+    shutil.rmtree(cache / "tiny-test" / "1.2.3")
+    shutil.copytree(tiny_releases["adapter-only"], cache / "tiny-test" / "1.2.3")
+    with pytest.raises(ChecksumError, match="its model.safetensors has SHA-256 .*, the registry records"):
+        fetch_release("tiny-test", registry=registry, cache=cache)
+
+
+def test_cached_download_is_tied_to_the_registered_archive(tiny_releases, edit_config, tmp_path):
+    archive = tmp_path / "server" / "tiny-test-1.2.3.tar.gz"
+    registry = _registry(tmp_path / "registry.yaml", archive.as_uri(), pack_release(tiny_releases["merged"], archive))
+    cache = tmp_path / "cache"
+    cached = fetch_release("tiny-test", registry=registry, cache=cache)
+    assert fetch_release("tiny-test", registry=registry, cache=cache) == cached  # its own download: used again
+    edit_config(cached, lambda c: c["labels"].update(liver=2, kidney=1))  # edited, checksums recomputed
+    with pytest.raises(ChecksumError, match="sha256sums.txt changed since the download"):
+        fetch_release("tiny-test", registry=registry, cache=cache)
+    shutil.rmtree(cached)
+    shutil.copytree(tiny_releases["merged"], cached)  # the same files, but placed by hand: no record of a download
+    with pytest.raises(ChecksumError, match=f"lacks the {RECORD}") as info:
+        fetch_release("tiny-test", registry=registry, cache=cache)
+    assert str(cached) in str(info.value)
+    shutil.rmtree(cached)  # what the message says to do: the registered archive is downloaded again
+    assert load_pretrained("tiny-test", registry=registry, cache=cache).extras["version"] == "1.2.3"
+
+
+def test_sums_sha256_pins_every_file(tiny_releases, tmp_path):
+    folder = tiny_releases["merged"]
+    path = tmp_path / "registry.yaml"
+    entry = {"name": "tiny-test", "version": "1.2.3", "url": str(folder),
+             "sha256": sha256_file(folder / "model.safetensors"), "sums_sha256": release_digest(folder)}  # fmt: skip
+    path.write_text(yaml.safe_dump({"releases": [entry]}))
+    cache = tmp_path / "cache"
+    shutil.copytree(folder, cache / "tiny-test" / "1.2.3")
+    assert fetch_release("tiny-test", registry=path, cache=cache) == cache / "tiny-test" / "1.2.3"
+    path.write_text(yaml.safe_dump({"releases": [{**entry, "sums_sha256": "0" * 64}]}))
+    with pytest.raises(ChecksumError, match=r"sha256sums\.txt has SHA-256 [0-9a-f]{64}, the registry records 0{64}"):
+        fetch_release("tiny-test", registry=path, cache=cache)
+    with pytest.raises(ChecksumError, match=r"a file of the release changed"):
+        fetch_release("tiny-test", registry=path, cache=tmp_path / "empty-cache")  # the folder URL itself
+
+
+def test_committed_registry_pins_the_committed_files():
+    entry = find_entry("medseg-litemedsam-mni-tissue")
+    assert entry.sums_sha256 == release_digest(repository_root() / entry.url)
