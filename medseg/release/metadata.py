@@ -7,16 +7,33 @@ format in words and numbers (``input_format``: modality, channels, orientation, 
 normalisation, slice or patch size in voxels), ``labels``, ``prompt_types``, ``training`` and ``training_data``,
 ``licence`` and ``limitations``. Every number is copied from the run's ``summary.json`` or the release config, never
 typed in.
+
+``medseg verify`` reads it back (:func:`read_metadata`) and compares every fact it states with ``config.yaml``, the
+file that actually builds the model (:func:`metadata_contradictions`): a card that describes another model than the
+one shipped is a failed release, even when every checksum matches.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import platform
 from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
+from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA", "build_metadata", "describe_intensity", "input_format", "modality_of"]
+from medseg.errors import ConfigError
+
+__all__ = [
+    "SCHEMA",
+    "build_metadata",
+    "describe_intensity",
+    "input_format",
+    "metadata_contradictions",
+    "modality_of",
+    "read_metadata",
+]
 
 SCHEMA = "medseg-release-metadata/1"
 
@@ -188,3 +205,88 @@ def build_metadata(
         "limitations": list(limitations),
         "example": dict(example),
     }
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """``metadata.json`` as a dict.
+
+    Raises:
+        ConfigError: the file is missing, not UTF-8 JSON, or not a JSON object; the message names it.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: a medseg release describes itself there; re-export it.") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{path} is not JSON ({err.msg}, line {err.lineno} column {err.colno}); re-export or re-download the "
+            f"release."
+        ) from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(
+            f"{path} cannot be read as UTF-8 JSON ({err}); re-export or re-download the release."
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not the object medseg writes; re-export it.")
+    return data
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON data, floats within 1e-6 (YAML and JSON may print one number differently)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return set(map(str, a)) == set(map(str, b)) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def metadata_contradictions(metadata: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """The facts ``metadata.json`` states differently from ``config.yaml`` (the file that builds the model), each
+    naming both values; empty when they agree.
+
+    Checked: name, version, labels (and the output's ``label_def``), the number of classes, weights (mode, base),
+    the backbone, and the input format derived from the preprocessing (spacing, orientation, channels, modality,
+    slice or patch size, intensity method). Card texts are not compared: they are prose, not facts the model uses.
+    """
+    problems: list[str] = []
+
+    def compare(what: str, stated: Any, built: Any) -> None:
+        if not _same(stated, built):
+            problems.append(f"{what}: metadata.json says {stated!r}, config.yaml says {built!r}")
+
+    def get(*keys: str) -> Any:
+        node: Any = metadata
+        for key in keys:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        return node
+
+    labels = {str(k): int(v) for k, v in dict(config["labels"]).items()}
+    compare("name", metadata.get("name"), config.get("name"))
+    compare("version", metadata.get("version"), config.get("version"))
+    compare("labels", metadata.get("labels"), labels)
+    compare(
+        "label_def", get("network_data_format", "outputs", "pred", "label_def"), {str(v): k for k, v in labels.items()}
+    )
+    model = dict(config.get("model") or {})
+    classes = model.get("num_classes", len(labels))
+    stated = metadata.get("labels")
+    compare("number of classes", len(stated) if isinstance(stated, Mapping) else stated, classes)
+    compare("weights", metadata.get("weights"), dict(config["weights"]))
+    if "backbone" in model:
+        compare("backbone", get("training", "backbone"), model["backbone"])
+    try:
+        built = input_format(config)
+    except (KeyError, TypeError, ValueError) as err:
+        problems.append(f"config.yaml's preprocessing cannot be described ({type(err).__name__}: {err})")
+        return problems
+    for key in ("modality", "channels", "num_channels", "orientation", "spacing_mm", "dimensions", "slice_axis",
+                "slice_size_px", "patch_size_voxels"):  # fmt: skip
+        compare(f"input_format.{key}", get("input_format", key), built[key])
+    compare("input_format.intensity.method", get("input_format", "intensity", "method"), built["intensity"]["method"])
+    compare("inputs.image.spacing_mm", get("network_data_format", "inputs", "image", "spacing_mm"), built["spacing_mm"])
+    return problems

@@ -1,14 +1,17 @@
 """``medseg verify RELEASE_DIR``: check that a copy of a release is intact and works, and say what was checked.
 
-Three checks, in order, each printed on one line:
+Four checks, in order, each printed on one line:
 
 1. **checksums**: every file listed in ``sha256sums.txt`` has its SHA-256, and no unlisted file lies in the folder;
-2. **rebuild**: the model is rebuilt from ``config.yaml`` and ``model.safetensors`` (and, for an adapter-only
+2. **metadata**: ``config.yaml`` passes the release rules (safe YAML, no resolvers, allowed targets only) and
+   ``metadata.json`` is JSON whose facts (labels, classes, backbone, weights, spacing...) agree with it. Checksums
+   only show that files are intact, not that they tell the truth: anyone who edits a release can recompute them;
+3. **rebuild**: the model is rebuilt from ``config.yaml`` and ``model.safetensors`` (and, for an adapter-only
    release, the base weights found and hash-checked), as :func:`medseg.release.load.load_release` does;
-3. **example**: the example input is predicted and compared with ``example/expected_label.nii.gz``: identical voxels,
+4. **example**: the example input is predicted and compared with ``example/expected_label.nii.gz``: identical voxels,
    or a Dice of at least 0.999 for every label.
 
-The exit code is 0 only if all three pass; a failed check ends the run with its reason.
+The exit code is 0 only if all four pass; a failed check ends the run with its reason.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from pathlib import Path
 
 from medseg.errors import MedsegError
 
-__all__ = ["Check", "VerifyReport", "run_verify", "verify_release"]
+__all__ = ["CHECKS", "Check", "VerifyReport", "run_verify", "verify_release"]
+
+#: The checks of a full verification, in order.
+CHECKS = ("checksums", "metadata", "rebuild", "example")
 
 
 @dataclass
@@ -42,7 +48,7 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return len(self.checks) == 3 and all(c.passed for c in self.checks)
+        return [c.name for c in self.checks] == list(CHECKS) and all(c.passed for c in self.checks)
 
 
 def _example_check(loaded, folder: Path) -> Check:
@@ -68,13 +74,36 @@ def _example_check(loaded, folder: Path) -> Check:
     return Check("example", bool(result["passed"]), detail)
 
 
+def _metadata_check(folder: Path) -> Check:
+    from omegaconf import OmegaConf
+
+    from medseg.release.metadata import metadata_contradictions, read_metadata
+    from medseg.release.spec import METADATA, read_release_config
+
+    try:
+        config = OmegaConf.to_container(read_release_config(folder))
+        metadata = read_metadata(folder / METADATA)
+    except MedsegError as err:
+        return Check("metadata", False, str(err))
+    problems = metadata_contradictions(metadata, config)
+    if problems:
+        return Check(
+            "metadata", False, f"{folder / METADATA} contradicts config.yaml: {'; '.join(problems)}. Re-export it."
+        )
+    labels = ", ".join(f"{v}={k}" for k, v in config["labels"].items())
+    backbone = config["model"].get("backbone") or config["model"].get("name") or "?"
+    return Check(
+        "metadata", True, f"config.yaml is a plain release config; metadata.json agrees ({labels}; {backbone})"
+    )
+
+
 def verify_release(
     path: str | Path,
     device: str = "cpu",
     base_weights: str | Path | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> VerifyReport:
-    """Run the three checks of the module docstring; stop at the first that fails.
+    """Run the four checks of the module docstring; stop at the first that fails.
 
     Args:
         path: the release folder.
@@ -84,7 +113,7 @@ def verify_release(
     """
     from medseg.release.checksums import verify_checksums
     from medseg.release.load import load_release
-    from medseg.release.spec import CONFIG, WEIGHTS
+    from medseg.release.spec import CONFIG, METADATA, WEIGHTS
 
     folder = Path(path)
     report = VerifyReport(release=str(folder))
@@ -96,7 +125,7 @@ def verify_release(
         return check.passed
 
     try:
-        sums = verify_checksums(folder, required=(WEIGHTS, CONFIG, "example/example.json"))
+        sums = verify_checksums(folder, required=(WEIGHTS, CONFIG, METADATA, "example/example.json"))
     except MedsegError as err:
         record(Check("checksums", False, str(err)))
         return report
@@ -104,6 +133,8 @@ def verify_release(
     if sums.unlisted:
         detail += f"; unlisted files {sums.unlisted[:5]} (not covered by any checksum: remove them or re-export)"
     if not record(Check("checksums", not sums.unlisted, detail)):
+        return report
+    if not record(_metadata_check(folder)):
         return report
     try:
         started = time.perf_counter()

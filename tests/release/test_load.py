@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
-import yaml
 
 import medseg
 from medseg.errors import ConfigError, WeightsError
-from medseg.release.checksums import ChecksumError, write_checksums
+from medseg.release.checksums import ChecksumError
 from medseg.release.load import load_release
 from medseg.release.verify import run_verify, verify_release
 
@@ -17,13 +18,6 @@ def _flip_byte(path, offset=None):
     offset = len(data) // 2 if offset is None else offset
     data[offset] ^= 0x01
     path.write_bytes(bytes(data))
-
-
-def _edit_config(folder, change):
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    change(config)
-    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    write_checksums(folder)  # a consistent but different release: only the content check below can catch it
 
 
 @pytest.mark.parametrize("mode", ["adapter-only", "merged"])
@@ -47,16 +41,19 @@ def test_truncated_file_refused(release_copy, base_weights_env):
         medseg.load_pretrained(folder)
 
 
-def test_missing_base_weights_are_named(release_copy, tmp_path, monkeypatch):
+def test_missing_base_weights_are_named(release_copy, edit_config, tmp_path, monkeypatch):
     folder = release_copy("adapter-only")
     monkeypatch.setenv("MEDSEG_WEIGHTS", str(tmp_path / "empty"))
     with pytest.raises(WeightsError, match=r"Missing base weights 'tiny_mae\.safetensors' \(backbone mae_vit_base"):
         load_release(folder)
-    _edit_config(folder, lambda c: c["weights"]["base"].update(file="mae_pretrain_vit_base.pth"))
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["weights"]["base"]["file"] = "mae_pretrain_vit_base.pth"  # config and metadata agree: rebuild is reached
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    edit_config(folder, lambda c: c["weights"]["base"].update(file="mae_pretrain_vit_base.pth"))
     report = verify_release(folder)
-    assert [c.passed for c in report.checks] == [True, False]
-    assert "mae_pretrain_vit_base.pth" in report.checks[1].detail
-    assert "dl.fbaipublicfiles.com" in report.checks[1].detail  # where to get the official file
+    assert [(c.name, c.passed) for c in report.checks] == [("checksums", True), ("metadata", True), ("rebuild", False)]
+    assert "mae_pretrain_vit_base.pth" in report.checks[2].detail
+    assert "dl.fbaipublicfiles.com" in report.checks[2].detail  # where to get the official file
 
 
 def test_base_weights_with_another_hash_refused(release_copy, base_weights_env):
@@ -70,9 +67,9 @@ def test_base_weights_with_another_hash_refused(release_copy, base_weights_env):
     assert load_release(folder).kind == "dense"  # restored: loads again
 
 
-def test_release_config_cannot_call_arbitrary_code(release_copy):
+def test_release_config_cannot_call_arbitrary_code(release_copy, edit_config):
     folder = release_copy("merged")
-    _edit_config(folder, lambda c: c["model"].update(_target_="os.system"))
+    edit_config(folder, lambda c: c["model"].update(_target_="os.system"))
     with pytest.raises(ConfigError, match=r"config\.model\._target_ = 'os.system' is not allowed"):
         load_release(folder)
 
