@@ -52,21 +52,30 @@ def _front_matter(metadata: Mapping[str, Any]) -> dict[str, Any]:
     fmt = metadata["input_format"]
     training = metadata["training"]
     tags = ["medical-imaging", "segmentation", "medseg", "monai", fmt["modality"].lower()]
-    tags += [str(t) for t in (training.get("backbone"), training.get("adapter")) if t]
+    backbone = _backbone(training)
+    tags += [str(t) for t in (backbone, training.get("adapter")) if t]
     base = metadata["weights"].get("base") or {}
     front = {
         "license": str(metadata["licence"]).lower(),
         "library_name": "medseg",
         "pipeline_tag": "image-segmentation",
         "tags": tags,
-        "base_model": training.get("backbone"),
+        "base_model": backbone,
         "datasets": [metadata["training_data"]["dataset"]],
         "metrics": ["dice", "hd95", "nsd"],
         "model-index": model_index(metadata),
     }
+    if backbone is None:  # a from-scratch baseline has no base model
+        del front["base_model"]
     if base:
         front["base_model_file"] = {"file": base["file"], "sha256": base["sha256"]}
     return front
+
+
+def _backbone(training: Mapping[str, Any]) -> str | None:
+    """The pretrained backbone's name, or ``None`` for a from-scratch baseline (recorded as ``none`` or missing)."""
+    name = training.get("backbone")
+    return None if name in (None, "none", "None") else str(name)
 
 
 def _count(value: Any) -> str:
@@ -121,7 +130,7 @@ def render_model_card(metadata: Mapping[str, Any], twin: Mapping[str, Any] | Non
         "",
         "```bash",
         f"medseg predict -m {name} -i image.nii.gz -o out/   # or -m path/to/{name}",
-        "medseg verify path/to/release      # checksums, rebuild, example -> exit 0",
+        "medseg verify path/to/release      # checksums, metadata, rebuild, example -> exit 0",
         "```",
         "",
         "```python",
@@ -141,9 +150,14 @@ def render_model_card(metadata: Mapping[str, Any], twin: Mapping[str, Any] | Non
         "",
         "## Training",
         "",
-        f"- Backbone `{training.get('backbone')}` ({training.get('init')}), adapter `{training.get('adapter')}`, "
-        f"decoder `{training.get('decoder')}`; {_count(training.get('trainable_params'))} of "
-        f"{_count(training.get('total_params'))} parameters trained.",
+        (
+            f"- Backbone `{_backbone(training)}` ({training.get('init')}), adapter `{training.get('adapter')}`, "
+            f"decoder `{training.get('decoder')}`"
+            if _backbone(training)
+            else f"- Model `{training.get('model')}` trained from scratch (no pretrained backbone)"
+        )
+        + f"; {_count(training.get('trainable_params'))} of {_count(training.get('total_params'))} parameters "
+        f"trained.",
         f"- {training.get('steps_trained') or 'an unrecorded number of'} optimisation steps on "
         f"{data['num_train_cases'] or 'its'} training cases of "
         f"`{data['dataset']}` (fold {data['fold']}, label fraction {data['label_fraction']}), seed "

@@ -46,11 +46,7 @@ def _twin_summary(run_dir: Path, init: str) -> dict[str, Any] | None:
     return read_summary(twin / "summary.json") if (twin / "summary.json").is_file() else None
 
 
-def _load_run_model(run_dir: Path, run_cfg: Any, summary: Mapping[str, Any], num_classes: int, in_channels: int,
-                    labels: Mapping[str, int]) -> torch.nn.Module:  # fmt: skip
-    from medseg.config import instantiate
-    from medseg.evaluate import load_weights
-
+def _summary_checkpoint(run_dir: Path, summary: Mapping[str, Any]) -> Path:
     name = str(summary.get("checkpoint", ""))
     checkpoint = run_dir / "checkpoints" / name
     if not name.endswith(".ckpt") or not checkpoint.is_file():
@@ -58,10 +54,51 @@ def _load_run_model(run_dir: Path, run_cfg: Any, summary: Mapping[str, Any], num
             f"{run_dir}/summary.json was computed from checkpoint {name!r}, which is not in {run_dir}/checkpoints; "
             f"re-evaluate the run (`medseg evaluate run_dir={run_dir}`) so that its numbers and weights agree."
         )
+    return checkpoint
+
+
+def _load_run_model(checkpoint: Path, run_cfg: Any, num_classes: int, in_channels: int,
+                    labels: Mapping[str, int]) -> torch.nn.Module:  # fmt: skip
+    from medseg.config import instantiate
+    from medseg.evaluate import load_weights
+
     model = instantiate(run_cfg.model, num_classes=num_classes, in_channels=in_channels)
     task = instantiate(run_cfg.task, model=model, label_names=dict(labels))
     load_weights(task, checkpoint)
     return task.model.eval()
+
+
+def _select(run_cfg: Any, key: str) -> Any:
+    """``run_cfg.<key>`` or ``None``: a saved Hydra config keeps ``${hydra:...}`` values that only resolve in a run."""
+    return OmegaConf.select(run_cfg, key, default=None, throw_on_resolution_failure=False)
+
+
+def _run_facts(run_dir: Path, run_cfg: Any, model_cfg: Mapping[str, Any], dataset: str,
+               checkpoint: Path) -> dict[str, Any]:  # fmt: skip
+    """What ``medseg train`` records in ``summary.json``, rebuilt from the run's config, folder and checkpoint.
+
+    A summary written by ``medseg evaluate`` alone lacks these facts; the card must still name the real backbone,
+    model and dataset (never "backbone None ... model None-None ... on None").
+    """
+    from medseg.backbones.weights import load_checkpoint
+
+    backbone = model_cfg.get("backbone")
+    adapter = (model_cfg.get("adapter") or {}).get("name") or _select(run_cfg, "adapter.name")
+    parts = run_dir.parent.name.split("__")  # results/<dataset>/<model>__<adapter>__<init>/fold_<k>
+    named = _select(run_cfg, "model_name") or (parts[0] if len(parts) == 3 else None)
+    built = f"{backbone}-{model_cfg.get('decoder')}" if backbone else model_cfg.get("name")
+    step = load_checkpoint(checkpoint).get("global_step")
+    return {
+        "dataset": dataset,
+        "backbone": str(backbone) if backbone else "none",
+        "init": _select(run_cfg, "init") or ("pretrained" if model_cfg.get("pretrained") else "scratch"),
+        "adapter": adapter or "full",
+        "model": str(named or built or model_cfg.get("_target_", "?").rsplit(".", 1)[-1]),
+        "fold": _select(run_cfg, "data.fold"),
+        "label_fraction": _select(run_cfg, "data.label_fraction"),
+        "seed": _select(run_cfg, "seed"),
+        "steps_trained": int(step) if isinstance(step, int) else None,
+    }
 
 
 def _assert_same_weights(rebuilt: torch.nn.Module, trained: torch.nn.Module) -> None:
@@ -83,19 +120,27 @@ def _defaults(summary: Mapping[str, Any], dataset: Mapping[str, Any], config: Ma
     fmt = input_format(config)
     classes = ", ".join(k for k, v in config["labels"].items() if int(v) != 0)
     spacing = " x ".join(f"{s:g}" for s in fmt["spacing_mm"]) + " mm" if fmt["spacing_mm"] else "native spacing"
+    if summary.get("backbone") in (None, "none"):
+        how = f"model {summary.get('model')} trained from scratch (no pretrained backbone) with medseg"
+    else:
+        how = (
+            f"backbone {summary.get('backbone')} ({summary.get('init')}) with a {summary.get('adapter')} adapter, "
+            f"model {summary.get('model')}, fine-tuned with medseg"
+        )
     description = (
-        f"Segments {classes} in {fmt['modality']} images ({', '.join(fmt['channels'].values())}): backbone "
-        f"{summary.get('backbone')} ({summary.get('init')}) with a {summary.get('adapter')} adapter, model "
-        f"{summary.get('model')}, fine-tuned with medseg on {summary.get('dataset')}."
+        f"Segments {classes} in {fmt['modality']} images ({', '.join(fmt['channels'].values())}): {how} on "
+        f"{summary.get('dataset')}."
     )
     intended = (
         f"Research and teaching: segmenting {classes} on {fmt['modality']} images resembling {summary.get('dataset')}"
         f" (resampled to {spacing}); a starting point for further fine-tuning with medseg. Not for clinical use."
     )
+    steps, cases = summary.get("steps_trained"), summary.get("num_train_cases")
     limitations = [
-        f"Trained for {summary.get('steps_trained')} steps on {summary.get('num_train_cases')} cases of one dataset "
-        f"({summary.get('dataset')}) and tested on {summary.get('n_cases')} cases with one seed: the numbers carry "
-        f"no confidence interval and say little about other data.",
+        f"Trained for {steps if steps is not None else 'an unrecorded number of'} steps on "
+        f"{cases if cases is not None else 'the training'} cases of one dataset ({summary.get('dataset')}) and tested "
+        f"on {summary.get('n_cases')} cases with one seed: the numbers carry no confidence interval and say little "
+        f"about other data.",
         "Images unlike the training data (another modality, contrast, field of view, or a resolution far from "
         f"{spacing}) are out of distribution: expect worse results and check every output.",
         "Not a medical device: not validated for diagnosis, treatment or any clinical decision.",
@@ -181,14 +226,10 @@ def export_release(
     data_root = OmegaConf.select(run_cfg, "data.data_root", default=None)
     info = load_dataset_info(find_dataset(str(run_cfg.data.dataset), Path(data_root) if data_root else None))
     _, spacing = resolve_median_spacing(OmegaConf.to_container(run_cfg.data.preprocess.transforms, resolve=True), info)
-    model = _load_run_model(run_dir, run_cfg, summary, info.num_classes, info.num_channels, info.labels)
+    checkpoint = _summary_checkpoint(run_dir, summary)
+    model = _load_run_model(checkpoint, run_cfg, info.num_classes, info.num_channels, info.labels)
     model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)
-    facts = {  # what `medseg train` records in the summary; a re-evaluated run's summary may lack it
-        "backbone": model_cfg.get("backbone"),
-        "init": OmegaConf.select(run_cfg, "init", default=None),
-        "adapter": (model_cfg.get("adapter") or {}).get("name"),
-        "model": f"{model_cfg.get('backbone')}-{model_cfg.get('decoder')}",
-    }
+    facts = _run_facts(run_dir, run_cfg, model_cfg, info.root.name, checkpoint)
     summary = {**facts, **{k: v for k, v in summary.items() if v is not None}}
     if mode is None:
         mode = "adapter-only" if has_adapters(model) and model_cfg.get("pretrained") else "merged"

@@ -43,7 +43,7 @@ def test_adapter_only_release_round_trip(tiny_run, tiny_releases, base_weights_e
 
     report = verify_release(folder)
     assert report.passed, [(c.name, c.detail) for c in report.checks]
-    assert [c.name for c in report.checks] == ["checksums", "rebuild", "example"]
+    assert [c.name for c in report.checks] == ["checksums", "metadata", "rebuild", "example"]
 
     loaded = load_release(folder)
     assert loaded.kind == "dense" and loaded.label_names[0] == "background"
@@ -122,3 +122,39 @@ def test_export_refuses_bad_requests(tiny_run, tiny_releases, tmp_path):
     with pytest.raises(ConfigError, match="exclude each other"):
         run_export(run_dir, tmp_path / "r", merge=True, adapter_only=True)
     assert not (tmp_path / "r").exists()
+
+
+def _texts(folder) -> tuple[dict, list[str]]:
+    metadata = json.loads((folder / "metadata.json").read_text())
+    card = (folder / "model_card.md").read_text()
+    return metadata, [metadata["description"], metadata["intended_use"], *metadata["limitations"], card]
+
+
+def test_metadata_names_the_real_backbone_model_and_dataset(tiny_run, tiny_releases):
+    # The run was evaluated by `medseg evaluate` alone: its summary.json lacks backbone, model and dataset.
+    assert not {"backbone", "model", "dataset"} & set(read_summary(tiny_run["run_dir"] / "summary.json"))
+    metadata, texts = _texts(tiny_releases["adapter-only"])
+    assert [t for t in texts if "None" in t] == []
+    assert metadata["description"].endswith(
+        "backbone mae_vit_base (pretrained) with a lora adapter, model tiny-vit_unetr, fine-tuned with medseg on "
+        "Dataset990_Synthetic."
+    )
+    assert metadata["training"]["model"] == "tiny-vit_unetr" and metadata["training"]["steps_trained"] == 3
+    assert metadata["training_data"]["dataset"] == "Dataset990_Synthetic" and metadata["training_data"]["fold"] == 0
+
+
+def test_baseline_release_is_described_as_trained_from_scratch(tiny_unet_run, tmp_path):
+    folder = export_release(tiny_unet_run, tmp_path / "unet", name="tiny-unet", version="0.1.0")
+    metadata, texts = _texts(folder)
+    assert [t for t in texts if "None" in t] == []
+    assert (
+        "model unet2d trained from scratch (no pretrained backbone) with medseg on Dataset990_Synthetic."
+        in (metadata["description"])
+    )
+    training = metadata["training"]
+    assert (training["backbone"], training["model"], training["init"], training["adapter"]) == (
+        "none", "unet2d", "scratch", "full",
+    )  # fmt: skip
+    assert "Model `unet2d` trained from scratch" in texts[-1]
+    assert "base_model" not in read_front_matter(texts[-1])  # a from-scratch baseline has no base model
+    assert verify_release(folder).passed
