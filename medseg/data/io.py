@@ -2,15 +2,17 @@
 
 MONAI's readers already agree on one world frame: the ``affine`` of the result maps array indices to RAS+ millimetres,
 for NIfTI (nibabel) and for DICOM (pydicom, whose LPS patient frame is converted). This module adds what a user of
-whole datasets needs on top: a reader chosen from the path, several channel files stacked into one image after
-checking that they share a grid, and errors that name the file instead of a traceback from inside a reader.
+whole datasets needs on top: a reader chosen from the path, headers checked before the voxels are read (size,
+truncation, geometry, one regular DICOM series), several channel files stacked into one image after checking that
+they share a grid, and errors that name the file instead of a traceback from inside a reader.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
-import threading
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,11 +21,14 @@ import torch
 from monai.data import MetaTensor, NibabelReader, PydicomReader
 from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform
 
-from medseg.errors import ReaderError
+from medseg.data.dicom_series import DicomSeries, lenient_dicom_values, read_dicom_header, scan_series
+from medseg.data.headers import check_declared_size, read_nifti_header
+from medseg.errors import ConfigError, ReaderError
 
 __all__ = [
     "NIFTI_SUFFIXES",
     "LoadCased",
+    "check_header",
     "is_dicom_series",
     "load_case",
     "load_image",
@@ -64,46 +69,119 @@ def _reader_for(path: Path):
     )
 
 
-_PYDICOM_SETTINGS = threading.Lock()
+def _read_dicom_file_header(path: Path) -> None:
+    """Refuse a single DICOM file whose declared pixels exceed the memory limit, before MONAI reads them."""
+    ds = read_dicom_header(path)
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    if rows is None or columns is None:
+        return  # no image: MONAI's error names the missing pixel data
+    try:
+        frames = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    except (TypeError, ValueError):
+        frames = 1
+    bits, samples = int(ds.get("BitsAllocated", 16) or 16), int(ds.get("SamplesPerPixel", 1) or 1)
+    itemsize = next(n for n in (1, 2, 4, 8) if bits <= 8 * n or n == 8)
+    check_declared_size(path, (int(columns), int(rows), frames) + ((samples,) if samples > 1 else ()), f"u{itemsize}")
 
 
-@contextlib.contextmanager
-def _lenient_dicom_values():
-    """pydicom's value validation as its default (warn), for the duration of one MONAI read.
+def _series_reader(path: Path, series: str | None) -> tuple[PydicomReader, DicomSeries]:
+    """A reader restricted to the files of the checked series (MONAI globs ``folder/*`` and matches this regex)."""
+    if glob.has_magic(str(path)):
+        raise ReaderError(
+            f"{path}: the folder name holds one of the characters * ? [ ], which the DICOM reader (MONAI, through "
+            f"glob) takes as a pattern. Rename the folder."
+        )
+    checked = scan_series(path, series)
+    prefix = re.escape(os.path.join(str(path), ""))
+    names = "|".join(re.escape(f.name) for f in checked.files)
+    return PydicomReader(fname_regex=f"{prefix}(?:{names})\\Z"), checked
 
-    MONAI's ``PydicomReader`` appends the mean slice distance, a float of up to 17 digits, to the first slice's
-    ``PixelSpacing`` (a DICOM decimal string list, 16 characters at most). pydicom validates that in its global
-    *reading* mode, which ``Dataset.to_json_dict`` (MONAI's metadata) switches to "raise" and back without a lock:
-    reads in two threads can leave it at "raise" for good, and every later series with an unround slice distance
-    then fails to load. The mode is set here, under a lock, and restored after.
+
+def _check_read_geometry(path: Path, image: MetaTensor, expected: np.ndarray | None, nifti: bool) -> None:
+    """The affine the reader produced must be the one the header states; MONAI may quietly choose another.
+
+    MONAI replaces a NIfTI's sform by its qform when the sform's voxel sizes differ from ``pixdim``, while nibabel,
+    ITK-SNAP and the NIfTI standard use the sform: such a file would be placed differently by different tools.
     """
-    from pydicom import config
+    from medseg.data.checks import geometry_difference
 
-    with _PYDICOM_SETTINGS:
-        saved = config.settings._reading_validation_mode
-        config.settings.reading_validation_mode = config.WARN
-        try:
-            yield
-        finally:
-            config.settings._reading_validation_mode = saved
+    read = np.asarray(image.affine, dtype=float)
+    if expected is None or read.shape != (4, 4):
+        return
+    difference = geometry_difference(np.asarray(expected, dtype=float), read)
+    if not difference:
+        return
+    if nifti:
+        raise ReaderError(
+            f"{path}: its sform and its qform/pixdim disagree ({difference}); nibabel uses the sform, MONAI the "
+            f"qform, so tools would place the image differently. If the sform is right, make them agree with "
+            f"nibabel: img = nib.load(path); img.set_qform(img.affine, code=1); nib.save(img, path)."
+        )
+    raise ReaderError(
+        f"{path}: the stacked series is not where its slice positions say ({difference}). Convert the series with "
+        f"dcm2niix and give the NIfTI file instead."
+    )
 
 
-def load_image(path: str | os.PathLike[str]) -> MetaTensor:
+def _checked_reader(path: Path, series: str | None):
+    """The reader for ``path`` and the affine its header states (``None``: not known), after the header checks."""
+    if not path.exists():
+        raise ReaderError(f"{path} does not exist.")
+    reader = _reader_for(path)
+    if series is not None and not path.is_dir():
+        raise ConfigError(
+            f"series={series!r} selects a series of a DICOM folder, but {path} is a single file; leave it out."
+        )
+    if isinstance(reader, NibabelReader):
+        return reader, read_nifti_header(path).affine
+    if path.is_dir():
+        reader, checked = _series_reader(path, series)
+        return reader, checked.affine
+    _read_dicom_file_header(path)
+    return reader, None
+
+
+def check_header(path: str | os.PathLike[str], *, series: str | None = None) -> None:
+    """Every check :func:`load_image` makes before reading voxels, without reading them (headers only).
+
+    Meant for commands that take many inputs (``medseg predict`` on a folder) to refuse a bad one before the heavy
+    work on the others starts.
+
+    Raises:
+        ReaderError: as :func:`load_image`, except for what only the voxels show (truncated compressed data).
+        ConfigError: ``series`` given for a single file, or an invalid ``$MEDSEG_MAX_INPUT_GB``.
+    """
+    _checked_reader(Path(path), series)
+
+
+def load_image(path: str | os.PathLike[str], *, series: str | None = None) -> MetaTensor:
     """Read one image file or DICOM series folder as a channel-first MetaTensor.
+
+    The header is checked before any voxel is read (NIfTI: :mod:`medseg.data.headers`; DICOM folders:
+    :mod:`medseg.data.dicom_series`), so an input above the memory limit, a truncated file, an unusable geometry or
+    a folder that is not one regular series fails in a fraction of a second instead of after the allocation. The
+    affine the reader produces is then compared with the one the header states, since MONAI may swap a NIfTI's
+    sform for its qform without a word.
+
+    Args:
+        path: A NIfTI file, a DICOM file, or a DICOM series folder.
+        series: For a DICOM folder holding several series, the one to read: its SeriesInstanceUID, or its unique
+            SeriesDescription.
 
     Returns:
         ``(C, X, Y, Z)`` float tensor whose ``affine`` maps voxel indices to RAS+ world coordinates in mm. A 3D file
         gives one channel; a 4D NIfTI (MSD multi-modal) gives one channel per volume.
 
     Raises:
-        ReaderError: missing, unreadable or truncated file, unsupported format, or an empty array.
+        ReaderError: missing, unreadable or truncated file, unsupported format, an empty array, a declared size
+            above ``$MEDSEG_MAX_INPUT_GB``, a broken header geometry, or a DICOM folder that is not one regular
+            series (several series, a gap, a duplicate, inconsistent slices).
+        ConfigError: ``series`` given for a single file, or an invalid ``$MEDSEG_MAX_INPUT_GB``.
     """
     path = Path(path)
-    if not path.exists():
-        raise ReaderError(f"{path} does not exist.")
-    reader = _reader_for(path)
+    reader, expected = _checked_reader(path, series)
     try:
-        with _lenient_dicom_values() if isinstance(reader, PydicomReader) else contextlib.nullcontext():
+        with lenient_dicom_values() if isinstance(reader, PydicomReader) else contextlib.nullcontext():
             image = LoadImage(reader=reader, image_only=True)(str(path))
         image = EnsureChannelFirst()(image)
     except ReaderError:
@@ -116,6 +194,7 @@ def load_image(path: str | os.PathLike[str]) -> MetaTensor:
         ) from err
     if image.numel() == 0:
         raise ReaderError(f"{path} holds an empty array (shape {tuple(image.shape)}).")
+    _check_read_geometry(path, image, expected, nifti=isinstance(reader, NibabelReader))
     return image
 
 

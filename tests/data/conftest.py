@@ -9,6 +9,7 @@ layout, a test split with labels) and then breaks exactly one thing. Use them fr
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +50,68 @@ def synthetic_case(shape: Sequence[int], index: int, num_labels: int, rng: np.ra
 def nifti_writer() -> Callable[..., Path]:
     """The :func:`write_nifti` helper."""
     return write_nifti
+
+
+def edit_nifti_header(path: Path, **fields) -> Path:
+    """Overwrite header fields of a saved ``.nii`` or ``.nii.gz`` in place, as a broken writer would have stored them.
+
+    ``nib.save`` recomputes the sform, qform and pixdim from the image's affine, so a bad header can only be made by
+    editing the stored bytes. Array fields take a sequence (``pixdim=[1, 0.8, float("nan"), 2, 1, 1, 1, 1]``) or a
+    ``{index: value}`` dict (``srow_x={0: float("nan")}``).
+    """
+    header = nib.load(str(path)).header.copy()
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            for index, item in value.items():
+                header[name][index] = item
+        else:
+            header[name] = value
+    compressed = path.name.endswith(".gz")
+    stored = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
+    stored = header.binaryblock + stored[len(header.binaryblock) :]
+    path.write_bytes(gzip.compress(stored) if compressed else stored)
+    return path
+
+
+def header_only_nifti(path: Path, shape: Sequence[int], dtype=np.float32) -> Path:
+    """A gzipped NIfTI holding a header that declares ``shape`` of ``dtype`` and no voxel data (a few hundred bytes)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(tuple(shape))
+    header.set_data_dtype(dtype)
+    header.set_sform(np.eye(4), code=1)
+    header.set_qform(np.eye(4), code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    return path
+
+
+@pytest.fixture
+def nifti_header_editor() -> Callable[..., Path]:
+    """The :func:`edit_nifti_header` helper."""
+    return edit_nifti_header
+
+
+@pytest.fixture
+def header_only_writer() -> Callable[..., Path]:
+    """The :func:`header_only_nifti` helper."""
+    return header_only_nifti
+
+
+@pytest.fixture
+def no_voxel_reads(monkeypatch):
+    """Make any read of NIfTI voxel data (nibabel's array proxy, MONAI's LoadImage) fail the test.
+
+    A header check must refuse a bad file from its header alone; reading the voxels first is what allocated
+    gigabytes for a header declaring 1000^3 voxels.
+    """
+    from nibabel.arrayproxy import ArrayProxy
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("voxel data was read before the header was checked")
+
+    for name in ("__array__", "get_unscaled", "_get_scaled"):
+        monkeypatch.setattr(ArrayProxy, name, refuse)
+    monkeypatch.setattr("monai.transforms.LoadImage.__call__", refuse)
 
 
 @pytest.fixture

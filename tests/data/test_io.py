@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.data.io import is_dicom_series, load_case, load_image
-from medseg.errors import ReaderError
+from medseg.data.io import check_header, is_dicom_series, load_case, load_image
+from medseg.errors import ConfigError, ReaderError
 
 
 def _nifti(path, data, affine=None):
@@ -72,3 +72,14 @@ def test_real_dicom_file_reads():
     image = load_image(path)
     assert image.shape[0] == 1 and image.shape[1:3] == (128, 128)
     assert float(image.max()) > 1000  # CT_small holds raw stored values well above zero
+
+
+def test_check_header_refuses_without_reading_voxels(tmp_path, nifti_header_editor, no_voxel_reads):
+    """What predict can run on every input before the heavy work: the header checks of load_image, no voxel read."""
+    good = _nifti(tmp_path / "good.nii", np.zeros((4, 5, 6), np.float32))
+    check_header(good)
+    bad = nifti_header_editor(_nifti(tmp_path / "bad.nii", np.zeros((4, 5, 6), np.float32)), srow_z={3: float("nan")})
+    with pytest.raises(ReaderError, match=r"bad\.nii: the sform .* NaN or Inf"):
+        check_header(bad)
+    with pytest.raises(ConfigError, match=r"series='1\.2\.3' selects a series of a DICOM folder, but .*good\.nii"):
+        check_header(good, series="1.2.3")
