@@ -2,7 +2,8 @@
 
 Split from :mod:`medseg.data.validate` (which walks the folders and dataset.json) by concept: this module knows
 about one case's files, their headers and voxels, and nothing about the dataset layout. It never raises for a bad
-file; see :mod:`medseg.data.validate` for the tolerances and the dimensionality rules.
+file; see :mod:`medseg.data.validate` for the tolerances and the dimensionality rules. Files are opened through the
+header checks of :mod:`medseg.data.headers`, the same that ``medseg predict`` and training make.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from medseg.data.headers import HeaderError, check_declared_size, read_nifti_header
 
 __all__ = ["CheckOptions", "Problem", "check_case", "geometry_difference", "open_image"]
 
@@ -38,15 +41,28 @@ class Problem:
 
 
 def open_image(path: Path) -> nib.spatialimages.SpatialImage:
-    """Open an image with nibabel conventions (``.affine`` maps voxel indices to RAS+ mm).
+    """Open an image with nibabel conventions (``.affine`` maps voxel indices to RAS+ mm), its header checked first.
 
-    NIfTI files are opened lazily (header only, data read on access); other formats are read with SimpleITK, whose
-    LPS geometry is converted to RAS and whose (z, y, x) array is transposed to nibabel's (x, y, z) order.
+    NIfTI files are opened lazily (header only, data read on access) through
+    :func:`medseg.data.headers.read_nifti_header`, the header checks every medseg reader makes: declared size
+    against the memory limit, truncation, NaN/zero voxel sizes, a broken sform or qform. Other formats are read with
+    SimpleITK, after their header's size is checked; their LPS geometry is converted to RAS and their (z, y, x)
+    array transposed to nibabel's (x, y, z) order.
+
+    Raises:
+        HeaderError: the header is unusable (see :mod:`medseg.data.headers`).
     """
     if str(path).endswith((".nii", ".nii.gz")):
-        return nib.load(str(path))
+        return read_nifti_header(path)
     import SimpleITK as sitk
 
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    info.ReadImageInformation()
+    components = info.GetNumberOfComponents()
+    probe = sitk.Image([1] * info.GetDimension(), info.GetPixelID(), components)  # one voxel: the numpy dtype
+    shape = tuple(info.GetSize()) + ((components,) if components > 1 else ())
+    check_declared_size(path, shape, sitk.GetArrayViewFromImage(probe).dtype)
     image = sitk.ReadImage(str(path))
     dim = image.GetDimension()
     array = sitk.GetArrayFromImage(image)
@@ -115,6 +131,9 @@ def _open_checked(path: Path, role: str, opts: CheckOptions, problems: list[Prob
         image = open_image(path)
         shape = tuple(int(s) for s in image.shape)
         affine = np.asarray(image.affine, dtype=float)
+    except HeaderError as err:  # size, truncation or geometry, found from the header before any voxel is read
+        problems.append(Problem(path, err.problem, err.fix))
+        return None
     except Exception as err:  # any reader failure is a problem of the file, never a crash of the validator
         problems.append(Problem(path, f"cannot be read ({type(err).__name__}: {err})", _READ_FIX))
         return None

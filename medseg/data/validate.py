@@ -5,7 +5,10 @@ unreadable or truncated file, a missing label, a wrong header or unexpected voxe
 :class:`Problem` that names the file, says what is wrong and how to fix it, so that one run lists everything.
 
 Headers are read lazily with nibabel (NIfTI) and voxel data only for the checks that need it (labels' values,
-images' NaN/Inf, and truncated files, which only show when the data is decompressed). Other file endings (``.nrrd``,
+images' NaN/Inf, and truncated files, which only show when the data is decompressed). Each header first goes
+through the checks every medseg reader makes (:mod:`medseg.data.headers`): a declared size above the memory limit,
+a file too short for the voxels it declares, NaN/zero voxel sizes or a broken sform/qform are reported without
+reading a voxel, so a 165-byte file declaring 1000^3 voxels costs nothing. Other file endings (``.nrrd``,
 ``.mha``...) are read with SimpleITK and converted to nibabel's RAS+ convention.
 
 Geometry is compared the way nnU-Net does (shape, then spacing, origin and direction) but with a tolerance scaled to

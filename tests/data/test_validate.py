@@ -204,13 +204,16 @@ def test_implausible_spacing(make_nnunet_dataset, spacing):
 
 
 def test_zero_spacing(make_nnunet_dataset):
+    """A degenerate sform is found from the header, in the label too (before, only the image's spacing was)."""
     root = make_nnunet_dataset(num_training=1)
     for folder, name in (("imagesTr", "case_000_0000.nii.gz"), ("labelsTr", "case_000.nii.gz")):
         path = root / folder / name
         image = nib.Nifti1Image(np.asarray(nib.load(str(path)).dataobj), None)
         image.header.set_sform(np.diag([0.8, 0.0, 2.5, 1.0]), code=1)  # a degenerate sform (nibabel fixes pixdim 0)
         nib.save(image, str(path))
-    assert "zero axis" in _only(validate_dataset(root), "case_000_0000.nii.gz").message
+    problems = validate_dataset(root)
+    assert sorted(p.path.name for p in problems) == ["case_000.nii.gz", "case_000_0000.nii.gz"]
+    assert all("sform" in p.message and "zero or singular" in p.message and "set_sform" in p.fix for p in problems)
 
 
 def test_singleton_axis_of_2d_data_is_not_spacing_checked(make_nnunet_dataset):
