@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from medseg.data.convert.common import write_plan
-from medseg.data.prepare.writing import building_dataset
+from medseg.data.prepare.writing import building_dataset, check_writable_folder
 from medseg.errors import ConfigError, DatasetError
-from medseg.paths import data_root
+from medseg.paths import ENV_DATA, data_root
 
 __all__ = ["FORMATS", "convert_dataset", "dataset_folder_name"]
 
@@ -70,7 +70,7 @@ def convert_dataset(
     Raises:
         DatasetError: the source does not have the expected layout (the message names the missing file or folder),
             or the dataset exists and ``force`` is false, or another dataset already uses the ID.
-        ConfigError: unknown format, bad ID or name.
+        ConfigError: unknown format, bad ID or name, or an output folder that is a file or cannot be written.
     """
     key = str(fmt).lower()
     if key not in FORMATS:
@@ -79,11 +79,13 @@ def convert_dataset(
     source = Path(source).expanduser().resolve()
     if not source.exists():
         raise DatasetError(f"Source folder {source} does not exist: expected the extracted {FORMATS[key]}.")
+    root = Path(output).expanduser().resolve() if output is not None else data_root()
+    origin = "--output" if output is not None else f"${ENV_DATA}" if os.environ.get(ENV_DATA) else "the default ./data"
+    check_writable_folder(root, origin)  # a read-only or file destination fails before the source is read
     module = importlib.import_module(f"medseg.data.convert.{key}")
     plan = module.plan(source, **options)
     if not plan.cases:
         raise DatasetError(f"No cases found in {source}: expected {FORMATS[key]}.")
-    root = Path(output).expanduser().resolve() if output is not None else data_root()
     folder = dataset_folder_name(dataset_id, name or plan.name)
     if root.is_dir():
         clash = [p.name for p in root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p.name != folder]

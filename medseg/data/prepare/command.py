@@ -7,13 +7,15 @@ exit code says whether any was found, so the command works in scripts and CI.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 
+from medseg.data.prepare.writing import check_writable_folder
 from medseg.errors import MedsegError
-from medseg.paths import data_root, find_dataset
+from medseg.paths import ENV_DATA, data_root, find_dataset
 
 __all__ = ["BUILDERS", "build_dataset", "run_prepare"]
 
@@ -69,13 +71,22 @@ def run_prepare(
     seed: int = 0,
     only_check: bool = False,
 ) -> int:
-    """Build (unless ``only_check``), then validate and summarise each dataset. Returns the exit code."""
+    """Build (unless ``only_check``), then validate and summarise each dataset. Returns the exit code.
+
+    Raises:
+        ConfigError: a dataset is to be built (it is missing, or ``force``) but the destination (``output`` or
+            ``$MEDSEG_DATA``) is a file or cannot be written; checked before any work starts.
+    """
     from medseg.data.fingerprint import load_or_compute_fingerprint, print_dataset_summary
     from medseg.data.formats import load_dataset_info
     from medseg.data.validate import validate_dataset
 
     console = Console()
-    root = Path(output).resolve() if output else data_root()
+    root = Path(output).expanduser().resolve() if output else data_root()
+    builds = [n for n in names if n in BUILDERS and not only_check]
+    if any(force or not (root / importlib.import_module(BUILDERS[n]).DATASET_NAME).is_dir() for n in builds):
+        source = "--output" if output else f"${ENV_DATA}" if os.environ.get(ENV_DATA) else "the default ./data"
+        check_writable_folder(root, source)  # before any build: a read-only or file destination fails in one line
     failed = 0
     for name in names:
         if name in BUILDERS and not only_check:

@@ -4,7 +4,8 @@ Both the demo builders (``medseg prepare``) and the converters (``medseg convert
 folder. A crash, a full disk or Ctrl-C in the middle must not leave a folder that looks like a dataset but lacks
 cases, so every dataset is built in a hidden temporary sibling folder and renamed into place only once complete
 (a rename within one file system is atomic). Single files are written the same way: to a temporary name, then
-``os.replace``.
+``os.replace``. Before any work starts, :func:`check_writable_folder` makes sure the destination is a folder this
+process can write (a read-only ``$MEDSEG_DATA`` or one that is a file fails in one line, not after the build).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import nibabel as nib
 import numpy as np
 
 from medseg.atomic import atomic_path
-from medseg.errors import DatasetError
+from medseg.errors import ConfigError, DatasetError
 
 __all__ = [
     "building_dataset",
     "case_paths",
+    "check_writable_folder",
     "write_nifti",
 ]
 
@@ -64,6 +66,40 @@ def case_paths(root: Path, case_id: str, num_channels: int, test: bool = False) 
     return [images / f"{case_id}_{c:04d}.nii.gz" for c in range(num_channels)], labels / f"{case_id}.nii.gz"
 
 
+def check_writable_folder(folder: str | os.PathLike[str], source: str) -> Path:
+    """Make sure ``folder`` is, or can be created as, a folder this process can write, before any work starts.
+
+    The check creates and removes a hidden folder inside (the folder itself, or its nearest existing parent when it
+    does not exist yet), because permissions alone do not tell: root ignores them, a read-only mount does not.
+
+    Args:
+        folder: The destination folder.
+        source: Where it comes from, for the message (e.g. ``"$MEDSEG_DATA=/data"`` or ``"--output"``).
+
+    Returns:
+        The folder.
+
+    Raises:
+        ConfigError: ``folder`` or one of its parents is a file, or the folder cannot be written.
+    """
+    folder = Path(folder)
+    fix = "choose a folder you can write (set MEDSEG_DATA or pass --output FOLDER)"
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f" ({existing} is a file)"
+        raise ConfigError(f"{folder} (from {source}) is not a folder{where}; {fix}.")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".medseg-write-check-", dir=existing))
+    except OSError as err:
+        raise ConfigError(
+            f"{folder} (from {source}) cannot be written ({err.strerror or err}: {existing}); {fix}, or make it "
+            f"writable."
+        ) from err
+    return folder
+
+
 @contextlib.contextmanager
 def building_dataset(final: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Build a dataset folder in a temporary sibling and rename it to ``final`` only if the block succeeds.
@@ -77,25 +113,44 @@ def building_dataset(final: str | os.PathLike[str], force: bool = False) -> Iter
     ``force`` an existing ``final`` is replaced only after the new one is complete.
 
     Raises:
-        DatasetError: ``final`` exists and ``force`` is false.
+        DatasetError: ``final`` exists and ``force`` is false, or the folder cannot be written (an ``OSError`` such
+            as a full disk, turned into one line naming the folder; the partial build is removed).
     """
     final = Path(final)
     if final.exists() and not force:
         raise DatasetError(
             f"{final} already exists. Remove it, or pass --force (force=True) to rebuild it from scratch."
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
-    os.chmod(work, 0o755)  # mkdtemp makes it private; the dataset should be readable like any folder
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+        os.chmod(work, 0o755)  # mkdtemp makes it private; the dataset should be readable like any folder
+    except OSError as err:
+        raise DatasetError(
+            f"{final.parent} cannot be written ({err.strerror or err}); choose a folder you can write (set "
+            f"MEDSEG_DATA or pass --output FOLDER). Nothing was written."
+        ) from err
     try:
         yield work
         if final.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, trash / final.name)
-            os.replace(work, final)
+            try:
+                os.replace(work, final)
+            except BaseException:
+                os.replace(trash / final.name, final)  # the old dataset goes back where it was
+                shutil.rmtree(trash, ignore_errors=True)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(work, final)
+    except OSError as err:  # a full disk, a folder made read-only meanwhile: one line, and no partial dataset
+        shutil.rmtree(work, ignore_errors=True)
+        raise DatasetError(
+            f"building {final} failed ({err.strerror or err}{f': {err.filename}' if err.filename else ''}); the "
+            f"partial build was removed{' and the old dataset kept' if final.exists() else ''}. Free disk space or "
+            f"fix the folder's permissions, then run again."
+        ) from err
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

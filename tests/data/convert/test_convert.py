@@ -250,9 +250,18 @@ def test_failure_while_writing_leaves_no_dataset(tmp_path, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(common, "_write_label", failing)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(DatasetError, match=r"failed \(disk full \(simulated\).*partial build was removed"):
         _convert("brats", source, tmp_path)
     assert len(calls) == 2 and list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_output_that_is_a_file_is_refused_before_the_source_is_read(tmp_path, monkeypatch):
+    source, _ = _brats_source(tmp_path, np.random.default_rng(9))
+    output = tmp_path / "out"
+    output.write_text("my notes\n")
+    with pytest.raises(ConfigError, match=r"datasets \(from --output\) is not a folder \(.*out is a file\)"):
+        convert_dataset("brats", source, dataset_id=5, output=output / "datasets", progress=False)
+    assert output.read_text() == "my notes\n"
 
 
 def test_unknown_format_bad_id_and_missing_source(tmp_path):

@@ -149,6 +149,6 @@ def test_failed_build_leaves_no_dataset(tmp_path, monkeypatch):
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(mni_tissue, "write_nifti", failing_write)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(DatasetError, match="simulated"):
         mni_tissue.build(tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -141,7 +141,7 @@ def test_failed_build_leaves_no_dataset(tmp_path, monkeypatch):
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(synthetic, "write_nifti", failing_write)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(DatasetError, match="simulated"):
         synthetic.build(tmp_path, num_train=2, num_test=1, shape=(16, 16, 8))
     assert len(calls) == 3
     assert list(tmp_path.iterdir()) == []  # neither the dataset nor its temporary folder
@@ -158,7 +158,7 @@ def test_existing_dataset_is_kept_unless_forced(tmp_path, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(synthetic, "write_nifti", broken)
-        with pytest.raises(OSError):
+        with pytest.raises(DatasetError, match="simulated"):
             synthetic.build(tmp_path, seed=2, num_train=1, num_test=0, shape=(16, 16, 8), force=True)
     np.testing.assert_array_equal(_arrays(first / "labelsTr" / "phantom_000.nii.gz")[0], before)
     synthetic.build(tmp_path, seed=2, num_train=1, num_test=0, shape=(16, 16, 8), force=True)
