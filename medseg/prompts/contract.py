@@ -113,6 +113,9 @@ class Prompts:
         if box is not None:
             if box.ndim != 2 or box.shape[-1] not in (4, 6):
                 raise PromptError(f"box must be [B, 6] (3D) or [B, 4] (2D), got {tuple(box.shape)}.")
+            finite = torch.isfinite(box).all(-1)
+            if not finite.all():
+                raise PromptError(f"box {box[~finite][0].tolist()} holds NaN or infinite values; give finite indices.")
             dims = box.shape[-1] // 2
             if coords is not None and coords.shape[-1] != dims:
                 raise PromptError(

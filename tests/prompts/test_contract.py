@@ -37,6 +37,11 @@ def test_valid_prompts_normalise_dtypes_and_report_batch_and_dims():
         ({"point_coords": torch.full((1, 1, 3), float("nan")), "point_labels": torch.ones(1, 1)}, "NaN"),
         ({"box": torch.zeros(1, 5)}, r"\[B, 6\]"),
         ({"box": torch.tensor([[5.0, 0, 0, 4, 4, 4]])}, "hi >= lo"),
+        (
+            {"box": torch.tensor([[0.0, 0, 0, 4, 4, 4], [0, 0, 0, 4, float("inf"), 4]])},
+            r"box \[0\.0, .*inf.* NaN or inf",
+        ),
+        ({"box": torch.tensor([[float("nan"), 0, 0, 4, 4, 4]])}, "NaN or infinite"),
         ({"box": torch.zeros(1, 4), "point_coords": torch.zeros(1, 1, 3), "point_labels": torch.ones(1, 1)}, "2D"),
         ({"class_vector": torch.zeros(3)}, r"\[B, K\]"),
         ({"box": torch.zeros(1, 6), "prev_mask": torch.zeros(1, 2, 4, 4, 4)}, "prev_mask"),

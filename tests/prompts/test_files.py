@@ -9,7 +9,17 @@ import pytest
 
 from medseg.data.prepare.synthetic import make_phantom
 from medseg.prompts import PromptError
-from medseg.prompts.files import PromptFileError, dump_prompts, load_prompts, parse_prompts
+from medseg.prompts.files import (
+    MAX_BOXES,
+    MAX_FILE_BYTES,
+    MAX_OBJECTS,
+    MAX_POINTS,
+    PromptFileError,
+    check_prompts,
+    dump_prompts,
+    load_prompts,
+    parse_prompts,
+)
 from medseg.prompts.geometry import box_voxel_to_world, voxel_to_world
 
 SHAPE = (32, 32, 16)
@@ -119,3 +129,78 @@ def test_missing_file_and_2d_volume():
         load_prompts("/nonexistent/prompts.json", AFFINE, SHAPE)
     with pytest.raises(PromptFileError, match="3D"):
         parse_prompts({"space": "voxel", "objects": []}, AFFINE, (32, 32))
+
+
+def _point(*xyz):
+    return {"label": 1, "points": [list(xyz)], "point_labels": [1]}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"space": "world", "objects": [{"label": 1, "points": [[NaN, 0, 0]], "point_labels": [1]}]}', "NaN"),
+        ('{"space": "voxel", "objects": [{"label": 1, "boxes": [[0, 0, 0, Infinity, 4, 4]]}]}', "infinite"),
+        ('{"space": "world", "objects": [{"label": 1, "boxes": [[0, 0, 0, 1e400, 4, 4]]}]}', "infinite"),
+    ],
+)
+def test_nan_and_infinite_coordinates_are_refused_as_such(tmp_path, text, message):
+    """Python's JSON reader accepts NaN and Infinity; they used to come back as 'voxel -9.2e18 outside the volume'."""
+    path = write(tmp_path, text)
+    with pytest.raises(PromptFileError, match=rf"object 0, (points|boxes)\[0\]: .*{message}") as info:
+        load_prompts(path, AFFINE, SHAPE)
+    assert "e+18" not in str(info.value)
+
+
+def test_far_but_finite_coordinates_name_their_true_position(tmp_path):
+    for data in ({"space": "world", "objects": [_point(1e300, 0, 0)]},
+                 {"space": "voxel", "objects": [{"label": 1, "boxes": [[0, 0, 0, 1e30, 4, 4]]}]},
+                 {"space": "world", "objects": [{"label": 1, "boxes": [[0, 0, 0, 1e300, 4, 4]]}]}):  # fmt: skip
+        with pytest.raises(PromptFileError, match="object 0, (points|boxes|box 0) at voxel .* outside") as info:
+            load_prompts(write(tmp_path, data), AFFINE, SHAPE)
+        assert "-9.22" not in str(info.value), str(info.value)
+
+
+def test_labels_beyond_uint16_are_refused_before_any_inference(tmp_path):
+    path = write(tmp_path, {"space": "voxel", "objects": [_point(1, 2, 3), {**_point(1, 2, 3), "label": 70000}]})
+    with pytest.raises(PromptFileError, match=r"object 1: label must be a positive integer up to 65535 .*70000"):
+        check_prompts(path)  # what medseg predict runs before loading the model; no volume needed
+
+
+def test_counts_are_capped_with_a_message_that_says_how_to_split(tmp_path):
+    many_points = {"label": 1, "points": [[1, 2, 3]] * (MAX_POINTS + 1), "point_labels": [1] * (MAX_POINTS + 1)}
+    cases = {
+        "points": ({"space": "voxel", "objects": [many_points]}, rf"object 0, points: {MAX_POINTS + 1} points"),
+        "objects": (
+            {"space": "voxel", "objects": [_point(1, 2, 3)] * (MAX_OBJECTS + 1)},
+            rf"{MAX_OBJECTS + 1} objects, more than",
+        ),
+        "boxes": (
+            {"space": "voxel", "objects": [{"label": 1, "boxes": [[0, 0, 0, 1, 1, 1]] * (MAX_BOXES // 2 + 1)}] * 2},
+            rf"{2 * (MAX_BOXES // 2 + 1)} boxes in all",
+        ),
+    }
+    for name, (data, message) in cases.items():
+        path = write(tmp_path, data)
+        with pytest.raises(PromptFileError, match=message) as info:
+            load_prompts(path, AFFINE, SHAPE)
+        assert str(info.value).startswith(path), name
+        if name != "points":
+            assert "Split the objects over several prompts files" in str(info.value)
+    at_cap = {"space": "voxel", "objects": [{**many_points, "points": many_points["points"][:-1],
+                                             "point_labels": many_points["point_labels"][:-1]}]}  # fmt: skip
+    assert len(load_prompts(write(tmp_path, at_cap), AFFINE, SHAPE)[0].points) == MAX_POINTS
+
+
+def test_huge_deep_or_binary_files_are_refused_before_parsing(tmp_path):
+    big = tmp_path / "big.json"
+    with open(big, "wb") as handle:  # sparse: the size is checked before a byte is read
+        handle.truncate(MAX_FILE_BYTES + 1)
+    with pytest.raises(PromptFileError, match=r"big\.json: 50\.0 MiB, more than the 50 MiB .* Split the objects"):
+        load_prompts(big, AFFINE, SHAPE)
+    deep = write(tmp_path, "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PromptFileError, match="nested too deeply"):
+        check_prompts(deep)
+    binary = tmp_path / "scan.json"
+    binary.write_bytes(b"\x89\xff\xfe\x00" * 10)
+    with pytest.raises(PromptFileError, match="not UTF-8 text"):
+        load_prompts(binary, AFFINE, SHAPE)
