@@ -275,11 +275,11 @@ def run_ladder(cfg: DictConfig, base_overrides: Sequence[str] = ()) -> dict[str,
     """
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
-    from rich.console import Console
 
     from medseg.classify_table import ladder_table
+    from medseg.console import wide_console
 
-    console = Console()
+    console = wide_console()
     summaries: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     kept = [o for o in base_overrides if not o.split("=")[0].lstrip("+~").startswith(("protocol", "init", "ladder"))]

@@ -73,9 +73,9 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
     Raises:
         MedsegError: an arm's training failed (its output above says why).
     """
-    from rich.console import Console
+    from medseg.console import wide_console
 
-    console = Console()
+    console = wide_console()
     summaries: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for arm in ARMS:
@@ -84,7 +84,7 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
         summary = finished_summary(run_dir, max_steps)
         if summary is None:
             console.rule(f"quickstart: init={arm} -> {run_dir}")
-            code = subprocess.call([sys.executable, "-m", "medseg.train", *arm_overrides])
+            code = subprocess.call([sys.executable, "-m", "medseg.cli", "train", *arm_overrides])  # the CLI: no noise
             if code != 0:
                 raise MedsegError(f"the init={arm} arm failed (exit code {code}); see its output above.")
             summary = finished_summary(run_dir, max_steps)

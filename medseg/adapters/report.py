@@ -90,6 +90,6 @@ def format_parameter_report(report: dict[str, Any], title: str | None = None):
 
 def print_parameter_report(report: dict[str, Any], console=None) -> None:
     """Print a :func:`parameter_report` as a table (to ``console``, a :class:`rich.console.Console`)."""
-    from rich.console import Console
+    from medseg.console import wide_console
 
-    (console or Console()).print(format_parameter_report(report))
+    (console or wide_console()).print(format_parameter_report(report))

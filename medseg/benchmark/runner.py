@@ -133,13 +133,12 @@ def run_benchmark(overrides: Sequence[str] = ()) -> int:
     Raises:
         ConfigError: a missing experiment, invalid settings, unequal budgets, or an override that does not compose.
     """
-    from rich.console import Console
-
     from medseg.benchmark.jobs import read_job, search_done
     from medseg.benchmark.launch import launch_jobs
     from medseg.benchmark.outputs import write_outputs
+    from medseg.console import wide_console
 
-    console = Console()
+    console = wide_console()
     overrides = [o for o in overrides if o not in ("-m", "--multirun")]
     settings, cfg = load_settings(overrides)
     output_dir = (

@@ -252,10 +252,11 @@ def print_dataset_summary(info: DatasetInfo, fingerprint: Fingerprint, console=N
         fingerprint: Its fingerprint.
         console: A :class:`rich.console.Console`; a new one on stdout when ``None``.
     """
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from medseg.console import wide_console
+
+    console = console or wide_console()
     total = sum(fingerprint.label_voxels.values()) or 1
     label_lines = [
         f"{value} {name}: {100.0 * fingerprint.label_voxels.get(value, 0) / total:.2f} % of voxels"
