@@ -1,7 +1,8 @@
 """``medseg <verb>``: the command line, with verbs in the order of a user's workflow.
 
 Every verb imports its work lazily (so ``medseg --help`` is instant) and every :class:`~medseg.errors.MedsegError`
-is printed as one readable line with a non-zero exit code; ``--debug`` shows the traceback instead.
+is printed as one readable line with a non-zero exit code; ``--debug`` shows the traceback instead. Other libraries'
+deprecation warnings and notices are hidden (:func:`medseg.console.quiet_third_party`) unless ``--debug`` is given.
 """
 
 from __future__ import annotations
@@ -54,18 +55,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     import logging
+    from pathlib import Path
 
     from medseg.inference.predictor import PredictOptions, predict_cases
-    from medseg.inference.sources import load_model
+    from medseg.inference.preflight import preflight
+    from medseg.inference.sources import is_classifier_folder, load_model
 
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
     options = PredictOptions(
         window=args.window, tta=args.tta, save_probabilities=args.save_probabilities, slice_axis=args.slice_axis,
         progress=not args.no_progress, precision=args.precision, batch_size=args.batch_size,
     )  # fmt: skip
-    from medseg.inference.cases import discover_cases
-
-    discover_cases(args.input)  # a missing or empty input fails before the model loads
+    # Inputs, prompts path and every output path fail here, before the model loads (and long before inference).
+    kind = "classifier" if Path(args.model).is_dir() and is_classifier_folder(args.model) else None
+    preflight(args.input, args.output, args.prompts, args.save_probabilities, args.cache_dir, kind)
     if args.window is not None:
         from medseg.inference.prompted import window_from_text
 
@@ -288,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb not in _HYDRA_VERBS:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = [*unknown, *args.overrides]
+    from medseg.console import quiet_third_party
+
+    quiet_third_party(debug=args.debug)
     try:
         return int(args.func(args) or 0)
     except MedsegError as err:

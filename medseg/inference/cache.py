@@ -16,8 +16,8 @@ is a SHA-256 over all three (:func:`embedding_key`):
 
 A changed image, weights, preprocessing or precision therefore gives another key and never a stale embedding.
 Entries live in memory (least recently used dropped first, bounded by count and bytes) and optionally in a folder as
-``<key>.safetensors`` files, whose metadata repeats the key and is checked on reading, so a renamed or foreign file is
-ignored rather than trusted.
+``<key>.safetensors`` files, whose metadata repeats the key and is checked on reading, so a renamed, foreign or
+unreadable file is ignored (and replaced) rather than trusted.
 """
 
 from __future__ import annotations
@@ -140,10 +140,13 @@ class EmbeddingCache:
             return None
         from safetensors import safe_open
 
-        with safe_open(str(self._file(key)), framework="pt") as handle:
-            if (handle.metadata() or {}).get("key") != key:
-                return None
-            embedding = handle.get_tensor("embedding")
+        try:
+            with safe_open(str(self._file(key)), framework="pt") as handle:
+                if (handle.metadata() or {}).get("key") != key:
+                    return None
+                embedding = handle.get_tensor("embedding")
+        except Exception:  # unreadable (truncated by hand, foreign): a miss, and the encoder's result replaces it
+            return None
         self._remember(key, embedding)
         return embedding
 

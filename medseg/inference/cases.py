@@ -6,6 +6,7 @@ case's name is the file name without ``.nii.gz`` / ``.nii``, or the DICOM folder
 and then checked for what a model cannot take: no finite voxels, NaN or infinite values, a spatial dimensionality
 other than 3, or a number of channels the model was not trained with. Every problem is a
 :class:`~medseg.errors.ReaderError` or :class:`~medseg.errors.InputShapeError` naming the file and the fix.
+:func:`check_contrast` adds what MR intensity normalisation needs, for the models that normalise so.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from monai.data import MetaTensor
 from medseg.data.io import NIFTI_SUFFIXES, is_dicom_series, load_image
 from medseg.errors import InputShapeError, ReaderError
 
-__all__ = ["Case", "case_name", "discover_cases", "read_case"]
+__all__ = ["Case", "case_name", "check_contrast", "discover_cases", "read_case"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +132,39 @@ def read_case(path: str | os.PathLike[str], channels: int | None = None) -> Meta
             f"split the 4D file into 3D volumes."
         )
     return image
+
+
+def check_contrast(
+    image: torch.Tensor, path: str | os.PathLike[str], threshold: float, needs: str, hint: str = ""
+) -> None:
+    """Refuse an image whose voxels above ``threshold`` are none, or all of one value, in some channel.
+
+    MR normalisation (:class:`medseg.data.transforms.ForegroundZScored`, LiteMedSAM's MR percentiles) takes
+    percentiles, mean and spread over those voxels and divides by the spread: on an all-zero or constant volume it
+    fails deep inside a transform, or turns the image into a constant the model segments as noise. Checked before
+    inference, it is one line naming the file.
+
+    Args:
+        image: ``(C, X, Y, Z)`` as :func:`read_case` returns it.
+        path: the file, for the message.
+        threshold: voxels above it are the foreground the normalisation measures.
+        needs: what normalises, for the message (e.g. "the run's MRI normalisation").
+        hint: a last sentence of the message, e.g. another option that avoids the normalisation.
+
+    Raises:
+        ReaderError: naming the file, the channel (of several) and what to check.
+    """
+    values = torch.as_tensor(image)
+    for index, channel in enumerate(values):
+        foreground = channel[channel > threshold]
+        if not foreground.numel():
+            problem = "is all zero" if not bool(channel.any()) else f"has no voxel above {threshold:g}"
+        elif bool(foreground.min() == foreground.max()):
+            problem = f"holds one value ({float(foreground.min()):g}) in every voxel above {threshold:g}"
+        else:
+            continue
+        where = f" (channel {index})" if len(values) > 1 else ""
+        raise ReaderError(
+            f"{path}{where} {problem}: {needs} divides by the intensity spread there, so this is no usable scan. "
+            f"Check that it is the intended image.{hint}"
+        )

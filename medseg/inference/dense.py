@@ -32,7 +32,7 @@ from medseg.inference.loaded import LoadedModel
 from medseg.inference.native import to_native
 from medseg.inference.sliding import predict_logits
 
-__all__ = ["DensePrediction", "mirror_axes", "predict_dense", "preprocessing_of"]
+__all__ = ["DensePrediction", "foreground_threshold", "mirror_axes", "predict_dense", "preprocessing_of"]
 
 
 @dataclass
@@ -63,6 +63,23 @@ def preprocessing_of(loaded: LoadedModel) -> Compose:
     if isinstance(node, Mapping):
         node = node.get("transforms") or []
     return Compose(build_transforms(list(node)))
+
+
+def foreground_threshold(loaded: LoadedModel) -> float | None:
+    """The threshold of the MRI normalisation (``ForegroundZScored``) in ``loaded``'s preprocessing, else ``None``.
+
+    Such a model cannot take an image without contrast above it (:func:`medseg.inference.cases.check_contrast`).
+    """
+    from omegaconf import OmegaConf
+
+    data = loaded.config.get("data") if loaded.config is not None else None
+    node = data.get("preprocess") if hasattr(data, "get") else None
+    node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    node = node.get("transforms") if isinstance(node, Mapping) else node
+    for item in node or []:
+        if isinstance(item, Mapping) and str(item.get("_target_", "")).endswith(".ForegroundZScored"):
+            return float(item.get("threshold", 0.0))
+    return None
 
 
 def mirror_axes(spatial_dims: int, slice_axis: int | None) -> list[tuple[int, ...]]:

@@ -9,12 +9,17 @@ Three levels, each usable on its own (the napari widget calls the first, the CLI
   their codes) is copied, a DICOM series gets the RAS+ affine MONAI reads from it as both qform and sform. With
   ``save_probabilities``, ``OUTPUT_DIR/<case>.npz`` too (as nnU-Net writes them): ``probabilities`` ``(K, X, Y, Z)``
   float32 class probabilities on the input's grid and array order (voxels sum to 1), ``labels`` the label value of
-  each channel, ``affine`` the input's voxel-to-RAS+ affine (mm). Files are written under a temporary name and
-  renamed when complete; a case that fails leaves no file of its own behind.
+  each channel, ``affine`` the input's voxel-to-RAS+ affine (mm). Both are written under temporary names and
+  renamed together when complete, the probabilities first and the label map last, so a label map means a complete
+  case; a case that fails leaves no file of its own behind.
 - :func:`predict_cases`: every case of an input (:func:`medseg.inference.cases.discover_cases`), with a progress
   bar; a failing case is recorded in the :class:`PredictReport` and the others go on. A classifier (a
   ``medseg classify`` run folder) writes one table, ``OUTPUT_DIR/probabilities.csv``, instead
   (:mod:`medseg.inference.classified`).
+
+Before any case runs, every output path is checked (:func:`medseg.inference.preflight.preflight`, which the CLI
+calls before the model even loads): none may be an input or land in the inputs' folder, and ``-o`` and
+``--cache-dir`` must be writable folders; leftovers of an interrupted run are cleared.
 
 A promptable run of ``medseg train`` is prepared as its interactive evaluation prepares test volumes (its intensity
 transforms, the RAS-permuted grid, per-slice min-max; :mod:`medseg.inference.prompted_run`), the built-in
@@ -38,13 +43,14 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medseg.atomic import atomic_path
 from medseg.errors import ConfigError, InputShapeError, MedsegError
 from medseg.inference.cache import EmbeddingCache
-from medseg.inference.cases import Case, discover_cases, read_case
+from medseg.inference.cases import Case, check_contrast, discover_cases, read_case
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.precision import check_precision, inference_precision, prepare_model
-from medseg.prompts.files import ObjectPrompts, PromptFileError, load_prompts
+from medseg.inference.preflight import case_outputs, check_outputs, clean_output_folder, preflight
+from medseg.inference.writers import write_case_outputs
+from medseg.prompts.files import MAX_LABEL, ObjectPrompts, PromptFileError, load_prompts
 
 __all__ = [
     "PredictOptions",
@@ -154,6 +160,11 @@ def check_options(loaded: LoadedModel, options: PredictOptions, has_prompts: boo
         return
     if loaded.kind == "dense" and has_prompts:
         raise ConfigError(f"{loaded.source} is prompt-free (dense): it needs no --prompts. Drop the option.")
+    if loaded.kind == "dense" and max(loaded.label_names, default=0) > MAX_LABEL:
+        raise ConfigError(
+            f"{loaded.source} has label value {max(loaded.label_names)}, above {MAX_LABEL}, the largest a uint16 label "
+            f"map holds. Renumber the labels of its dataset.json and retrain (or export with labels up to {MAX_LABEL})."
+        )
     if loaded.kind == "promptable":
         if not has_prompts:
             raise ConfigError(
@@ -245,13 +256,15 @@ def _prompts_for(case: Case, prompts: str | os.PathLike[str] | None, image: Meta
     return load_prompts(path, np.asarray(image.affine), tuple(int(s) for s in image.shape[1:]))
 
 
-def _write_probabilities(prediction: Prediction, affine: np.ndarray, path: Path) -> Path:
-    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
-        np.savez_compressed(
-            handle, probabilities=prediction.probabilities.astype(np.float32),
-            labels=np.asarray(prediction.class_values, dtype=np.int64), affine=np.asarray(affine, dtype=np.float64),
-        )  # fmt: skip
-    return path
+def _contrast_rule(loaded: LoadedModel, options: PredictOptions) -> tuple[float, str, str] | None:
+    """``(threshold, what, hint)`` when the model normalises MR intensities over the voxels above ``threshold``."""
+    from medseg.inference.dense import foreground_threshold
+
+    if loaded.kind == "promptable" and (loaded.extras.get("recipe") == "litemedsam" or not loaded.config.get("data")):
+        recipe = "LiteMedSAM's MR recipe (percentiles of the voxels > 0)"
+        return None if options.window is not None else (0.0, recipe, " A CT needs --window (e.g. 40:400).")
+    threshold = foreground_threshold(loaded)
+    return None if threshold is None else (threshold, "the run's MRI normalisation (ForegroundZScored)", "")
 
 
 def predict_case(
@@ -270,32 +283,30 @@ def predict_case(
     Raises:
         MedsegError: unreadable input, NaN voxels, a shape the model cannot take, bad prompts, ...
     """
-    from medseg.inference.writers import write_label_map
-
     options = options or PredictOptions()
     if not isinstance(case, Case):
         found = discover_cases(case)
         if len(found) != 1:
             raise ConfigError(f"{case} holds {len(found)} cases; use predict_cases for a folder.")
         case = found[0]
+    probabilities = options.save_probabilities and loaded.kind == "dense"
+    check_outputs([case], output_dir, probabilities=probabilities, prompts=prompts)
     image = read_case(case.path, channels=_channels(loaded))
+    rule = _contrast_rule(loaded, options)
+    if rule is not None:
+        check_contrast(image, case.path, *rule)
     objects = _prompts_for(case, prompts, image)
     prediction = predict_image(loaded, image, objects, options, cache)
     for note in prediction.notes:
         log.warning("%s: %s", case.name, note)
-    output_dir = Path(output_dir)
-    target = output_dir / f"{case.name}.nii.gz"
-    written: list[Path] = []
-    try:
-        if options.save_probabilities and prediction.probabilities is not None:
-            written.append(_write_probabilities(prediction, np.asarray(image.affine), output_dir / f"{case.name}.npz"))
-        reference = np.asarray(image.affine) if case.is_dicom else case.path
-        written.append(write_label_map(prediction.labels, reference, target))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    return written
+    affine = np.asarray(image.affine, dtype=np.float64)
+    arrays = None
+    if probabilities and prediction.probabilities is not None:
+        labels = np.asarray(prediction.class_values, dtype=np.int64)
+        arrays = {"probabilities": prediction.probabilities.astype(np.float32), "labels": labels, "affine": affine}
+    *npz, target = case_outputs(case.name, output_dir, arrays is not None)
+    reference = affine if case.is_dicom else case.path
+    return write_case_outputs(prediction.labels, reference, target, arrays, npz[0] if npz else None)
 
 
 @contextlib.contextmanager
@@ -342,12 +353,11 @@ def predict_cases(
         MedsegError: the input holds no case, or the flags do not fit the model (before any case runs).
     """
     options = options or PredictOptions()
-    cases = discover_cases(source)
-    if prompts is not None and not Path(prompts).exists():
-        raise PromptFileError(f"prompts file {prompts} does not exist. Give a JSON prompts file or a folder of them.")
+    cases = preflight(source, output_dir, prompts, options.save_probabilities, cache_dir, loaded.kind)
     check_options(loaded, options, prompts is not None)
     check_precision(options.precision, _device(loaded))
     prepare_model(loaded.model, options.precision)
+    clean_output_folder(output_dir, cases, cache_dir)
     cache = EmbeddingCache(folder=cache_dir) if loaded.kind == "promptable" else None
     report = PredictReport()
     with _progress(options.progress, len(cases)) as advance:
@@ -368,8 +378,15 @@ def predict_cases(
 
 
 def failure_message(err: Exception) -> str:
-    """One line for a failed case: a MedsegError's own message, or the exception's type and first line."""
+    """One line for a failed case: a MedsegError's own message, else what went wrong in words where it is known
+    (memory, a file system error naming its file), else the exception's type and first line."""
     if isinstance(err, MedsegError):
         return str(err)
+    if isinstance(err, MemoryError):
+        return "out of memory for this case; free memory, or predict it on a machine with more (run with --debug)."
+    if isinstance(err, torch.OutOfMemoryError):
+        return "the GPU ran out of memory on this case; give a smaller --batch-size, or --device cpu."
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror or err} (run with --debug for the traceback)"
     text = str(err).splitlines()[0][:300] if str(err) else ""
     return f"unexpected {type(err).__name__}: {text} (run with --debug for the traceback)"

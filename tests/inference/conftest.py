@@ -1,4 +1,5 @@
-"""Shared inputs of the prediction tests: a tiny trained dense run folder, oblique LPS scans, LiteMedSAM, a blob."""
+"""Shared inputs of the prediction tests: tiny trained dense run folders (CT, MRI), oblique LPS scans, LiteMedSAM, a
+blob."""
 
 from __future__ import annotations
 
@@ -73,6 +74,14 @@ def dense_run(tmp_path_factory) -> Path:
     """A run folder of ``medseg train`` (checkpoint + ``.hydra/config.yaml``) on tiny synthetic phantoms."""
     root, run_dir = tmp_path_factory.mktemp("predict_data"), tmp_path_factory.mktemp("predict_run")
     return train_run_folder(TINY_RUN, root, run_dir, data_seed=2, shape=(32, 32, 12))
+
+
+@pytest.fixture(scope="session")
+def mri_run(tmp_path_factory) -> Path:
+    """Like ``dense_run``, with the MRI preprocessing (foreground percentiles and z-score, ``ForegroundZScored``)."""
+    root, run_dir = tmp_path_factory.mktemp("predict_mri_data"), tmp_path_factory.mktemp("predict_mri_run")
+    overrides = [*TINY_RUN, "data/preprocess=mri", "data.preprocess.spacing=[2,2,2]"]
+    return train_run_folder(overrides, root, run_dir, data_seed=3, shape=(32, 32, 12))
 
 
 @pytest.fixture(scope="session")

@@ -123,3 +123,12 @@ def test_disk_cache_survives_the_process_and_checks_its_key(image, tmp_path):
     renamed = tmp_path / ("0" * 64 + ".safetensors")
     files[0].rename(renamed)  # a file whose name is not the key it was written for is never trusted
     assert EmbeddingCache(folder=tmp_path).get("0" * 64) is None
+
+
+def test_an_unreadable_disk_entry_is_a_miss_and_is_replaced(tmp_path):
+    key = "ab" * 32
+    (tmp_path / f"{key}.safetensors").write_bytes(b"\x00\x01 not safetensors")  # cut short by hand, or foreign
+    cache = EmbeddingCache(folder=tmp_path)
+    assert cache.get(key) is None
+    cache.put(key, torch.ones(1, 2))
+    assert torch.equal(EmbeddingCache(folder=tmp_path).get(key), torch.ones(1, 2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import nibabel as nib
@@ -59,3 +60,48 @@ def test_precision_and_batch_size_flags(dense_run, phantom_scan, tmp_path, capsy
         assert main([*args, "-o", str(tmp_path / precision), "--precision", precision]) == 0
         labels[precision] = np.asarray(nib.load(tmp_path / precision / "oblique_ct.nii.gz").dataobj)
     assert (labels["bf16"] == labels["fp32"]).mean() > 0.95
+
+
+def test_an_all_zero_or_constant_mri_is_refused_before_its_inference(
+    mri_run, phantom_scan, tmp_path, monkeypatch, capsys
+):
+    """MRI normalisation divides by the foreground's spread: it used to fail after the inference as "unexpected
+    RuntimeError: applying transform ForegroundZScored"; now each such case is one line naming its file."""
+    import medseg.inference.dense as dense
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    shutil.copy(phantom_scan["path"], inputs / "good.nii.gz")
+    for name, value in (("zero", 0.0), ("flat", 7.0)):
+        nib.save(nib.Nifti1Image(np.full((16, 16, 6), value, np.float32), np.eye(4)), inputs / f"{name}.nii.gz")
+    inferred = []
+    real = dense.predict_dense
+    monkeypatch.setattr(
+        dense, "predict_dense", lambda loaded, image, *a, **k: inferred.append(1) or real(loaded, image, *a, **k)
+    )
+    code = main(["predict", "-i", str(inputs), "-o", str(out), "-m", str(mri_run), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(inferred) == 1  # only the good case reached the model
+    mri = "the run's MRI normalisation (ForegroundZScored) divides by the intensity spread"
+    assert f"zero: {inputs / 'zero.nii.gz'} is all zero: {mri}" in err
+    assert f"flat: {inputs / 'flat.nii.gz'} holds one value (7) in every voxel above 0: {mri}" in err
+    assert "unexpected" not in err and sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]
+
+
+def test_predict_prints_no_third_party_noise_but_debug_does(dense_run, phantom_scan, tmp_path, caplog):
+    """nvImageCodec's notices and other libraries' FutureWarnings used to open every command's output."""
+    import warnings
+
+    args = ["predict", "-i", str(phantom_scan["path"]), "-m", str(dense_run), "--device", "cpu", "--no-progress"]
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")  # show everything, as a fresh interpreter shows FutureWarnings
+        assert main([*args, "-o", str(tmp_path / "quiet")]) == 0
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [line for line in shown if "nvImageCodec" in line or "FutureWarning" in line], shown
+    assert not any(r.name.startswith("alembic") and r.levelno < logging.WARNING for r in caplog.records)
+
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        assert main(["--debug", *args, "-o", str(tmp_path / "debug")]) == 0
+    assert any("nvImageCodec" in r.getMessage() for r in caplog.records)  # --debug hides nothing

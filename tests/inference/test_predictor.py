@@ -170,3 +170,32 @@ def test_flags_that_do_not_fit_the_model_are_refused(dense, phantom_scan, tmp_pa
 
 def dense_run_folder(loaded):
     return loaded.source.split(" ")[1]
+
+
+def test_labels_a_label_map_cannot_hold_are_refused_before_any_case(dense, phantom_scan, tmp_path):
+    import dataclasses
+
+    wide = dataclasses.replace(dense, label_names={**dense.label_names, 70000: "lesion"})
+    with pytest.raises(ConfigError, match="label value 70000, above 65535, the largest a uint16 label map holds"):
+        predict_cases(wide, phantom_scan["path"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_litemedsam_refuses_an_image_without_contrast_unless_windowed(litemedsam_model, tmp_path):
+    """Its MR recipe takes percentiles of the voxels > 0; an all-zero volume has none (a CT needs --window)."""
+    path = write(tmp_path, "zero.nii.gz", np.zeros((16, 16, 2), np.float32))
+    prompts = tmp_path / "p.json"
+    prompts.write_text('{"space": "voxel", "objects": [{"label": 1, "boxes": [[2, 2, 1, 9, 9, 1]]}]}')
+    with pytest.raises(ReaderError, match=r"zero\.nii\.gz is all zero: LiteMedSAM's MR recipe .* A CT needs --window"):
+        predict_case(litemedsam_model, path, tmp_path / "out", prompts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failures_outside_medseg_are_told_in_words_where_they_are_known():
+    from medseg.inference.predictor import failure_message
+
+    assert failure_message(MemoryError()).startswith("out of memory for this case; free memory")
+    assert failure_message(torch.OutOfMemoryError("CUDA out of memory")).startswith("the GPU ran out of memory")
+    disk = OSError(28, "No space left on device", "/data/out/case.nii.gz")
+    assert failure_message(disk).startswith("/data/out/case.nii.gz: No space left on device")
+    assert failure_message(KeyError("x")).startswith("unexpected KeyError: 'x'")  # the rest stays marked unexpected
