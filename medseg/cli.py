@@ -64,11 +64,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
     options = PredictOptions(
         window=args.window, tta=args.tta, save_probabilities=args.save_probabilities, slice_axis=args.slice_axis,
-        progress=not args.no_progress, precision=args.precision, batch_size=args.batch_size,
+        progress=not args.no_progress, precision=args.precision, batch_size=args.batch_size, series=args.series,
     )  # fmt: skip
     # Inputs, prompts path and every output path fail here, before the model loads (and long before inference).
     kind = "classifier" if Path(args.model).is_dir() and is_classifier_folder(args.model) else None
-    preflight(args.input, args.output, args.prompts, args.save_probabilities, args.cache_dir, kind)
+    preflight(args.input, args.output, args.prompts, args.save_probabilities, args.cache_dir, kind, args.series)
     if args.window is not None:
         from medseg.inference.prompted import window_from_text
 
@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         "8 on a GPU)",
     )  # fmt: skip
     predict.add_argument("--cache-dir", default=None, help="keep image embeddings on disk for later runs")
+    predict.add_argument(
+        "--series", default=None, help="DICOM folders holding several series: the one to read (SeriesInstanceUID or "
+        "a unique SeriesDescription; without it such a folder is refused with the list of its series)",
+    )  # fmt: skip
     predict.add_argument("--ckpt", default="best", help="run folders: best (default), last, or a .ckpt path")
     predict.add_argument("--no-progress", action="store_true", help="no progress bars")
     predict.add_argument(  # SUPPRESS: `medseg --debug predict` keeps working

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -101,3 +106,30 @@ def dice():
         return 2.0 * np.logical_and(a, b).sum() / max(int(a.sum()) + int(b.sum()), 1)
 
     return score
+
+
+def edit_nifti_header(path: Path, **fields) -> Path:
+    """Overwrite header fields of a saved ``.nii`` or ``.nii.gz`` in place, as a broken writer would have stored them.
+
+    ``nib.save`` recomputes the sform, qform and pixdim from the image's affine, so a bad header can only be made by
+    editing the stored bytes. Array fields take a sequence (``pixdim=[1, 0.8, float("nan"), 2, 1, 1, 1, 1]``) or a
+    ``{index: value}`` dict (``srow_x={0: float("nan")}``).
+    """
+    header = nib.load(str(path)).header.copy()
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            for index, item in value.items():
+                header[name][index] = item
+        else:
+            header[name] = value
+    compressed = path.name.endswith(".gz")
+    stored = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
+    stored = header.binaryblock + stored[len(header.binaryblock) :]
+    path.write_bytes(gzip.compress(stored) if compressed else stored)
+    return path
+
+
+@pytest.fixture
+def nifti_header_editor() -> Callable[..., Path]:
+    """The :func:`edit_nifti_header` helper."""
+    return edit_nifti_header

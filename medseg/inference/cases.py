@@ -20,7 +20,7 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.data.io import NIFTI_SUFFIXES, is_dicom_series, load_image
-from medseg.errors import InputShapeError, ReaderError
+from medseg.errors import ConfigError, InputShapeError, ReaderError
 
 __all__ = ["Case", "case_name", "check_contrast", "discover_cases", "read_case"]
 
@@ -33,11 +33,14 @@ class Case:
         name: the output's stem (``<name>.nii.gz``).
         path: a NIfTI file or a DICOM series folder.
         is_dicom: whether ``path`` is a DICOM series (written back as NIfTI with its RAS affine).
+        series: for a DICOM folder holding several series, the one to read (SeriesInstanceUID or its unique
+            SeriesDescription: ``medseg predict --series``); ``None`` when the folder must hold exactly one.
     """
 
     name: str
     path: Path
     is_dicom: bool
+    series: str | None = None
 
 
 def case_name(path: str | os.PathLike[str]) -> str:
@@ -53,10 +56,12 @@ def _is_nifti(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def discover_cases(source: str | os.PathLike[str]) -> list[Case]:
+def discover_cases(source: str | os.PathLike[str], series: str | None = None) -> list[Case]:
     """The cases of ``source``: a NIfTI file, a DICOM series folder, or a folder of NIfTI files / DICOM series.
 
     Hidden files (e.g. an unfinished ``.tmp`` write) are skipped. Cases come sorted by name, so runs are repeatable.
+    ``series`` selects one series in every DICOM folder (:func:`medseg.data.io.load_image`); it is refused for
+    NIfTI inputs, where it would be silently ignored.
 
     Raises:
         ReaderError: ``source`` does not exist, is of another format, holds no cases, or holds two cases of the same
@@ -71,9 +76,17 @@ def discover_cases(source: str | os.PathLike[str]) -> list[Case]:
                 f"input {source} is not a NIfTI file (.nii, .nii.gz). For DICOM give the series folder; convert "
                 f"other formats first."
             )
-        return [Case(case_name(source), source, False)]
-    if is_dicom_series(source):
-        return [Case(source.name, source, True)]
+        cases = [Case(case_name(source), source, False)]
+    elif is_dicom_series(source):
+        cases = [Case(source.name, source, True, series)]
+    else:
+        cases = _folder_cases(source, series)
+    if series is not None and not any(case.is_dicom for case in cases):
+        raise ConfigError(f"--series {series} selects a DICOM series, but input {source} holds no DICOM folder.")
+    return cases
+
+
+def _folder_cases(source: Path, series: str | None) -> list[Case]:
     cases = []
     for child in sorted(source.iterdir()):
         if child.name.startswith("."):
@@ -81,7 +94,7 @@ def discover_cases(source: str | os.PathLike[str]) -> list[Case]:
         if _is_nifti(child):
             cases.append(Case(case_name(child), child, False))
         elif child.is_dir() and is_dicom_series(child):
-            cases.append(Case(child.name, child, True))
+            cases.append(Case(child.name, child, True, series))
     if not cases:
         raise ReaderError(f"input folder {source} holds no NIfTI files (.nii, .nii.gz) and no DICOM series.")
     names = [c.name for c in cases]
@@ -94,19 +107,20 @@ def discover_cases(source: str | os.PathLike[str]) -> list[Case]:
     return cases
 
 
-def read_case(path: str | os.PathLike[str], channels: int | None = None) -> MetaTensor:
+def read_case(path: str | os.PathLike[str], channels: int | None = None, series: str | None = None) -> MetaTensor:
     """Read one case as a ``(C, X, Y, Z)`` MetaTensor (RAS+ affine) and check that a model can take it.
 
     Args:
         path: a NIfTI file or a DICOM series folder.
         channels: the number of image channels the model takes (``None``: any).
+        series: the series to read from a DICOM folder holding several (:attr:`Case.series`).
 
     Raises:
         ReaderError: unreadable, truncated or empty file; non-finite (NaN or infinite) voxels.
         InputShapeError: not 3 spatial dimensions, or another number of channels than ``channels``.
     """
     path = Path(path)
-    image = load_image(path)
+    image = load_image(path, series=series)
     spatial = tuple(int(s) for s in image.shape[1:])
     if len(spatial) != 3:
         raise InputShapeError(

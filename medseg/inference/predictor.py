@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from medseg.data.io import check_header
 from medseg.errors import ConfigError, InputShapeError, MedsegError
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.cases import Case, check_contrast, discover_cases, read_case
@@ -79,6 +80,8 @@ class PredictOptions:
         progress: progress bars over cases and slices.
         precision: ``auto`` (bf16 autocast on a GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``
             (:mod:`medseg.inference.precision`).
+        series: the series to read from DICOM folders that hold several (``--series``: SeriesInstanceUID or a
+            unique SeriesDescription).
         batch_size: slices per encoder call for promptable 2-D models (``None``: 1 on CPU, where batching gains
             nothing, 8 on a GPU).
     """
@@ -90,6 +93,7 @@ class PredictOptions:
     progress: bool = False
     precision: str = "auto"
     batch_size: int | None = None
+    series: str | None = None
 
     def slices_per_batch(self, device: torch.device) -> int:
         """``batch_size``, or its default for ``device``."""
@@ -134,6 +138,16 @@ class PredictReport:
             self.failed[name] = failure_message(err)
             log.debug("case %s failed", name, exc_info=True)
             return None
+
+
+def _readable(cases: list[Case], report: PredictReport, debug: bool) -> list[Case]:
+    """The cases whose headers pass every reader check; the others fail now, before any case's inference."""
+
+    def header_ok(case: Case) -> bool:
+        check_header(case.path, series=case.series)
+        return True
+
+    return [case for case in cases if report.attempt(case.name, lambda case=case: header_ok(case), debug)]
 
 
 def _channels(loaded: LoadedModel) -> int | None:
@@ -285,13 +299,13 @@ def predict_case(
     """
     options = options or PredictOptions()
     if not isinstance(case, Case):
-        found = discover_cases(case)
+        found = discover_cases(case, options.series)
         if len(found) != 1:
             raise ConfigError(f"{case} holds {len(found)} cases; use predict_cases for a folder.")
         case = found[0]
     probabilities = options.save_probabilities and loaded.kind == "dense"
     check_outputs([case], output_dir, probabilities=probabilities, prompts=prompts)
-    image = read_case(case.path, channels=_channels(loaded))
+    image = read_case(case.path, channels=_channels(loaded), series=case.series)
     rule = _contrast_rule(loaded, options)
     if rule is not None:
         check_contrast(image, case.path, *rule)
@@ -353,13 +367,16 @@ def predict_cases(
         MedsegError: the input holds no case, or the flags do not fit the model (before any case runs).
     """
     options = options or PredictOptions()
-    cases = preflight(source, output_dir, prompts, options.save_probabilities, cache_dir, loaded.kind)
+    cases = preflight(
+        source, output_dir, prompts, options.save_probabilities, cache_dir, loaded.kind, series=options.series
+    )
     check_options(loaded, options, prompts is not None)
     check_precision(options.precision, _device(loaded))
     prepare_model(loaded.model, options.precision)
     clean_output_folder(output_dir, cases, cache_dir)
     cache = EmbeddingCache(folder=cache_dir) if loaded.kind == "promptable" else None
     report = PredictReport()
+    cases = _readable(cases, report, debug)
     with _progress(options.progress, len(cases)) as advance:
         if loaded.kind == "classifier":
             from medseg.inference.classified import predict_classifier_cases

@@ -208,6 +208,7 @@ def preflight(
     save_probabilities: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     kind: str | None = None,
+    series: str | None = None,
 ) -> list[Case]:
     """Everything about a prediction run's paths that can be refused before a model loads.
 
@@ -216,6 +217,7 @@ def preflight(
         save_probabilities: ``--save-probabilities`` (dense models write ``<case>.npz`` too).
         kind: the model's kind when known (a ``classifier`` writes one table instead of files per case; a
             promptable model no probabilities).
+        series: ``--series``, for DICOM folders holding several series.
 
     Returns:
         The cases (:func:`medseg.inference.cases.discover_cases`).
@@ -226,7 +228,7 @@ def preflight(
     """
     from medseg.prompts.files import PromptFileError, check_prompts
 
-    cases = discover_cases(source)
+    cases = discover_cases(source, series)
     if prompts is not None:
         if not Path(prompts).exists():
             raise PromptFileError(

@@ -52,27 +52,6 @@ def nifti_writer() -> Callable[..., Path]:
     return write_nifti
 
 
-def edit_nifti_header(path: Path, **fields) -> Path:
-    """Overwrite header fields of a saved ``.nii`` or ``.nii.gz`` in place, as a broken writer would have stored them.
-
-    ``nib.save`` recomputes the sform, qform and pixdim from the image's affine, so a bad header can only be made by
-    editing the stored bytes. Array fields take a sequence (``pixdim=[1, 0.8, float("nan"), 2, 1, 1, 1, 1]``) or a
-    ``{index: value}`` dict (``srow_x={0: float("nan")}``).
-    """
-    header = nib.load(str(path)).header.copy()
-    for name, value in fields.items():
-        if isinstance(value, dict):
-            for index, item in value.items():
-                header[name][index] = item
-        else:
-            header[name] = value
-    compressed = path.name.endswith(".gz")
-    stored = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
-    stored = header.binaryblock + stored[len(header.binaryblock) :]
-    path.write_bytes(gzip.compress(stored) if compressed else stored)
-    return path
-
-
 def header_only_nifti(path: Path, shape: Sequence[int], dtype=np.float32) -> Path:
     """A gzipped NIfTI holding a header that declares ``shape`` of ``dtype`` and no voxel data (a few hundred bytes)."""
     header = nib.Nifti1Header()
@@ -83,12 +62,6 @@ def header_only_nifti(path: Path, shape: Sequence[int], dtype=np.float32) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
     return path
-
-
-@pytest.fixture
-def nifti_header_editor() -> Callable[..., Path]:
-    """The :func:`edit_nifti_header` helper."""
-    return edit_nifti_header
 
 
 @pytest.fixture

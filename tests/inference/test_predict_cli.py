@@ -105,3 +105,53 @@ def test_predict_prints_no_third_party_noise_but_debug_does(dense_run, phantom_s
         warnings.simplefilter("always")
         assert main(["--debug", *args, "-o", str(tmp_path / "debug")]) == 0
     assert any("nvImageCodec" in r.getMessage() for r in caplog.records)  # --debug hides nothing
+
+
+def _two_series_folder(tmp_path):
+    """A DICOM folder holding a 'ct' and a 'lung' series of one shape (a PACS export), and the lung series' UID."""
+    import pydicom
+
+    from medseg.data.dicom import write_dicom_series
+
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    volumes = {d: np.random.default_rng(k).integers(0, 400, (16, 16, 6)).astype(np.int16) for k, d in enumerate("ab")}
+    folder = write_dicom_series(volumes["a"], affine, tmp_path / "export", series_description="ct")
+    lung = write_dicom_series(volumes["b"], affine, tmp_path / "lung", series_description="lung")
+    for path in lung.iterdir():
+        shutil.copy(path, folder / f"lung_{path.name}")
+    return folder, pydicom.dcmread(str(lung / "slice_0000.dcm")).SeriesInstanceUID
+
+
+def test_series_picks_one_series_of_a_mixed_dicom_folder(dense_run, tmp_path, capsys):
+    folder, uid = _two_series_folder(tmp_path)
+    args = ["predict", "-i", str(folder), "-m", str(dense_run), "--device", "cpu", "--no-progress"]
+    assert main([*args, "-o", str(tmp_path / "mixed")]) == 1  # refused, listing the series, and nothing written
+    err = capsys.readouterr().err
+    assert "2 DICOM series" in err and uid in err and "'lung'" in err and "Traceback" not in err
+    assert not (tmp_path / "mixed").exists() or not list((tmp_path / "mixed").iterdir())
+    assert main([*args, "-o", str(tmp_path / "picked"), "--series", uid]) == 0, capsys.readouterr().err
+    written = nib.load(tmp_path / "picked" / "export.nii.gz")
+    assert written.shape == (16, 16, 6)
+    assert main(["predict", "-i", str(tmp_path / "picked"), "-o", str(tmp_path / "x"), "-m", str(dense_run),
+                 "--series", uid]) == 2  # fmt: skip
+    assert "holds no DICOM folder" in capsys.readouterr().err
+
+
+def test_a_bad_header_fails_its_case_before_any_inference(
+    dense_run, phantom_scan, tmp_path, capsys, monkeypatch, nifti_header_editor
+):
+    """A NaN affine is found from the header first: the good case is the only one the model ever sees."""
+    import medseg.inference.predictor as predictor
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(phantom_scan["path"], inputs / "good.nii.gz")
+    shutil.copy(phantom_scan["path"], inputs / "a_nan_affine.nii.gz")
+    nifti_header_editor(inputs / "a_nan_affine.nii.gz", srow_x={0: float("nan")})
+    seen = []
+    original = predictor.read_case
+    monkeypatch.setattr(predictor, "read_case", lambda path, **kw: seen.append(path.name) or original(path, **kw))
+    code = main(["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(dense_run), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "a_nan_affine: " in err and "a_nan_affine.nii.gz" in err and "Traceback" not in err
+    assert seen == ["good.nii.gz"]
