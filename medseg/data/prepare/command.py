@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from medseg.console import wide_console
 from medseg.data.prepare.writing import check_writable_folder
 from medseg.errors import MedsegError
 from medseg.paths import ENV_DATA, data_root, find_dataset
@@ -29,7 +30,7 @@ BUILDERS = {
 
 def build_dataset(name: str, root: Path, seed: int = 0, force: bool = False, console: Console | None = None) -> Path:
     """Build the named demo dataset under ``root`` unless it is already there (``force`` rebuilds it)."""
-    console = console or Console(stderr=True)
+    console = console or wide_console(stderr=True)
     module = importlib.import_module(BUILDERS[name])
     target = root / module.DATASET_NAME
     if target.is_dir() and not force:
@@ -81,7 +82,7 @@ def run_prepare(
     from medseg.data.formats import load_dataset_info
     from medseg.data.validate import validate_dataset
 
-    console = Console()
+    console = wide_console()
     root = Path(output).expanduser().resolve() if output else data_root()
     builds = [n for n in names if n in BUILDERS and not only_check]
     if any(force or not (root / importlib.import_module(BUILDERS[n]).DATASET_NAME).is_dir() for n in builds):
