@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.config import instantiate
+from medseg.data.transforms import target_spacing
 from medseg.errors import ConfigError
 
 __all__ = [
@@ -30,8 +31,6 @@ __all__ = [
     "evaluate_promptable_model",
     "load_weights",
     "main",
-    "spacing_of",
-    "target_spacing",
 ]
 
 log = logging.getLogger("medseg.evaluate")
@@ -200,24 +199,6 @@ def evaluate_promptable_model(
     dices = summary["interactive"]["foreground_mean"].get("dice_at_k") or [0.0]
     log.info("Test interactive Dice@1 %.4f, Dice@%d %.4f -> %s", dices[0], len(dices), dices[-1], run_dir / SUMMARY)
     return summary
-
-
-def spacing_of(preprocessing: Any) -> tuple[float, ...] | None:
-    """The voxel size (mm, RAS order) a deterministic transform resamples to: its ``Spacingd``'s ``pixdim``, or
-    ``None`` when it does not resample."""
-    from monai.transforms import Spacingd
-
-    for transform in getattr(preprocessing, "transforms", ()):
-        if isinstance(transform, Spacingd):
-            return tuple(float(s) for s in transform.spacing_transform.pixdim)
-    return None
-
-
-def target_spacing(datamodule: Any) -> tuple[float, ...] | None:
-    """The voxel size (mm, RAS order) a run's datamodule resamples to (``None``: no resampling)."""
-    if getattr(datamodule, "target_spacing", None) is not None:
-        return tuple(float(s) for s in datamodule.target_spacing)
-    return spacing_of(datamodule.deterministic_transform)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable, ScaleIntensityRanged
+from monai.transforms import MapTransform, Randomizable, ScaleIntensityRanged, Spacingd
 
 from medseg.errors import ConfigError
 
@@ -30,6 +30,8 @@ __all__ = [
     "above",
     "build_transforms",
     "resolve_window",
+    "spacing_of",
+    "target_spacing",
     "transform_cache_key",
 ]
 
@@ -253,3 +255,19 @@ def transform_cache_key(config: Any, *extra: Any) -> str:
         sort_keys=True, default=repr,
     )  # fmt: skip
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def spacing_of(preprocessing: Any) -> tuple[float, ...] | None:
+    """The voxel size (mm, RAS order) a deterministic transform resamples to: its ``Spacingd``'s ``pixdim``, or
+    ``None`` when it does not resample."""
+    for transform in getattr(preprocessing, "transforms", ()):
+        if isinstance(transform, Spacingd):
+            return tuple(float(s) for s in transform.spacing_transform.pixdim)
+    return None
+
+
+def target_spacing(datamodule: Any) -> tuple[float, ...] | None:
+    """The voxel size (mm, RAS order) a run's datamodule resamples to (``None``: no resampling)."""
+    if getattr(datamodule, "target_spacing", None) is not None:
+        return tuple(float(s) for s in datamodule.target_spacing)
+    return spacing_of(datamodule.deterministic_transform)

@@ -67,7 +67,7 @@ def run_model_grid(loaded: LoadedModel, image: MetaTensor, oriented_shape: Seque
     """
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-    from medseg.evaluate import spacing_of
+    from medseg.data.transforms import spacing_of
     from medseg.evaluation.interactive_run import model_grid
     from medseg.evaluation.metrics import spacing_from_affine
     from medseg.inference.dense import preprocessing_of

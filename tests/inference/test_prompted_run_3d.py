@@ -18,7 +18,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from omegaconf import OmegaConf
 
 from medseg.config import instantiate
-from medseg.evaluate import target_spacing
+from medseg.data.transforms import target_spacing
 from medseg.evaluation.interactive_run import intensity_transforms, load_native_case, model_grid, volume_predictor
 from medseg.inference.cases import read_case
 from medseg.inference.sources import load_model
