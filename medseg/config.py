@@ -3,10 +3,13 @@
 ``hydra.utils.instantiate`` wraps whatever a constructor raises in an ``InstantiationException`` whose text repeats
 the traceback context. When the cause is a :class:`~medseg.errors.MedsegError` (a missing dataset, a bad window
 name), the user should see that message alone, so it is re-raised as it was.
+
+:data:`CONFIG_DIR` is the one place that knows where the Hydra configs live (every command composes from it).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -14,7 +17,10 @@ from hydra.utils import instantiate as hydra_instantiate
 
 from medseg.errors import MedsegError
 
-__all__ = ["instantiate"]
+__all__ = ["CONFIG_DIR", "instantiate"]
+
+#: The repository's ``conf/`` folder: the Hydra config tree of every command.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
