@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import MedsegError
+from medseg.evaluation.tables import number, results_table
 from medseg.runs import finished_summary
 
 __all__ = ["ARMS", "format_table", "run_dir_for", "run_quickstart"]
@@ -40,31 +41,22 @@ def run_dir_for(overrides: Sequence[str]) -> tuple[Path, int]:
 
 def format_table(summaries: dict[str, dict[str, Any]]) -> Any:
     """A rich table: one row per arm, Dice per class, foreground Dice / HD95 (mm) / NSD, parameters and times."""
-    from rich.table import Table
-
     first = next(iter(summaries.values()))
     classes = list(first["mean"])
-    table = Table(title=f"Test cases of {first.get('dataset', '?')} (native grid, {first['n_cases']} cases)")
-    table.add_column("init")
-    for name in classes:
-        table.add_column(f"Dice {name}", justify="right")
-    for column in ("Dice fg", "HD95 fg (mm)", "NSD fg (2 mm)", "trainable", "steps", "train (s)", "eval (s)"):
-        table.add_column(column, justify="right")
-
-    def number(value: Any, digits: int = 3) -> str:
-        return "n/a" if value is None else f"{value:.{digits}f}"
-
+    columns = ["init", *(f"Dice {name}" for name in classes), "Dice fg", "HD95 fg (mm)", "NSD fg (2 mm)", "trainable",
+               "steps", "train (s)", "eval (s)"]  # fmt: skip
+    rows = []
     for arm, summary in summaries.items():
         fg = summary["foreground_mean"]
-        table.add_row(
-            arm,
-            *(number(summary["mean"][c]["dice"]) for c in classes),
-            number(fg["dice"]), number(fg["hd95"], 1), number(fg["nsd"]),
+        rows.append((
+            arm, *(number(summary["mean"][c]["dice"]) for c in classes), number(fg["dice"]), number(fg["hd95"], 1),
+            number(fg["nsd"]),
             f"{summary.get('trainable_params', 0):,} ({summary.get('trainable_percent', 0):.1f} %)",
             str(summary.get("steps_trained", "?")), number(summary.get("train_wall_time_s"), 0),
             number(summary.get("eval_wall_time_s"), 0),
-        )  # fmt: skip
-    return table
+        ))  # fmt: skip
+    title = f"Test cases of {first.get('dataset', '?')} (native grid, {first['n_cases']} cases)"
+    return results_table(title, columns, rows)
 
 
 def run_quickstart(overrides: Sequence[str] = ()) -> int:

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from medseg.classify import CONFIG_DIR
+from medseg.config import CONFIG_DIR
 
 
 def _compose(overrides: list[str]):

@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DatasetError
-from medseg.evaluation.classification import LABEL_KINDS
 
 __all__ = [
+    "LABEL_KINDS",
     "SPLITS",
     "ClassificationCase",
     "LabelSpec",
@@ -51,6 +51,8 @@ __all__ = [
     "targets_array",
 ]
 
+#: What a table's labels can mean (see the module docstring); models, metrics and summaries check against it.
+LABEL_KINDS = ("binary", "multiclass", "multilabel", "ordinal")
 SPLITS = ("train", "val", "test")
 _TRUE = {"1", "1.0", "true", "yes", "y", "positive", "present"}
 _FALSE = {"0", "0.0", "false", "no", "n", "negative", "absent"}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform
 
 from medseg.data.io import load_case
 from medseg.errors import ReaderError
@@ -31,8 +31,6 @@ def load_classification_image(paths: Any) -> MetaTensor:
     files = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not all(str(p).lower().endswith(PIL_SUFFIXES) for p in files):
         return load_case(files)
-    from monai.transforms import EnsureChannelFirst, LoadImage
-
     channels = []
     for path in files:
         try:

@@ -1,4 +1,10 @@
-"""``medseg predict`` on a classifier: one CSV row of class probabilities per case.
+"""A ``medseg classify`` run folder as a model: loading it, probabilities per case, and ``medseg predict``'s table.
+
+A classifier run folder holds :data:`WEIGHTS_FILE` and :data:`CONFIG_FILE` (written by
+:func:`medseg.workflows.classification.training.save_classifier`); :func:`load_classifier` rebuilds the model from
+them and :func:`predict_probabilities` preprocesses one case exactly as in training. They sit here, in the inference
+stage, so that everything which predicts (``medseg predict``, the model loader of ``-m``) finds them without
+reaching up to the command that trained the model.
 
 A segmenter writes one file per case; a classifier's natural output is a table, as nnU-Net-style tools and MONAI's
 classification bundles write it: ``OUTPUT_DIR/probabilities.csv`` with ``case``, one ``p_<label name>`` column per
@@ -13,18 +19,91 @@ import csv
 import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from monai.data import MetaTensor
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from medseg.atomic import atomic_write_text
-from medseg.errors import ConfigError, InputShapeError
+from medseg.config import instantiate
+from medseg.data.cls_datamodule import classification_transform
+from medseg.errors import ConfigError, InputShapeError, WeightsError
+from medseg.inference.cache import weights_hash
 from medseg.inference.cases import Case
 from medseg.inference.loaded import LoadedModel
-from medseg.inference.predictor import PredictReport
+from medseg.models.knn import KNNHead
 
-__all__ = ["PROBABILITIES_CSV", "classification_row", "predict_classifier_cases"]
+if TYPE_CHECKING:
+    from medseg.inference.predictor import PredictReport
 
+__all__ = [
+    "CONFIG_FILE",
+    "PROBABILITIES_CSV",
+    "WEIGHTS_FILE",
+    "classification_row",
+    "load_classifier",
+    "predict_classifier_cases",
+    "predict_probabilities",
+]
+
+#: The two files of a ``medseg classify`` run folder that make it a model (weights, and how to rebuild it).
+WEIGHTS_FILE, CONFIG_FILE = "classifier.safetensors", "classifier.yaml"
 PROBABILITIES_CSV = "probabilities.csv"
+
+
+def load_classifier(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """A :class:`~medseg.inference.loaded.LoadedModel` (kind ``classifier``) from a ``medseg classify`` run folder.
+
+    The model is rebuilt from ``classifier.yaml`` with a scratch backbone (no official weights needed) and then
+    loaded strictly from ``classifier.safetensors``.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / WEIGHTS_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+        raise WeightsError(f"{run_dir} has no {WEIGHTS_FILE} + {CONFIG_FILE}; train it with `medseg classify` first.")
+    record = OmegaConf.load(run_dir / CONFIG_FILE)
+    model_cfg = OmegaConf.to_container(record.model, resolve=True)
+    model_cfg.update(num_outputs=len(record.label.names), in_channels=int(record.data.in_channels),
+                     label_kind=str(record.label.kind), spatial_dims=int(record.data.spatial_dims))  # fmt: skip
+    if "pretrained" in model_cfg:
+        model_cfg["pretrained"] = False
+    model = instantiate(OmegaConf.create(model_cfg))
+    state = load_file(str(run_dir / WEIGHTS_FILE))
+    if record.head == "knn":
+        model.head = KNNHead(state["head.bank"], state["head.targets"], **record.knn)
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return LoadedModel(
+        model=model, kind="classifier", config=record, label_names=dict(enumerate(record.label.names)),
+        source=str(run_dir), weights_id=weights_hash(model),
+    )  # fmt: skip
+
+
+def predict_probabilities(loaded: LoadedModel, image: Any) -> np.ndarray:
+    """Class probabilities ``(K,)`` of one case, preprocessed exactly as in training.
+
+    Args:
+        loaded: a ``LoadedModel`` of kind ``classifier`` (:func:`load_classifier`).
+        image: a file path, a list of channel file paths, or an already read channel-first image (array or tensor,
+            before the preset's intensity transforms).
+    """
+    if loaded.kind != "classifier":
+        raise ConfigError(f"predict_probabilities needs a classifier, got a {loaded.kind!r} model.")
+    data = loaded.config.data
+    is_path = isinstance(image, (str, Path, list, tuple))
+    transform = classification_transform(
+        OmegaConf.to_container(data.preprocess, resolve=True), int(data.spatial_dims), int(data.size),
+        int(data.num_slices), load=is_path,
+    )  # fmt: skip
+    if not is_path:
+        image = image if isinstance(image, MetaTensor) else MetaTensor(torch.as_tensor(np.asarray(image)).float())
+    sample = transform({"image": image})
+    device = next(iter(loaded.model.parameters())).device
+    with torch.no_grad():
+        probs = loaded.model.probabilities(sample["image"][None].to(device))
+    return probs[0].float().cpu().numpy()
 
 
 def _label_kind(loaded: LoadedModel) -> str:
@@ -55,9 +134,9 @@ def predict_classifier_cases(
     """Classify every case and write ``output_dir/probabilities.csv``; failures go to ``report.failed``.
 
     Args:
-        loaded: a ``classifier`` model (:func:`medseg.classify.load_classifier`).
+        loaded: a ``classifier`` model (:func:`load_classifier`).
         cases: the inputs (:func:`medseg.inference.cases.discover_cases`), each loaded and preprocessed exactly as
-            in training (:func:`medseg.classify.predict_probabilities`); non-finite probabilities (a NaN-filled
+            in training (:func:`predict_probabilities`); non-finite probabilities (a NaN-filled
             image) fail the case.
         output_dir: created if needed.
         report: a :class:`~medseg.inference.predictor.PredictReport` to fill.
@@ -67,8 +146,6 @@ def predict_classifier_cases(
     Returns:
         The CSV path, or ``None`` when no case succeeded (then nothing is written).
     """
-    from medseg.classify import predict_probabilities
-
     if loaded.kind != "classifier":
         raise ConfigError(f"{loaded.source} is a {loaded.kind} model, not a classifier.")
 

@@ -66,7 +66,7 @@ def is_run_folder(path: str | os.PathLike[str]) -> bool:
 
 def is_classifier_folder(path: str | os.PathLike[str]) -> bool:
     """A run folder of ``medseg classify``: ``classifier.yaml`` and ``classifier.safetensors``."""
-    from medseg.classify import CONFIG_FILE, WEIGHTS_FILE
+    from medseg.inference.classified import CONFIG_FILE, WEIGHTS_FILE
 
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
 
@@ -189,7 +189,7 @@ def load_model(
         return load_litemedsam(device)
     path = Path(text)
     if path.is_dir() and is_classifier_folder(path):
-        from medseg.classify import load_classifier
+        from medseg.inference.classified import load_classifier
 
         return load_classifier(path, resolve_device(device))
     if path.is_dir() and is_run_folder(path):

@@ -9,9 +9,9 @@ A :class:`Classifier` maps ``(B, C, H, W)`` images, or ``(B, C, H, W, D)`` volum
   slices (the volumetric adapter path) while any other backbone sees independent slices; the slice vectors are then
   aggregated (mean or attention).
 
-The head is a linear layer, or for the kNN protocol a :class:`~medseg.classification_protocols.KNNHead` that
-returns probabilities itself (``outputs_probabilities``). :meth:`Classifier.probabilities` applies the right
-activation: softmax for binary, multi-class and ordinal labels, sigmoid for multi-label.
+The head is a linear layer, or for the kNN protocol a :class:`~medseg.models.knn.KNNHead` that returns probabilities
+itself (``outputs_probabilities``). :meth:`Classifier.probabilities` applies the right activation: softmax for
+binary, multi-class and ordinal labels, sigmoid for multi-label.
 
 :class:`CNNClassifier` wraps MONAI's ``DenseNet121`` or ``ResNet`` (2-D or 3-D) trained from scratch, the reference a
 foundation model must beat; it has the same ``embed``/``head``/``probabilities`` interface, so every protocol runs on
@@ -26,14 +26,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.networks import nets
 from torch import nn
 
+from medseg.adapters.adapter3d import volume_depth
 from medseg.adapters.report import parameter_report
 from medseg.adapters.targets import is_adapter_name
 from medseg.backbones.base import Backbone
 from medseg.backbones.registry import create_backbone, get_entry
+from medseg.data.classification import LABEL_KINDS
 from medseg.errors import ConfigError, InputShapeError
-from medseg.evaluation.classification import LABEL_KINDS
 from medseg.models.param_groups import count_report, make_param_groups
 from medseg.models.pooling import SliceAggregation, TokenPooling
 from medseg.models.segmenter import INPUT_RANGES, apply_adapter_config
@@ -149,8 +151,6 @@ class Classifier(_ProbabilityMixin, nn.Module):
             )
         if self.spatial_dims == 2:
             return self._encode_slices(image)
-        from medseg.adapters.adapter3d import volume_depth
-
         b, c, h, w, d = image.shape
         slices = image.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w)  # volume-major: slices of volume 0 first
         with volume_depth(self.backbone, d):
@@ -186,8 +186,6 @@ class CNNClassifier(_ProbabilityMixin, nn.Module):
 
     def __init__(self, name: str, num_outputs: int, in_channels: int, label_kind: str, spatial_dims: int = 2) -> None:
         super().__init__()
-        from monai.networks import nets
-
         if name not in CNN_BASELINES:
             raise ConfigError(f"model.name must be one of {CNN_BASELINES}, got {name!r}.")
         if name == "densenet121":

@@ -4,7 +4,7 @@ The loss follows the label kind: cross-entropy for binary (two softmax outputs),
 binary cross-entropy per label for multi-label. Optimisation reuses the segmentation conventions: the model's
 ``param_groups`` (head and adapters at ``lr``, the backbone at ``lr * backbone_lr_scale`` with optional layer-wise
 decay), a partial optimiser and a per-step scheduler whose length defaults to the run's number of steps. Validation
-scores the validation cases with :func:`medseg.evaluation.classification.classification_metrics` and logs
+scores the validation cases with :func:`medseg.evaluation.classification.metrics.classification_metrics` and logs
 ``val/auroc_macro``, ``val/accuracy`` and ``val/loss`` (all cases, gathered on one process).
 """
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import ConfigError
+from medseg.evaluation.classification.metrics import classification_metrics
 from medseg.tasks.segmentation import total_steps_keyword
 
 __all__ = ["ClassificationTask"]
@@ -86,8 +87,6 @@ class ClassificationTask(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_probs:
             return
-        from medseg.evaluation.classification import classification_metrics
-
         probs = torch.cat(self._val_probs).numpy()
         targets = torch.cat(self._val_targets).numpy()
         metrics = classification_metrics(probs, np.asarray(targets), self.kind, self.class_names)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
 
 from medseg.data.classification import read_classification_table
 from medseg.data.cls_datamodule import ClassificationDataModule
+from medseg.data.dicom import write_dicom_series
+from medseg.data.prepare.command import run_prepare
 from medseg.data.prepare.writing import write_nifti
 from medseg.errors import DatasetError
 
@@ -23,8 +28,6 @@ def _table(root: Path, header: list[str], rows: list[list], name: str = "table.c
 
 @pytest.fixture
 def images(tmp_path) -> list[str]:
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     names = []
     for i in range(10):
@@ -106,8 +109,6 @@ def test_nifti_volumes_come_out_as_size_x_size_x_slices(tmp_path):
 
 
 def test_validate_lists_every_problem_of_a_classification_folder(tmp_path, capsys):
-    from medseg.data.prepare.command import run_prepare
-
     folder = tmp_path / "Dataset993_Cls"
     write_nifti(np.zeros((4, 4, 1), np.float32), np.eye(4), folder / "images" / "a.nii.gz")
     rows = [["a", "images/a.nii.gz", "x", "train"], ["a", "images/missing.nii.gz", "y", "later"]]
@@ -122,12 +123,6 @@ def test_validate_lists_every_problem_of_a_classification_folder(tmp_path, capsy
 
 def test_dicom_files_and_series_load_as_2d_slices_and_3d_volumes(tmp_path):
     """A real single-slice CT file (pydicom's CT_small.dcm) is a 2-D case; a DICOM series folder is a 3-D case."""
-    import shutil
-
-    from pydicom.data import get_testdata_file
-
-    from medseg.data.dicom import write_dicom_series
-
     ct_small = get_testdata_file("CT_small.dcm")
     rows2d, rows3d = [], []
     for i in range(4):

@@ -16,9 +16,9 @@ from sklearn.metrics import (
 from sklearn.preprocessing import label_binarize
 
 from medseg.errors import ConfigError
-from medseg.evaluation.calibration import expected_calibration_error
-from medseg.evaluation.classification import classification_metrics, subgroup_gaps, subgroup_metrics
-from medseg.evaluation.cls_summary import build_classification_summary, write_classification_outputs
+from medseg.evaluation.classification.calibration import expected_calibration_error
+from medseg.evaluation.classification.metrics import classification_metrics, subgroup_gaps, subgroup_metrics
+from medseg.evaluation.classification.summary import build_classification_summary, write_classification_outputs
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

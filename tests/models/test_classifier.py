@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medseg.adapters import AdapterConfig
+from medseg.adapters import AdapterConfig, volume_depth
 from medseg.errors import ConfigError, InputShapeError
 from medseg.models.classifier import build_classifier, build_cnn_classifier
 
@@ -66,8 +66,6 @@ def test_adapter3d_sees_across_slices_and_attention_aggregates():
         weights = model.aggregate.attention.last_weights
         depth = model.backbone.vit.blocks[0].adapter3d
         first = model._encode_slices(volume.permute(0, 4, 1, 2, 3).reshape(3, 1, 28, 28))
-    from medseg.adapters import volume_depth
-
     with torch.no_grad(), volume_depth(model.backbone, 3):
         a = model._encode_slices(volume.permute(0, 4, 1, 2, 3).reshape(3, 1, 28, 28))[0]
         b = model._encode_slices(changed.permute(0, 4, 1, 2, 3).reshape(3, 1, 28, 28))[0]

@@ -13,8 +13,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from medseg.classify import CONFIG_DIR, load_classifier, predict_probabilities, train_classifier
+from medseg.cli import main
+from medseg.config import CONFIG_DIR
 from medseg.data.prepare.writing import write_nifti
+from medseg.inference.classified import load_classifier, predict_probabilities
+from medseg.workflows.classification.training import train_classifier
 
 CLASSES = ("small", "medium", "large")
 TINY_MAE = "+model.arch={depth:2,embed_dim:32,num_heads:2,img_size:32}"
@@ -113,8 +116,6 @@ def test_bf16_ladder_extracts_its_own_features(disks_table, tmp_path):
 
 
 def test_medseg_predict_writes_a_probability_table_for_a_classifier_run(disks_table, tmp_path, capsys):
-    from medseg.cli import main
-
     cfg = _config(disks_table, tmp_path, "linear")
     train_classifier(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -16,7 +16,7 @@ metric                 definition
 ``f1``                 binary: F1 of the positive class; otherwise the macro F1 over classes / labels.
 ``kappa``              ``cohen_kappa_score``; ``weights="quadratic"`` for ordinal labels (multi-label: label mean).
 ``mae``                ordinal only: mean absolute error in classes between arg-max and label.
-``ece``                expected calibration error, see :mod:`medseg.evaluation.calibration`.
+``ece``                expected calibration error, see :mod:`~medseg.evaluation.classification.calibration`.
 =====================  ===========================================================================================
 
 Subgroups (sex, age band, site...) get the same metrics each, and :func:`subgroup_gaps` reports the largest
@@ -29,12 +29,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
+from medseg.data.classification import LABEL_KINDS
 from medseg.errors import ConfigError
+from medseg.evaluation.classification.calibration import expected_calibration_error
 
 __all__ = [
     "GAP_METRICS",
-    "LABEL_KINDS",
     "case_scores",
     "check_probabilities",
     "classification_metrics",
@@ -43,7 +45,6 @@ __all__ = [
     "subgroup_metrics",
 ]
 
-LABEL_KINDS = ("binary", "multiclass", "multilabel", "ordinal")
 #: Metrics whose subgroup gap is reported (higher is better for all but ECE and MAE).
 GAP_METRICS = ("auroc_macro", "accuracy", "balanced_accuracy", "f1", "kappa", "ece")
 
@@ -86,8 +87,6 @@ def predict_labels(probabilities: np.ndarray, kind: str, threshold: float = 0.5)
 
 
 def _auroc(target: np.ndarray, score: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
     if len(np.unique(target)) < 2:
         return None
     return float(roc_auc_score(target, score))
@@ -120,10 +119,6 @@ def classification_metrics(
         ``{"n", "auroc": {class: value | None}, "auroc_macro", "auroc_micro", "accuracy", "balanced_accuracy",
         "f1", "kappa", "ece"}`` (+ ``"mae"`` for ordinal); every value finite or ``None``.
     """
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score
-
-    from medseg.evaluation.calibration import expected_calibration_error
-
     probs, target = check_probabilities(probabilities, labels, kind)
     k = probs.shape[1]
     names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(k)]

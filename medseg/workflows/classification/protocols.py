@@ -2,9 +2,10 @@
 
 ``protocol=knn|linear|peft|full`` (``conf/protocol``) picks the rung:
 
-* ``knn``: the backbone is frozen; every training case's embedding is cached once (:mod:`medseg.tasks.feature_cache`)
-  and a test case's probabilities are the votes of its ``k`` nearest training cases by cosine similarity, uniform or
-  weighted by ``exp(similarity / temperature)`` as in DINO/DINOv2's kNN evaluation (:class:`KNNHead`);
+* ``knn``: the backbone is frozen; every training case's embedding is cached once (:mod:`.features`) and a test
+  case's probabilities are the votes of its ``k`` nearest training cases by cosine similarity, uniform or weighted by
+  ``exp(similarity / temperature)`` as in DINO/DINOv2's kNN evaluation (:class:`~medseg.models.knn.KNNHead`, a part
+  of the model, so the run folder reloads without refitting);
 * ``linear``: the same cached features; a linear layer (softmax or sigmoid) is fitted full-batch with L-BFGS on
   standardised features, its L2 penalty chosen on the validation cases from a small grid (:func:`fit_linear_probe`),
   and folded back into a plain ``nn.Linear`` so the model is an ordinary classifier afterwards;
@@ -26,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import ConfigError
+from medseg.models.knn import KNNHead
 
-__all__ = ["FROZEN_PROTOCOLS", "PROTOCOLS", "KNNHead", "fit_knn", "fit_linear_probe", "one_hot_targets"]
+__all__ = ["FROZEN_PROTOCOLS", "PROTOCOLS", "fit_knn", "fit_linear_probe", "one_hot_targets"]
 
 PROTOCOLS = ("knn", "linear", "peft", "full")
 FROZEN_PROTOCOLS = ("knn", "linear")
@@ -41,56 +43,14 @@ def one_hot_targets(targets: Any, num_outputs: int, kind: str) -> torch.Tensor:
     return F.one_hot(targets.long().reshape(-1), num_outputs).float()
 
 
-class KNNHead(nn.Module):
-    """Cosine k-nearest-neighbour vote over a bank of training embeddings; outputs probabilities ``(B, K)``.
-
-    Args:
-        bank: ``(N, E)`` training embeddings (L2-normalised here).
-        targets: ``(N, K)`` one-hot (or multi-label 0/1) training targets.
-        k: neighbours (at most ``N``).
-        weights: ``uniform`` (the fraction of neighbours of each class, as scikit-learn's
-            ``KNeighborsClassifier(metric="cosine")``) or ``similarity`` (votes ``exp(cos / temperature)``, DINO).
-        temperature: of ``similarity`` votes.
-
-    The bank is a buffer, so it is saved with the model; a state dict of another bank size loads too.
-    """
-
-    outputs_probabilities = True
-
-    def __init__(
-        self, bank: torch.Tensor, targets: torch.Tensor, k: int = 20, weights: str = "similarity", temperature=0.07
-    ) -> None:
-        super().__init__()
-        if weights not in ("uniform", "similarity"):
-            raise ConfigError(f"protocol.weights must be 'uniform' or 'similarity', got {weights!r}.")
-        if k < 1:
-            raise ConfigError(f"protocol.k must be at least 1, got {k}.")
-        self.register_buffer("bank", F.normalize(bank.float(), dim=1))
-        self.register_buffer("targets", targets.float())
-        self.k, self.weights, self.temperature = int(k), weights, float(temperature)
-
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        similarity = F.normalize(embedding.float(), dim=1) @ self.bank.T  # (B, N)
-        top, index = similarity.topk(min(self.k, self.bank.shape[0]), dim=1)
-        votes = torch.ones_like(top) if self.weights == "uniform" else (top / self.temperature).exp()
-        probs = torch.einsum("bk,bkc->bc", votes, self.targets[index]) / votes.sum(dim=1, keepdim=True)
-        return probs.clamp(0.0, 1.0)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("bank", "targets"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
 def fit_knn(
     features: torch.Tensor,
     targets: Any,
     num_outputs: int,
     kind: str,
     k: int = 20,
-    weights="similarity",
-    temperature=0.07,
+    weights: str = "similarity",
+    temperature: float = 0.07,
 ) -> KNNHead:
     """A :class:`KNNHead` whose bank is the training ``features`` ``(N, E)`` and their ``targets``."""
     return KNNHead(features, one_hot_targets(targets, num_outputs, kind), k, weights, temperature)

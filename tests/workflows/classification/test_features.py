@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from medseg.backbones import create_backbone
+from medseg.errors import ConfigError
 from medseg.models.classifier import Classifier
-from medseg.tasks.feature_cache import FeatureCache
+from medseg.workflows.classification.features import FeatureCache
 
 
 def _model(pooling: str = "mean") -> Classifier:
@@ -51,9 +53,5 @@ def test_reused_in_memory_and_from_disk_and_invalidated(tmp_path):
 
 
 def test_learned_pooling_cannot_be_cached(tmp_path):
-    import pytest
-
-    from medseg.errors import ConfigError
-
     with pytest.raises(ConfigError, match="parameter-free pooling"):
         FeatureCache(tmp_path).features(_model("attention"), _batches(torch.rand(4, 1, 32, 32)), "p")

@@ -3,9 +3,9 @@
 The layout follows the segmentation summary's conventions (:mod:`medseg.evaluation.summary`) so the benchmark runner
 reads both: ``metric_per_case`` holds one row per case (``case_id``, ``label``, ``probabilities`` by class name,
 ``prediction``, ``correct``, ``log_loss``, ``brier``, ``subgroups``), from which any metric can be bootstrapped over
-cases; ``mean`` holds the metrics over all cases (:func:`~medseg.evaluation.classification.classification_metrics`);
-``subgroups`` and ``subgroup_gaps`` are present when the dataset has subgroup columns; ``task`` is
-``"classification"``. Every number is finite or ``null``, and files are written atomically.
+cases; ``mean`` holds the metrics over all cases (:func:`~.metrics.classification_metrics`); ``subgroups`` and
+``subgroup_gaps`` are present when the dataset has subgroup columns; ``task`` is ``"classification"``. Every number
+is finite or ``null``, and files are written atomically.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, multilabel_confusion_matrix
 
 from medseg.atomic import atomic_path, atomic_write_text
 from medseg.errors import ConfigError
-from medseg.evaluation.classification import (
+from medseg.evaluation.classification.metrics import (
     case_scores,
     check_probabilities,
     classification_metrics,
@@ -131,11 +132,10 @@ def plot_confusion_matrix(
     path: str | os.PathLike[str], labels: Any, predictions: Any, kind: str, class_names: Sequence[str]
 ) -> Path:
     """Save the confusion matrix as a PNG (counts, rows = reference); multi-label: one 2 x 2 panel per label."""
-    import matplotlib
+    import matplotlib  # lazy: pyplot's backend is chosen (Agg) only when a plot is drawn, never at import
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, multilabel_confusion_matrix
+    import matplotlib.pyplot as plt  # lazy: see above, after matplotlib.use
 
     names = list(class_names)
     if kind == "multilabel":

@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from medseg.classification_protocols import KNNHead, fit_knn, fit_linear_probe
+from medseg.models.knn import KNNHead
+from medseg.workflows.classification.protocols import fit_knn, fit_linear_probe
 
 
 def _blobs(n: int, seed: int, classes: int = 3, dim: int = 16):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
 from medseg.errors import ConfigError
 
@@ -32,8 +33,6 @@ def expected_calibration_error(
         kind: ``binary``, ``multiclass``, ``ordinal`` or ``multilabel``.
         num_bins: equal-width confidence bins on [0, 1].
     """
-    from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
-
     probs = torch.as_tensor(np.asarray(probabilities, dtype=np.float64))
     target = torch.as_tensor(np.asarray(labels)).long()
     if num_bins < 1:
