@@ -17,6 +17,7 @@ __all__ = [
     "ENV_DATA",
     "ENV_RESULTS",
     "ENV_WEIGHTS",
+    "check_output_folder",
     "data_root",
     "find_dataset",
     "results_root",
@@ -30,11 +31,16 @@ ENV_WEIGHTS = "MEDSEG_WEIGHTS"
 _DEFAULTS = {ENV_DATA: "data", ENV_RESULTS: "results", ENV_WEIGHTS: "weights"}
 
 
+def _source(variable: str) -> str:
+    """How the folder of ``variable`` was chosen, for messages: ``$MEDSEG_RESULTS=/x`` or ``the default ./results``."""
+    return f"${variable}={os.environ[variable]}" if os.environ.get(variable) else f"the default ./{_DEFAULTS[variable]}"
+
+
 def _folder(variable: str, must_exist: bool) -> Path:
     raw = os.environ.get(variable) or _DEFAULTS[variable]
     path = Path(raw).expanduser().resolve()
     if must_exist and not path.is_dir():
-        source = f"${variable}={os.environ[variable]}" if os.environ.get(variable) else f"the default ./{raw}"
+        source = _source(variable)
         raise ConfigError(
             f"The folder {path} (from {source}) does not exist. Set {variable} to an existing folder, "
             f"e.g. `export {variable}=/path/to/{raw}`, or create it."
@@ -57,6 +63,46 @@ def weights_root(must_exist: bool = False) -> Path:
     return _folder(ENV_WEIGHTS, must_exist)
 
 
+def check_output_folder(path: str | os.PathLike[str], variable: str = ENV_RESULTS) -> Path:
+    """Check, without creating anything, that ``path`` is a writable folder or can be created as one.
+
+    Hydra creates the run folder before medseg code runs, so a results folder that is a file or read-only would
+    surface as a traceback from deep inside Hydra; this finds it first. Problems inside the folder ``variable``
+    sets are reported against the variable, which is what the user can change.
+
+    Raises:
+        ConfigError: a part of ``path`` is a file, or the folder (or its nearest existing parent) is not writable.
+    """
+    path = Path(path).expanduser().absolute()
+    root = Path(os.environ.get(variable) or _DEFAULTS[variable]).expanduser().absolute()
+    inside = path == root or root in path.parents
+    where = f"{variable} ({_source(variable)})" if inside else "the output folder"
+    fix = (
+        f"set {variable} to a writable folder (it is created if missing), e.g. `export {variable}=$HOME/medseg-"
+        f"{_DEFAULTS[variable]}`"
+        if inside
+        else "choose a writable folder"
+    )
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is a file, not a folder, so {path} cannot be created in {where}: {fix}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{existing} is not writable, so {path} cannot be created in {where}: {fix}.")
+    return path
+
+
+def _demo_hint(name: str) -> str:
+    """The ``medseg prepare`` command that builds ``name`` when it is a demo dataset, else the list of them."""
+    from medseg.data.prepare.command import BUILDERS
+
+    for demo in BUILDERS:
+        if _normalise(demo) == _normalise(name):
+            return f"build it with `medseg prepare {demo}`"
+    return "demo datasets: " + ", ".join(f"`medseg prepare {demo}`" for demo in BUILDERS)
+
+
 def _normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
@@ -74,7 +120,7 @@ def find_dataset(name: str | os.PathLike[str], root: Path | None = None) -> Path
     if not root.is_dir():
         raise DatasetError(
             f"Dataset '{name}' not found: the data folder {root} does not exist. Set {ENV_DATA} to the folder that "
-            f"holds your DatasetNNN_Name folders, or build a demo dataset with `medseg prepare synthetic`."
+            f"holds your DatasetNNN_Name folders ({_demo_hint(str(name))})."
         )
     folders = sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"Dataset\d{3}_.+", p.name))
     text = str(name)
@@ -89,7 +135,6 @@ def find_dataset(name: str | os.PathLike[str], root: Path | None = None) -> Path
     if not matches:
         raise DatasetError(
             f"Dataset '{name}' not found in {root} (set by {ENV_DATA}). Available: {available}. "
-            f"Give a path, a DatasetNNN_Name folder name or its ID (demo datasets: `medseg prepare synthetic`, "
-            f"`medseg prepare mni-tissue`)."
+            f"Give a path, a DatasetNNN_Name folder name or its ID ({_demo_hint(str(name))})."
         )
     raise DatasetError(f"Dataset '{name}' is ambiguous in {root}: {available}. Use the full folder name.")
