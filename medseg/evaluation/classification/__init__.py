@@ -9,38 +9,9 @@ evaluation is a package of its own:
 - :mod:`~.summary`: ``summary.json``, ``predictions.csv`` and ``confusion_matrix.png`` of a classification run.
 
 The label kinds themselves (:data:`medseg.data.classification.LABEL_KINDS`) belong to the data that defines them.
+Nothing is imported here: import from the module that holds the piece.
 """
 
 from __future__ import annotations
 
-from medseg.evaluation.classification.calibration import expected_calibration_error
-from medseg.evaluation.classification.metrics import (
-    GAP_METRICS,
-    case_scores,
-    check_probabilities,
-    classification_metrics,
-    predict_labels,
-    subgroup_gaps,
-    subgroup_metrics,
-)
-from medseg.evaluation.classification.summary import (
-    build_classification_summary,
-    plot_confusion_matrix,
-    write_classification_outputs,
-    write_probabilities_csv,
-)
-
-__all__ = [
-    "GAP_METRICS",
-    "build_classification_summary",
-    "case_scores",
-    "check_probabilities",
-    "classification_metrics",
-    "expected_calibration_error",
-    "plot_confusion_matrix",
-    "predict_labels",
-    "subgroup_gaps",
-    "subgroup_metrics",
-    "write_classification_outputs",
-    "write_probabilities_csv",
-]
+__all__: list[str] = []
