@@ -102,7 +102,8 @@ class SegmentationTask(OptimizationMixin, L.LightningModule):
         logits = self.predict_volume(image[0])
         pred = one_hot(logits.argmax(0, keepdim=True)[None], self.num_classes)
         ref = one_hot(label.long(), self.num_classes)
-        dice = self._dice(pred.to(ref.device), ref)[0].to(self._val_sum)  # (K-1,), NaN where both are empty
+        # (K-1,), NaN where both are empty; a plain tensor: a MetaTensor would reach ModelCheckpoint's saved best score
+        dice = self._dice(pred.to(ref.device), ref)[0].as_subclass(torch.Tensor).to(self._val_sum)
         seen = ~torch.isnan(dice)
         self._val_sum += torch.where(seen, dice, torch.zeros_like(dice))
         self._val_count += seen.to(self._val_count)
