@@ -3,7 +3,9 @@
 Hydra reports a config mistake (an unknown group option, a misspelt key, a missing ``???`` value) well, but only after
 printing a stack trace of its own internals, or, for a missing value, deep inside the object being built. The verbs
 compose the config first with the same overrides (every combination of a ``-m`` sweep) and turn any such mistake into
-a :class:`~medseg.errors.ConfigError` that the CLI prints on one line; only then is Hydra run for real.
+a :class:`~medseg.errors.ConfigError` that the CLI prints on one line; only then is Hydra run for real. For
+``medseg train`` this also checks the values Lightning would refuse with a traceback (``trainer.max_steps=-5``) and
+that the run folder can be created, before Hydra creates it: a refused command leaves no trace.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medseg.errors import ConfigError
 
@@ -98,6 +101,7 @@ def check_config(config_dir: str, config_name: str, overrides: Sequence[str], mu
             except HydraException as err:
                 raise ConfigError(_one_line(err)) from None
         HydraConfig.instance().set_config(cfg)  # so that ${hydra:...} values resolve as in the real run
+        output_dir = _job_dir(cfg, multirun)
         with open_dict(cfg):
             cfg.pop("hydra")
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -107,6 +111,36 @@ def check_config(config_dir: str, config_name: str, overrides: Sequence[str], mu
                 f"{'them' if len(missing) > 1 else 'it'} on the command line, e.g. `medseg "
                 f"{config_name} {missing[0]}=...`."
             )
+        if config_name == "train":
+            _check_train_job(cfg, output_dir)
+
+
+def _job_dir(cfg: DictConfig, multirun: bool) -> Path | None:
+    """The folder Hydra will create for the job (``hydra.run.dir``, or the sweep's dir and subdir), if it resolves.
+
+    A sweep subdir may use values only the launcher sets (``${hydra.job.num}``); then the sweep dir is what is known.
+    """
+    keys = ("hydra.sweep.dir", "hydra.sweep.subdir") if multirun else ("hydra.run.dir",)
+    parts = []
+    for key in keys:
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except Exception:  # an interpolation of launcher-time values
+            break
+        if value is None:
+            break
+        parts.append(str(value))
+    return Path(*parts) if parts else None
+
+
+def _check_train_job(cfg: DictConfig, output_dir: Path | None) -> None:
+    """What ``medseg train`` would otherwise find only after Hydra created (or failed to create) the run folder."""
+    from medseg.paths import check_output_folder
+    from medseg.train import check_train_config
+
+    check_train_config(cfg)
+    if output_dir is not None:
+        check_output_folder(output_dir)
 
 
 def run_hydra_entry(

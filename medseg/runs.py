@@ -1,35 +1,76 @@
-"""Run folders: where a run keeps its checkpoints, and which checkpoint a re-run continues from.
+"""Run folders: what a run keeps, which checkpoint a re-run continues from, and who may write into a run folder.
 
 A run folder is ``results/<dataset>/<model>__<adapter>__<init>/fold_<k>/`` (set by ``conf/hydra/default.yaml``)::
 
-    .hydra/                 resolved config, overrides (Hydra)
+    .hydra/                 config.yaml, hydra.yaml, overrides.yaml of the run (written by medseg, not by Hydra)
+    .medseg.lock            held (``flock``) by the ``medseg train`` writing into the folder
+    train_state.json        ``training`` while a command works on the run, ``finished`` once it completed
     checkpoints/last.ckpt   end of the latest epoch: what a re-run of the same command resumes from
     checkpoints/best_*.ckpt highest validation Dice (model selection)
     logs/csv/metrics.csv    logs/tensorboard/   training curves
     predictions/            test predictions on the native grid
     summary.json            test metrics on the native grid, trainable parameters, peak memory, wall time
 
-Re-running the same command is how a run is resumed, as in nnU-Net's ``--c``: no extra flag to remember.
+Re-running the same command is how an interrupted run is resumed, as in nnU-Net's ``--c``: no flag to remember. What
+was made is never lost by a second command: one holding the lock is alone in the folder, a finished run is continued
+only with ``resume=true`` and started over only with ``overwrite=true``, and a command whose config differs from the
+run's saved one (beyond :data:`RESUMABLE_KEYS`) is refused before it writes anything.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import ConfigError
+from omegaconf import DictConfig, OmegaConf
+
+from medseg.errors import ConfigError, WeightsError
 
 __all__ = [
+    "LAST",
+    "LOCK_FILE",
+    "RESUMABLE_KEYS",
+    "STATE_FILE",
+    "RunLock",
     "best_checkpoint",
+    "check_run_folder",
     "checkpoint_dir",
+    "config_differences",
+    "discard_run",
     "finished_summary",
+    "holds_run",
+    "is_finished",
     "last_checkpoint",
     "resolve_resume",
+    "resume_mode",
+    "save_run_config",
     "select_checkpoint",
+    "write_state",
 ]
 
+log = logging.getLogger("medseg.runs")
+
 LAST = "last.ckpt"
+LOCK_FILE = ".medseg.lock"
+STATE_FILE = "train_state.json"
+# Keys a later command of the same run may change: how long and on what it trains, what it logs and evaluates, where
+# the data lives. Everything else (data, preprocessing, model, adapter, task, seed) defines the run.
+RESUMABLE_KEYS = (
+    "resume", "overwrite", "fit", "evaluate", "eval_ckpt", "ckpt_path", "optimized_metric", "run_dir", "paths",
+    "trainer.max_steps", "trainer.max_epochs", "trainer.check_val_every_n_epoch", "trainer.log_every_n_steps",
+    "trainer.num_sanity_val_steps", "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+    "trainer.precision", "trainer.sync_batchnorm", "trainer.use_distributed_sampler", "trainer.default_root_dir",
+    "data.num_workers", "callbacks.rich_progress_bar", "callbacks.model_summary", "callbacks.lr_monitor",
+    "callbacks.weights_digest", "callbacks.last_checkpoint", "logger",
+)  # fmt: skip
+# What `overwrite=true` removes: everything a training command wrote (the lock, train.log and .hydra/ stay).
+_OUTPUTS = ("checkpoints", "logs", "predictions", "weights_digest", "summary.json", STATE_FILE)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -38,7 +79,7 @@ def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 
 def last_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """``checkpoints/last.ckpt`` if it exists (Lightning writes it atomically at the end of each epoch)."""
+    """``checkpoints/last.ckpt`` if it exists (written atomically at the end of each epoch)."""
     path = checkpoint_dir(run_dir) / LAST
     return path if path.is_file() else None
 
@@ -50,20 +91,253 @@ def best_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+def holds_run(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether the folder holds (part of) a trained run: a checkpoint or a state file."""
+    folder = checkpoint_dir(run_dir)
+    return (Path(run_dir) / STATE_FILE).is_file() or (folder.is_dir() and any(folder.glob("*.ckpt")))
+
+
+def _read_state(run_dir: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((run_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def write_state(run_dir: str | os.PathLike[str], status: str, **facts: Any) -> None:
+    """Record ``status`` (``training`` or ``finished``) and ``facts`` in ``train_state.json``, atomically."""
+    from medseg.atomic import atomic_write_json
+
+    record = {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **facts}
+    atomic_write_json(Path(run_dir) / STATE_FILE, record)
+
+
+def is_finished(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether a ``medseg train`` command completed on the run (training and, if asked, its evaluation).
+
+    Run folders of older versions have no state file; those count as finished once their ``summary.json`` is.
+    """
+    run_dir = Path(run_dir)
+    state = _read_state(run_dir)
+    if state:
+        return state.get("status") == "finished"
+    from medseg.evaluation import is_complete
+
+    return last_checkpoint(run_dir) is not None and is_complete(run_dir / "summary.json")
+
+
+def discard_run(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete what training and evaluation wrote into ``run_dir`` (``overwrite=true``); returns what was removed."""
+    removed = []
+    for name in _OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.medseg.lock`` for as long as a command works on the run.
+
+    The kernel releases the lock when its process ends, however it ends, so a killed run never leaves a stale lock;
+    the file holds the holder's PID and host only to name it in the refusal.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return self
+        path = self.run_dir / LOCK_FILE
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write into the run folder {self.run_dir}: {err.strerror or err}. Make it a writable folder, "
+                f"or train into another one (MEDSEG_RESULTS, hydra.run.dir)."
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            os.close(fd)
+            who = f"PID {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
+            raise ConfigError(
+                f"the run folder {self.run_dir} is in use by another `medseg train` ({who}): wait until it ends "
+                f"(or stop it), or train into another folder."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = None
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flat(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def _task_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as Hydra saves it in ``.hydra/config.yaml``: unresolved, without the ``hydra`` node."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    return container
+
+
+def config_differences(saved: DictConfig, cfg: DictConfig, allowed: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
+    """``key: saved -> new`` for every key that differs between two run configs, except the ``allowed`` ones."""
+    old, new = _flat(_task_config(saved)), _flat(_task_config(cfg))
+    keys = sorted(set(old) | set(new))
+    missing = "(absent)"
+    return [
+        f"{key}: {old.get(key, missing)} -> {new.get(key, missing)}"
+        for key in keys
+        if old.get(key, missing) != new.get(key, missing)
+        and not any(key == a or key.startswith(f"{a}.") for a in allowed)
+    ]
+
+
+def save_run_config(run_dir: str | os.PathLike[str], cfg: DictConfig) -> bool:
+    """Write ``.hydra/{config,hydra,overrides}.yaml`` as Hydra would, atomically, when running as a Hydra job.
+
+    ``conf/hydra/default.yaml`` sets ``output_subdir: null`` so that Hydra does not write them before the run folder
+    was checked (a failed or different command would otherwise replace a finished run's config); training writes them
+    once the command was accepted. Outside a Hydra job (a config composed in Python) nothing is written.
+
+    Returns:
+        Whether the files were written.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    from medseg.atomic import atomic_write_text
+
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.instance().cfg
+    if not OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None, throw_on_missing=False):
+        return False
+    folder = Path(run_dir) / ".hydra"
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(_task_config(cfg))))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml(hydra_cfg))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
+    return True
+
+
+def resume_mode(cfg: DictConfig) -> bool | str:
+    """``resume`` of a train config: ``"auto"`` (also for null), ``True`` or ``False``.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    value = cfg.get("resume", "auto")
+    if value is None or value == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(
+        f"resume={value!r} must be auto (continue an unfinished run), true (also a finished one) or false."
+    )
+
+
+def check_run_folder(run_dir: str | os.PathLike[str], cfg: DictConfig) -> None:
+    """Refuse a command that would lose or mix up the run ``run_dir`` holds; call it holding the :class:`RunLock`.
+
+    Raises:
+        ConfigError: the folder holds a run of another config (the first differing keys are named), a finished run
+            and neither ``resume=true`` nor ``overwrite=true`` was given, or ``resume=false`` without ``overwrite``.
+    """
+    run_dir = Path(run_dir)
+    if cfg.get("overwrite") or not holds_run(run_dir):
+        return
+    saved = run_dir / ".hydra" / "config.yaml"
+    if saved.is_file():
+        try:
+            differences = config_differences(OmegaConf.load(saved), cfg)
+        except Exception as err:  # YAML or OmegaConf errors: the message says where
+            raise ConfigError(
+                f"{saved} cannot be read ({' '.join(str(err).split())[:160]}): restore it, or add overwrite=true to "
+                f"start the run over."
+            ) from None
+        if differences:
+            more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+            raise ConfigError(
+                f"{run_dir} holds a run with another config ({'; '.join(differences[:3])}{more}): train into another "
+                f"folder (another experiment, hydra.run.dir=...), or add overwrite=true to discard that run."
+            )
+    mode = resume_mode(cfg)
+    if cfg.get("ckpt_path") or not cfg.get("fit", True):
+        return
+    if mode is False:
+        raise ConfigError(
+            f"resume=false would start {run_dir} over, but it holds a trained run: add overwrite=true to discard it, "
+            f"or leave resume out to continue it."
+        )
+    if mode == "auto" and is_finished(run_dir):
+        raise ConfigError(
+            f"{run_dir} holds a finished run: add resume=true to train it further (e.g. with a larger "
+            f"trainer.max_steps), overwrite=true to start it over, or re-evaluate it with `medseg evaluate "
+            f"run_dir={run_dir}`."
+        )
+
+
 def resolve_resume(run_dir: str | os.PathLike[str], resume: bool, ckpt_path: str | None) -> str | None:
     """The checkpoint ``Trainer.fit`` should continue from: an explicit path, else ``last.ckpt`` when resuming.
 
+    A ``last.ckpt`` that cannot be read (truncated or corrupted, e.g. by a copy or a disk written by an older
+    version) is not resumed from: the newest readable ``best_*.ckpt`` is, with a warning naming both; it holds the full
+    training state of an earlier epoch. The unreadable file stays until the next epoch replaces it.
+
     Raises:
         ConfigError: ``ckpt_path`` was given but is not a file.
+        WeightsError: ``ckpt_path``, or ``last.ckpt`` with no readable fallback, cannot be read.
     """
+    from medseg.tasks.checkpointing import checkpoint_problem
+
     if ckpt_path:
         if not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={ckpt_path} is not a file. Give an existing .ckpt or leave ckpt_path=null.")
+        problem = checkpoint_problem(ckpt_path)
+        if problem:
+            raise WeightsError(f"ckpt_path={ckpt_path} cannot be resumed from ({problem}): give an intact .ckpt.")
         return str(ckpt_path)
-    if resume:
-        last = last_checkpoint(run_dir)
-        return str(last) if last is not None else None
-    return None
+    last = last_checkpoint(run_dir) if resume else None
+    if last is None:
+        return None
+    problem = checkpoint_problem(last)
+    if problem is None:
+        return str(last)
+    folder = checkpoint_dir(run_dir)
+    for candidate in sorted(folder.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if checkpoint_problem(candidate) is None:
+            log.warning(
+                "%s is unreadable (%s; truncated or corrupted): resuming from %s instead, the newest intact "
+                "checkpoint (an earlier epoch).", last, problem, candidate.name,
+            )  # fmt: skip
+            return str(candidate)
+    raise WeightsError(
+        f"{last} is unreadable ({problem}; truncated or corrupted) and {folder} holds no other intact checkpoint to "
+        f"resume from: rerun with overwrite=true to start the run over, or give ckpt_path=<an intact .ckpt>."
+    )
 
 
 def select_checkpoint(run_dir: str | os.PathLike[str], which: str) -> Path | None:

@@ -2,11 +2,14 @@
 
 Everything is built with :func:`medseg.config.instantiate` from ``conf/train.yaml``; nothing about a particular model
 or dataset is written here. :func:`train` returns the run's metrics (``optimized_metric`` among them), which is what
-Hydra sweepers (Optuna) optimise. Re-running the same command resumes the run from ``checkpoints/last.ckpt``.
+Hydra sweepers (Optuna) optimise. Re-running the same command resumes an unfinished run from
+``checkpoints/last.ckpt``; the run folder is locked while a command works on it and checked before anything is written
+(:mod:`medseg.runs`), and checkpoints are written atomically as plain data (:mod:`medseg.tasks.checkpointing`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -17,9 +20,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.config import instantiate
-from medseg.runs import resolve_resume, select_checkpoint
+from medseg.errors import ConfigError, MedsegError
+from medseg.runs import (
+    RunLock,
+    check_run_folder,
+    discard_run,
+    resolve_resume,
+    resume_mode,
+    save_run_config,
+    select_checkpoint,
+    write_state,
+)
 
-__all__ = ["CONFIG_DIR", "build_callbacks", "build_loggers", "main", "resolve_precision", "train"]
+__all__ = [
+    "CONFIG_DIR",
+    "build_callbacks",
+    "build_loggers",
+    "check_train_config",
+    "main",
+    "resolve_precision",
+    "train",
+]
 
 log = logging.getLogger("medseg.train")
 
@@ -34,6 +55,42 @@ def resolve_precision(precision: Any) -> Any:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Refuse the values Lightning would only reject with a traceback, before anything is built or written.
+
+    Raises:
+        ConfigError: a step, epoch or validation count that is no count, no limit on training at all, an unknown
+            ``resume``, or ``overwrite=true`` together with ``resume=true``/``ckpt_path`` (start over, or continue?).
+    """
+    trainer = cfg.get("trainer") or {}
+    steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs", None)
+    if not _whole(steps) or not (steps == -1 or steps >= 1):
+        raise ConfigError(
+            f"trainer.max_steps={steps!r} is not a number of optimisation steps: give a whole number >= 1 (or -1 to "
+            f"stop by trainer.max_epochs)."
+        )
+    if epochs is not None and (not _whole(epochs) or not (epochs == -1 or epochs >= 1)):
+        raise ConfigError(f"trainer.max_epochs={epochs!r} must be a whole number >= 1, -1 or null.")
+    if steps == -1 and epochs == -1:
+        raise ConfigError("trainer.max_steps=-1 and trainer.max_epochs=-1 would train forever: set trainer.max_steps.")
+    every = trainer.get("check_val_every_n_epoch", 1)
+    if every is not None and (not _whole(every) or every < 1):
+        raise ConfigError(f"trainer.check_val_every_n_epoch={every!r} must be a whole number >= 1 (or null).")
+    mode, overwrite = resume_mode(cfg), cfg.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite={overwrite!r} must be true or false.")
+    if overwrite and (mode is True or cfg.get("ckpt_path")):
+        raise ConfigError(
+            "overwrite=true starts the run over, resume=true/ckpt_path continue it: give one of them, not both."
+        )
+    if overwrite and not cfg.get("fit", True):
+        raise ConfigError("overwrite=true with fit=false would discard the checkpoints it evaluates: drop one of them.")
 
 
 def _built(group: DictConfig | None) -> list[Any]:
@@ -126,10 +183,30 @@ def _interactive_metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train one run and evaluate it on the test cases; return the metrics (``optimized_metric`` for sweeps)."""
+    """Train one run and evaluate it on the test cases; return the metrics (``optimized_metric`` for sweeps).
+
+    The first process (rank 0) holds the run folder's lock throughout and checks the folder before building
+    anything (:func:`medseg.runs.check_run_folder`); the other DDP ranks only train.
+
+    Raises:
+        ConfigError: an invalid value (:func:`check_train_config`), or a run folder that is locked by another
+            process, holds a finished run or a run of another config.
+    """
+    check_train_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    leader = L.pytorch.utilities.rank_zero_only.rank == 0
+    with RunLock(run_dir) if leader else contextlib.nullcontext():
+        if leader:
+            check_run_folder(run_dir, cfg)
+        return _train(cfg, run_dir, leader)
+
+
+def _train(cfg: DictConfig, run_dir: Path, leader: bool) -> dict[str, float]:
+    from medseg.tasks.checkpointing import SafeCheckpointIO
+
     started = time.perf_counter()
     L.seed_everything(int(cfg.seed), workers=True)
-    run_dir = Path(cfg.run_dir)
+    overwrite = bool(cfg.get("overwrite", False))
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     model = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
@@ -139,9 +216,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         c for c in build_callbacks(cfg) if loggers or not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)
     ]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False,
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()],
         precision=resolve_precision(cfg.trainer.get("precision", "auto")),
     )  # fmt: skip
+    # Everything is built: only now does the command change the run folder.
+    ckpt_path = None
+    if cfg.get("fit", True):
+        resume = resume_mode(cfg) is not False and not overwrite
+        ckpt_path = resolve_resume(run_dir, resume, cfg.get("ckpt_path"))
+    if leader:
+        if overwrite and (removed := discard_run(run_dir)):
+            log.info("overwrite=true: removed %s", ", ".join(p.name for p in removed))
+        save_run_config(run_dir, cfg)
+        if cfg.get("fit", True) and not trainer.fast_dev_run:
+            write_state(run_dir, "training")
     facts = _overview(cfg, datamodule, task)
     if trainer.is_global_zero:
         _log_overview(facts)
@@ -150,7 +238,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     if cfg.get("fit", True):
-        ckpt_path = resolve_resume(run_dir, bool(cfg.get("resume", True)), cfg.get("ckpt_path"))
         if ckpt_path and trainer.is_global_zero:
             log.info("Resuming from %s", ckpt_path)
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -179,6 +266,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 metrics[f"test/{metric}_fg"] = summary["foreground_mean"][metric]
         metrics.update(_interactive_metrics(summary))
 
+    if leader and cfg.get("fit", True) and not trainer.fast_dev_run and not trainer.interrupted:
+        write_state(run_dir, "finished", steps_trained=int(trainer.global_step))
     wanted = cfg.get("optimized_metric")
     if wanted and trainer.is_global_zero and wanted not in metrics:
         log.warning(
@@ -189,17 +278,41 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> float | None:
-    """Hydra entry point (``python -m medseg.train``); ``medseg train`` calls it with the overrides."""
+    """Hydra entry point (``python -m medseg.train``); ``medseg train`` calls it with the overrides.
+
+    A :class:`~medseg.errors.MedsegError` of a single run is raised after Hydra returns rather than through it, so
+    that the user sees its one-line message alone, not Hydra's "Error executing job" report first; in a multirun it
+    goes through Hydra, whose report names the failed job's overrides.
+    """
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    failed: list[MedsegError] = []
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
     def _main(cfg: DictConfig) -> float | None:
-        metrics = train(cfg)
+        try:
+            metrics = train(cfg)
+        except MedsegError as err:
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise
+            failed.append(err)
+            return None
         wanted = cfg.get("optimized_metric")
         return metrics.get(wanted) if wanted else None
 
-    return _main()
+    result = _main()
+    if failed:
+        raise failed[0]
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    try:
+        main()
+    except MedsegError as error:
+        print(f"medseg train: error: {error}", file=sys.stderr)
+        sys.exit(2)

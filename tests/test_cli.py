@@ -138,3 +138,87 @@ def test_release_and_benchmark_verbs_fail_clearly_without_a_traceback(tmp_path, 
     assert "not allowed with argument --merge" in capsys.readouterr().err
     assert main(["benchmark", "experiment=no_such_benchmark"]) == 2
     assert "Could not find 'experiment/no_such_benchmark'" in capsys.readouterr().err
+
+
+# --- medseg train: refused commands leave no trace, a run folder has one writer --------------------------------------
+
+TRAIN_TINY = [
+    "experiment=synthetic_unet", "model.channels=[8,16,32]", "model.strides=[2,2]", "model.num_res_units=1",
+    "data.sampling.size=32", "data.batch_size=2", "logger=csv", "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null", "evaluate=false", "trainer.check_val_every_n_epoch=1",
+]  # fmt: skip
+
+
+@pytest.fixture
+def hydra_logging():
+    """`medseg train` runs Hydra in this process, which configures logging: put the root logger back afterwards."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_train_refuses_bad_values_and_unusable_results_folders_before_creating_anything(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    monkeypatch.setenv("MEDSEG_RESULTS", str(results))
+    assert main(["train", *TRAIN_TINY, "trainer.max_steps=-5"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.max_steps=-5" in err and len(err.strip().splitlines()) == 1
+    assert not results.exists()
+
+    results.write_text("a file, not a folder")
+    assert main(["train", *TRAIN_TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"{results} is a file" in err and "set MEDSEG_RESULTS to a writable folder" in err
+    assert len(err.strip().splitlines()) == 1 and results.read_text() == "a file, not a folder"
+
+
+def test_a_refused_train_command_leaves_the_run_folder_as_it_was(built, tmp_path, monkeypatch, capsys, hydra_logging):
+    from omegaconf import OmegaConf
+
+    from medseg.runs import RunLock
+
+    monkeypatch.setenv("MEDSEG_DATA", str(built))
+    run = tmp_path / "run"
+    command = ["train", *TRAIN_TINY, f"hydra.run.dir={run}", "trainer.max_steps=2"]
+    assert main(command) == 0
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert saved.data.preprocess.spacing == [1.5, 1.5, 3.0] and (run / "checkpoints" / "last.ckpt").is_file()
+
+    def files():
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".medseg.lock"}
+
+    before = files()
+    capsys.readouterr()
+    refusals = [
+        (["data.preprocess.spacing=[4,4,8]", "trainer.max_steps=-5"], "trainer.max_steps=-5 is not a number"),
+        (["data.preprocess.spacing=[4,4,8]"], "another config (data.preprocess.spacing: [1.5, 1.5, 3.0] -> [4, 4, 8])"),
+        ([], "holds a finished run: add resume=true"),
+    ]
+    for extra, expected in refusals:
+        assert main([*command, *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+        assert files() == before, extra
+    with RunLock(run):  # another `medseg train` at work in the folder (here: this process, through its own lock)
+        assert main([*command, "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} is in use by another `medseg train` (PID {os.getpid()}" in err and len(err.strip().splitlines()) == 1
+    assert files() == before
+
+    assert main([*command, "trainer.max_steps=4", "resume=true"]) == 0  # continued on request, with more steps
+    resumed = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert resumed.trainer.max_steps == 4 and resumed.resume is True
+    assert OmegaConf.masked_copy(resumed, ["data", "model", "task"]) == OmegaConf.masked_copy(
+        saved, ["data", "model", "task"]
+    )
