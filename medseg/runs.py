@@ -114,16 +114,20 @@ def write_state(run_dir: str | os.PathLike[str], status: str, **facts: Any) -> N
 
 
 def is_finished(run_dir: str | os.PathLike[str]) -> bool:
-    """Whether a ``medseg train`` command completed on the run (training and, if asked, its evaluation).
+    """Whether a ``medseg train`` command completed on the run and what it wrote is still there.
 
-    Run folders of older versions have no state file; those count as finished once their ``summary.json`` is.
+    ``finished`` in ``train_state.json`` means training ended and, when the command evaluated (``evaluated: true``),
+    that ``summary.json`` was written; a run whose summary has since gone (deleted, or cut short by a full disk) is
+    not finished: re-running the command evaluates it again. Run folders of older versions have no state file; those
+    count as finished once their ``summary.json`` is complete.
     """
+    from medseg.evaluation import is_complete
+
     run_dir = Path(run_dir)
     state = _read_state(run_dir)
     if state:
-        return state.get("status") == "finished"
-    from medseg.evaluation import is_complete
-
+        evaluated = not state.get("evaluated") or is_complete(run_dir / "summary.json")
+        return state.get("status") == "finished" and evaluated
     return last_checkpoint(run_dir) is not None and is_complete(run_dir / "summary.json")
 
 

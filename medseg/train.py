@@ -267,7 +267,8 @@ def _train(cfg: DictConfig, run_dir: Path, leader: bool) -> dict[str, float]:
         metrics.update(_interactive_metrics(summary))
 
     if leader and cfg.get("fit", True) and not trainer.fast_dev_run and not trainer.interrupted:
-        write_state(run_dir, "finished", steps_trained=int(trainer.global_step))
+        evaluated = bool(cfg.get("evaluate", True))
+        write_state(run_dir, "finished", steps_trained=int(trainer.global_step), evaluated=evaluated)
     wanted = cfg.get("optimized_metric")
     if wanted and trainer.is_global_zero and wanted not in metrics:
         log.warning(

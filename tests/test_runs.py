@@ -61,6 +61,10 @@ def _with(**changes):
 def test_a_finished_run_is_continued_or_started_over_only_on_request(tmp_path):
     run_dir = _run_folder(tmp_path, "finished", RUN)
     assert is_finished(run_dir)
+    write_state(run_dir, "finished", evaluated=True)  # its summary.json is gone: evaluating it again is allowed
+    assert not is_finished(run_dir)
+    check_run_folder(run_dir, _with())
+    write_state(run_dir, "finished", evaluated=False)
     with pytest.raises(ConfigError, match=r"holds a finished run: add resume=true .* overwrite=true"):
         check_run_folder(run_dir, _with())
     check_run_folder(run_dir, _with(resume=True, trainer__max_steps=120))  # more steps on the same run
