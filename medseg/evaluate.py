@@ -148,15 +148,10 @@ def evaluate_promptable_model(
     """
     from medseg.evaluation import evaluate_folder
     from medseg.evaluation.interactive import summarize_interactive
-    from medseg.evaluation.interactive_run import (
-        InteractiveSettings,
-        evaluate_case,
-        evaluate_case_3d,
-        intensity_transforms,
-        load_native_case,
-    )
+    from medseg.evaluation.interactive_run import InteractiveSettings, evaluate_case, evaluate_case_3d, load_native_case
     from medseg.inference import write_label_map
     from medseg.inference.cache import EmbeddingCache
+    from medseg.inference.prepared import intensity_transforms
 
     run_dir = Path(run_dir)
     eval_started = time.perf_counter()

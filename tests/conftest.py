@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -61,6 +62,44 @@ class BrightInBox(nn.Module):
 @pytest.fixture
 def bright_in_box() -> BrightInBox:
     return BrightInBox().eval()
+
+
+class BoxEcho(nn.Module):
+    """A stand-in 3-D promptable model: its mask is its (window-clipped) box prompt, or a blob of 3 voxels around each
+    positive click. It counts encoder calls (windows)."""
+
+    spatial_dims = 3
+    roi_size = (8, 8, 4)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.encodes = 0
+
+    def encode(self, window):
+        self.encodes += 1
+        return SimpleNamespace(
+            image=window, expand=lambda n: SimpleNamespace(image=window.expand(n, *window.shape[1:]))
+        )
+
+    def decode(self, embeddings, prompts, multimask=False):
+        n = prompts.batch_size
+        logits = torch.full((n, 1, *self.roi_size), -10.0)
+        for b in range(n):
+            if prompts.box is not None:
+                lo, hi = prompts.box[b, :3].long(), prompts.box[b, 3:].long()
+                logits[b, 0, lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = 10.0
+            if prompts.point_coords is not None:
+                for c, lab in zip(prompts.point_coords[b].round().long(), prompts.point_labels[b]):
+                    if lab == 1:
+                        logits[b, 0, c[0] - 1 : c[0] + 2, c[1] - 1 : c[1] + 2, c[2] - 1 : c[2] + 2] = 10.0
+        return logits, torch.ones(n, 1)
+
+
+@pytest.fixture
+def box_echo() -> BoxEcho:
+    """A fresh :class:`BoxEcho` (in training mode, as built)."""
+    return BoxEcho()
 
 
 @pytest.fixture(scope="session")

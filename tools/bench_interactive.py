@@ -41,8 +41,10 @@ from medseg.atomic import atomic_write_json
 from medseg.benchmark.machine import machine_facts
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.propagate import PropagationConfig, propagate
-from medseg.inference.recipe import predict_slice, scaled_prompts, slice_geometry
+from medseg.inference.recipe import predict_slice, slice_geometry
 from medseg.models.promptable import build_promptable
+from medseg.prompts.contract import Prompts
+from medseg.prompts.geometry import to_recipe_input
 
 __all__ = ["main"]
 
@@ -107,7 +109,7 @@ def measure(device: torch.device, clicks: int, slices: int, batch_size: int, enc
     predict_slice(model, image, box=boxes[0], cache=cache)  # fills the cache
     embedding = next(iter(cache._memory.values()))
     geometry = slice_geometry(image.shape, SIZE)
-    prompts = scaled_prompts(geometry, boxes[0], None, None, None)
+    prompts = to_recipe_input(Prompts.single(boxes[0]), geometry)
     net = lite_model(pretrained=True, root=str(Path(os.environ.get("TMPDIR", "/tmp")) / "medseg_bench_lite"))
     net = net.to(device).eval()
     box_xy = np.array([[boxes[0][1], boxes[0][0], boxes[0][3], boxes[0][2]]], dtype=np.float32)

@@ -31,10 +31,9 @@ checked against each case's shape and affine; ``--prompts`` may also name a fold
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -50,6 +49,7 @@ from medseg.inference.cases import Case, check_contrast, discover_cases, read_ca
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.precision import check_precision, inference_precision, prepare_model
 from medseg.inference.preflight import case_outputs, check_outputs, clean_output_folder, preflight
+from medseg.inference.progress import progress_bar
 from medseg.inference.writers import write_case_outputs
 from medseg.prompts.files import MAX_LABEL, ObjectPrompts, PromptFileError, load_prompts
 
@@ -323,23 +323,6 @@ def predict_case(
     return write_case_outputs(prediction.labels, reference, target, arrays, npz[0] if npz else None)
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int) -> Iterator:
-    if not enabled or total < 2:
-        yield lambda description: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("cases", total=total)
-
-        def advance(description: str | None) -> None:
-            bar.update(task, advance=1, description=description or "cases")
-
-        yield advance
-
-
 def predict_cases(
     loaded: LoadedModel,
     source: str | os.PathLike[str],
@@ -377,7 +360,7 @@ def predict_cases(
     cache = EmbeddingCache(folder=cache_dir) if loaded.kind == "promptable" else None
     report = PredictReport()
     cases = _readable(cases, report, debug)
-    with _progress(options.progress, len(cases)) as advance:
+    with progress_bar(options.progress, len(cases), "cases", minimum=2) as advance:
         if loaded.kind == "classifier":
             from medseg.inference.classified import predict_classifier_cases
 

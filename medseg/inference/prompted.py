@@ -1,9 +1,12 @@
 """Prompts file -> label map with a 2-D promptable model: one slice, or propagation through the volume.
 
-This is what ``medseg predict -m litemedsam --prompts FILE`` (and the napari widget) runs on a raw volume, with the
-official LiteMedSAM recipe of :mod:`medseg.inference.recipe`. The model slices the volume along ``slice_axis`` (the
-last array axis unless said otherwise). Per object of the prompts file (:class:`~medseg.prompts.files.ObjectPrompts`,
-voxel indices), every prompt becomes a mask:
+This is what ``medseg predict -m litemedsam --prompts FILE`` runs on a raw volume, with the official LiteMedSAM recipe
+of :mod:`medseg.inference.recipe`, and what a trained 2-D run runs on its prepared volume
+(:mod:`medseg.inference.prompted_run`). The model slices the volume along ``slice_axis`` (the last array axis unless
+said otherwise). Each object travels as one :class:`~medseg.prompts.contract.Prompts` (:func:`object_prompts`: an item
+per box with all the object's points, or one item for points alone; its label in ``class_vector``), in voxel indices
+of the volume, and every item becomes a mask from its 2-D prompts on one slice
+(:func:`medseg.prompts.geometry.prompts_on_slice`):
 
 - a box flat along the slice axis (``k0 == k1`` for the last axis) is a 2-D box on that one slice, together with
   the object's points that lie on that slice;
@@ -30,13 +33,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from medseg.data.transforms import CT_WINDOWS, resolve_window
 from medseg.errors import ConfigError
 from medseg.inference.cache import EmbeddingCache, embedding_key, weights_hash
-from medseg.inference.propagate import PropagationConfig, propagate, slice_box
-from medseg.inference.recipe import SliceRecipe, embed_into_cache, segment_slice, to_uint8
+from medseg.inference.propagate import PropagationConfig, propagate
+from medseg.inference.recipe import SliceRecipe, embed_into_cache, predict_slice, to_uint8
+from medseg.prompts.contract import Prompts
 from medseg.prompts.files import ObjectPrompts, PromptFileError
+from medseg.prompts.geometry import prompts_on_slice
 
-__all__ = ["PromptedResult", "recipe_for", "segment_objects", "window_from_text"]
+__all__ = ["PromptedResult", "object_label", "object_prompts", "recipe_for", "segment_objects", "window_from_text"]
 
 
 def window_from_text(text: str) -> tuple[float, float]:
@@ -45,8 +51,6 @@ def window_from_text(text: str) -> tuple[float, float]:
     Raises:
         ConfigError: neither a preset nor two numbers, or a width that is not positive.
     """
-    from medseg.data.transforms import CT_WINDOWS, resolve_window
-
     try:
         level, width = resolve_window(text.strip())
     except ValueError:
@@ -76,15 +80,23 @@ class PromptedResult:
     ignored: list[str] = field(default_factory=list)
 
 
-def _in_plane(points: np.ndarray, axis: int) -> np.ndarray:
-    return np.delete(points, axis, axis=1).astype(np.float64)
+def object_prompts(obj: ObjectPrompts | Prompts) -> Prompts:
+    """One object's prompts as the path carries them: a :class:`Prompts` batch with one item per box (each with all
+    the object's points) or one item for points alone, the object's label in ``class_vector``."""
+    if isinstance(obj, ObjectPrompts):
+        return obj.to_prompts()
+    if obj.class_vector is None or obj.spatial_dims != 3:
+        raise ConfigError("an object's Prompts need 3-D points or boxes and its label value in class_vector.")
+    return obj
 
 
-def _points_on(obj: ObjectPrompts, axis: int, k: int) -> tuple[list | None, list | None]:
-    on = obj.points[:, axis] == k if len(obj.points) else np.zeros(0, dtype=bool)
-    if not on.any():
-        return None, None
-    return _in_plane(obj.points[on], axis).tolist(), obj.point_labels[on].tolist()
+def object_label(prompts: Prompts) -> int:
+    """The label value an object's prompts (:func:`object_prompts`) are painted with."""
+    return int(prompts.class_vector[0, 0])
+
+
+def _is_flat(prompts: Prompts, axis: int) -> bool:
+    return prompts.box is not None and float(prompts.box[0, axis]) == float(prompts.box[0, axis + 3])
 
 
 class _FlatSlices:
@@ -96,11 +108,12 @@ class _FlatSlices:
     """
 
     def __init__(
-        self, model: torch.nn.Module, volume: np.ndarray, objects: Sequence[ObjectPrompts], axis: int,
+        self, model: torch.nn.Module, volume: np.ndarray, objects: Sequence[Prompts], axis: int,
         cache: EmbeddingCache, batch_size: int,
     ) -> None:  # fmt: skip
         self.model, self.volume, self.axis, self.cache, self.batch_size = model, volume, axis, cache, batch_size
-        order = [int(b[axis]) for o in objects for b in o.boxes if int(b[axis]) == int(b[axis + 3])]
+        items = [obj[b] for obj in objects for b in range(obj.batch_size)]
+        order = [int(item.box[0, axis]) for item in items if _is_flat(item, axis)]
         self.order = list(dict.fromkeys(order))  # unique, in the order the boxes are decoded
         self.position = {k: i for i, k in enumerate(self.order)}
         self.done: set[int] = set()
@@ -147,7 +160,7 @@ class _Encoder:
 def _object_mask(
     model: torch.nn.Module,
     volume: np.ndarray,
-    obj: ObjectPrompts,
+    prompts: Prompts,
     axis: int,
     cache: EmbeddingCache,
     config: PropagationConfig,
@@ -157,51 +170,47 @@ def _object_mask(
 ) -> np.ndarray:
     plain = SliceRecipe("none")  # intensities are 0-255 already (whole-volume window or percentiles)
     mask = np.zeros(volume.shape, dtype=bool)
-    for box in obj.boxes:
-        lo, hi = int(box[axis]), int(box[axis + 3])
-        if lo == hi:
-            k, box2d = slice_box(box, axis)
-            points, labels = _points_on(obj, axis, k)
-            plane = np.take(volume, k, axis=axis)
-            index = [slice(None)] * 3
-            index[axis] = k
-            ahead.ensure(k)
-            mask[tuple(index)] |= segment_slice(model, plane, box2d, points, labels, recipe=plain, cache=cache)
+    label = object_label(prompts)
+    for item in (prompts[b] for b in range(prompts.batch_size)):
+        if item.box is None:  # points alone: propagation from the slice holding most positive points
+            coords, labels = item.point_coords[0], item.point_labels[0]
+            positive = coords[labels == 1]
+            if not len(positive):
+                raise PromptFileError(
+                    f"object with label {label} has only negative points (point_labels 0) and no box: nothing says "
+                    f"where it is. Add a positive point (label 1) or a box."
+                )
+            slices, counts = np.unique(positive[:, axis].numpy(), return_counts=True)
+            start = int(slices[counts.argmax()])
+            elsewhere = int(((coords[:, axis] != start) & (labels >= 0)).sum())
+            if elsewhere:
+                notes.append(
+                    f"object {label}: {elsewhere} point(s) off slice {start} (axis {axis}) were not used; propagation "
+                    f"starts from the slice with most positive points"
+                )
+            result = propagate(
+                model, volume, start, prompts=prompts_on_slice(item, axis, start), recipe=plain, config=config,
+                cache=cache, progress=progress,
+            )  # fmt: skip
+            mask |= result.mask
             continue
-        middle = (lo + hi) // 2
-        flat = np.asarray(box, dtype=np.float64).copy()
-        flat[axis] = flat[axis + 3] = middle
-        _, box2d = slice_box(flat, axis)
-        points, labels = _points_on(obj, axis, middle)
+        lo, hi = int(item.box[0, axis]), int(item.box[0, axis + 3])
+        index: list = [slice(None)] * 3
+        if lo == hi:
+            plane = np.take(volume, lo, axis=axis)
+            index[axis] = lo
+            ahead.ensure(lo)
+            on_slice = prompts_on_slice(item, axis, lo)
+            mask[tuple(index)] |= predict_slice(model, plane, recipe=plain, cache=cache, prompts=on_slice).mask
+            continue
+        middle = (lo + hi) // 2  # MedSAM's 3-D inference: the box's outline on its middle slice, propagated inside it
         inside = np.take(volume, np.arange(lo, hi + 1), axis=axis)  # propagation never leaves the box's slices
         result = propagate(
-            model, inside, middle - lo, box=box2d, points=points, point_labels=labels, recipe=plain, config=config,
+            model, inside, middle - lo, prompts=prompts_on_slice(item, axis, middle), recipe=plain, config=config,
             cache=cache, progress=progress,
         )  # fmt: skip
-        index = [slice(None)] * 3
         index[axis] = slice(lo, hi + 1)
         mask[tuple(index)] |= result.mask
-    if not len(obj.boxes):
-        positive = obj.points[obj.point_labels == 1]
-        if not len(positive):
-            raise PromptFileError(
-                f"object with label {obj.label} has only negative points (point_labels 0) and no box: nothing says "
-                f"where it is. Add a positive point (label 1) or a box."
-            )
-        slices, counts = np.unique(positive[:, axis], return_counts=True)
-        start = int(slices[counts.argmax()])
-        points, labels = _points_on(obj, axis, start)
-        elsewhere = int((obj.points[:, axis] != start).sum())
-        if elsewhere:
-            notes.append(
-                f"object {obj.label}: {elsewhere} point(s) off slice {start} (axis {axis}) were not used; propagation "
-                f"starts from the slice with most positive points"
-            )
-        result = propagate(
-            model, volume, start, points=points, point_labels=labels, recipe=plain, config=config, cache=cache,
-            progress=progress,
-        )  # fmt: skip
-        mask |= result.mask
     return mask
 
 
@@ -209,7 +218,7 @@ def _object_mask(
 def segment_objects(
     model: torch.nn.Module,
     volume: np.ndarray | torch.Tensor,
-    objects: Sequence[ObjectPrompts],
+    objects: Sequence[ObjectPrompts | Prompts],
     *,
     recipe: SliceRecipe | None = None,
     slice_axis: int = 2,
@@ -223,7 +232,8 @@ def segment_objects(
     Args:
         model: a :class:`~medseg.models.promptable.PromptableSegmenter` (the built-in ``litemedsam``).
         volume: ``(X, Y, Z)`` raw intensities (HU for CT, scanner units for MR) in the input file's array order.
-        objects: prompts in voxel indices of ``volume`` (:func:`medseg.prompts.files.load_prompts`).
+        objects: each object's prompts in voxel indices of ``volume``: as the prompts file gives them
+            (:func:`medseg.prompts.files.load_prompts`), or as :func:`object_prompts` makes them.
         recipe: intensity recipe (:func:`recipe_for`; default MR percentiles).
         slice_axis: the array axis the model slices along (2: the last).
         cache: embedding cache shared across objects, calls and (with a folder) processes; default a private one.
@@ -249,12 +259,14 @@ def segment_objects(
     config = replace(propagation or PropagationConfig(), axis=slice_axis)
     if batch_size is not None:
         config = replace(config, batch_size=batch_size)
+    prompts = [object_prompts(obj) for obj in objects]
     scaled = to_uint8(array, recipe, recipe.bounds(array))
-    top = max((int(o.label) for o in objects), default=0)
+    top = max((object_label(p) for p in prompts), default=0)
     labels = np.zeros(array.shape, dtype=np.uint8 if top <= 255 else np.uint16)
     notes: list[str] = []
-    ahead = _FlatSlices(model, scaled, objects, slice_axis, cache, config.batch_size)
+    ahead = _FlatSlices(model, scaled, prompts, slice_axis, cache, config.batch_size)
     with _Encoder(model) as encoder:
-        for obj in objects:
-            labels[_object_mask(model, scaled, obj, slice_axis, cache, config, progress, notes, ahead)] = obj.label
+        for item in prompts:
+            mask = _object_mask(model, scaled, item, slice_axis, cache, config, progress, notes, ahead)
+            labels[mask] = object_label(item)
     return PromptedResult(labels, encoder.count, notes)

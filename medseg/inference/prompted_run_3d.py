@@ -3,15 +3,14 @@
 ``medseg evaluate`` scores a volumetric promptable run (``model=promptable_3d``, ``spatial_dims == 3``) with
 :func:`medseg.evaluation.interactive_run.evaluate_case_3d` on each test volume as stored:
 
-1. the run's deterministic *intensity* transforms (CT window, MR percentiles; resampling and cropping left out) are
-   applied to the image as read, and the volume is reoriented to RAS by axis permutation and flips only (no
-   interpolation), as :func:`medseg.inference.prompted_run.orient_for_run` does for 2-D runs;
-2. the volume is min-max scaled to [0, 1] per channel (:func:`medseg.tasks.prompt_sampling.minmax_per_image`, as
-   training scales each patch);
-3. when the run resamples (its ``Spacingd``), the volume is zoomed trilinearly to that spacing (mm) so the model's
-   sliding windows (:func:`medseg.inference.volumetric.predict_prompted`) see the training scale; boxes and points are
-   mapped onto the zoomed grid and the logits zoomed back to the RAS voxels
-   (:func:`~medseg.evaluation.interactive_run.volume_predictor`).
+1. the volume is prepared (:func:`medseg.inference.prepared.prepare_volume`): the run's intensity transforms, then
+   the RAS-oriented grid by axis permutation and flips (no interpolation), as for 2-D runs;
+2. it is min-max scaled to [0, 1] per channel (:func:`medseg.inference.recipe.minmax_per_image`, as training
+   scales each patch);
+3. when the run resamples (its ``Spacingd``), the model sees it zoomed trilinearly to that spacing
+   (:func:`~medseg.inference.prepared.model_grid`), so its sliding windows see the training scale; boxes and points
+   are mapped onto the zoomed grid and the logits zoomed back to the RAS voxels
+   (:func:`medseg.inference.volumetric.volume_predictor`).
 
 :func:`predict_run_prompts_3d` replays exactly this on one image of ``medseg predict``, with the evaluation's own
 functions. Each object of the prompts file (voxel indices of the file; world prompts are converted by
@@ -33,11 +32,15 @@ from monai.data import MetaTensor
 
 from medseg.errors import InputShapeError
 from medseg.inference.loaded import LoadedModel
-from medseg.inference.prompted import PromptedResult
+from medseg.inference.prepared import model_grid, prepare_volume
+from medseg.inference.prompted import PromptedResult, object_label, object_prompts
+from medseg.inference.recipe import minmax_per_image
+from medseg.inference.run_settings import run_prompt_settings
+from medseg.inference.volumetric import volume_predictor
 from medseg.prompts.contract import Prompts
 from medseg.prompts.files import ObjectPrompts
 
-__all__ = ["object_prompts_3d", "predict_run_prompts_3d", "run_model_grid"]
+__all__ = ["predict_run_prompts_3d"]
 
 
 class _CountedEncodes(torch.nn.Module):
@@ -56,53 +59,9 @@ class _CountedEncodes(torch.nn.Module):
         return self.model.decode(*args, **kwargs)
 
 
-def run_model_grid(loaded: LoadedModel, image: MetaTensor, oriented_shape: Sequence[int]) -> tuple[int, ...]:
-    """Voxels per RAS axis of the grid the 3-D run's model sees: the RAS volume zoomed to the run's target spacing.
-
-    Args:
-        loaded: the run; its ``Spacingd`` (``data.preprocess``) gives the target spacing in mm (RAS order), as
-            :func:`medseg.evaluate.evaluate_promptable_model` reads it. Without one the grid is unchanged.
-        image: the image as read (its affine gives the native spacing in mm).
-        oriented_shape: ``(X, Y, Z)`` of the RAS-permuted volume.
-    """
-    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
-
-    from medseg.data.transforms import spacing_of
-    from medseg.evaluation.interactive_run import model_grid
-    from medseg.evaluation.metrics import spacing_from_affine
-    from medseg.inference.dense import preprocessing_of
-
-    affine = np.asarray(image.affine, dtype=np.float64)
-    to_ras = ornt_transform(io_orientation(affine), axcodes2ornt("RAS"))
-    native_spacing = spacing_from_affine(affine)
-    spacing = [0.0] * 3
-    for axis, (new_axis, _) in enumerate(to_ras):  # the file's voxel sizes (mm) along the RAS axes
-        spacing[int(new_axis)] = float(native_spacing[axis])
-    target = spacing_of(preprocessing_of(loaded))
-    return model_grid(oriented_shape, spacing, target)
-
-
-def object_prompts_3d(obj: ObjectPrompts) -> list[Prompts]:
-    """One single-object :class:`Prompts` per box of ``obj`` (all its points with each), or one for points alone.
-
-    Args:
-        obj: an object's prompts in voxel indices of the volume the model is given (RAS grid).
-
-    Returns:
-        Prompts of batch size 1: ``box`` ``(1, 6)`` inclusive voxels, ``point_coords`` ``(1, P, 3)`` voxels and
-        ``point_labels`` ``(1, P)`` (1 positive, 0 negative), as the 3-D evaluation prompts its predictor.
-    """
-    points = np.asarray(obj.points, dtype=np.float32).reshape(-1, 3)
-    fields: dict[str, np.ndarray] = {}
-    if len(points):
-        fields = {"point_coords": points[None], "point_labels": np.asarray(obj.point_labels, dtype=np.int64)[None]}
-    boxes = np.asarray(obj.boxes, dtype=np.float32).reshape(-1, 6)
-    if not len(boxes):
-        return [Prompts(**fields)]
-    return [Prompts(box=box[None], **fields) for box in boxes]
-
-
-def predict_run_prompts_3d(loaded: LoadedModel, image: MetaTensor, objects: Sequence[ObjectPrompts]) -> PromptedResult:
+def predict_run_prompts_3d(
+    loaded: LoadedModel, image: MetaTensor, objects: Sequence[ObjectPrompts | Prompts]
+) -> PromptedResult:
     """Segment the objects of a prompts file with a trained 3-D volumetric promptable run (module docstring).
 
     Args:
@@ -119,28 +78,25 @@ def predict_run_prompts_3d(loaded: LoadedModel, image: MetaTensor, objects: Sequ
         ConfigError: a run config without preprocessing.
         InputShapeError: an image whose channels differ from the model's.
     """
-    from medseg.evaluation.interactive_run import intensity_transforms, volume_predictor
-    from medseg.inference.dense import preprocessing_of
-    from medseg.inference.prompted_run import _section, objects_to_oriented, orient_for_run
-    from medseg.tasks.prompt_sampling import minmax_per_image
-
     channels = getattr(loaded.model, "in_channels", None)
     if isinstance(channels, int) and image.shape[0] != channels:
         raise InputShapeError(
             f"{loaded.source} was trained on {channels}-channel volumes; this image has {image.shape[0]}. Give the "
             f"volume with the run's channels."
         )
-    volume = orient_for_run(image, intensity_transforms(preprocessing_of(loaded)))
-    oriented_shape = tuple(int(s) for s in volume.image.shape[1:])
+    settings = run_prompt_settings(loaded)
+    volume = prepare_volume(image, settings.intensity)
     scaled = minmax_per_image(torch.from_numpy(volume.image).float()[None])[0]
-    overlap = float(_section(loaded.config, "task", "inference").get("overlap", 0.25))
     model = _CountedEncodes(loaded.model)
-    predictor = volume_predictor(model, scaled, run_model_grid(loaded, image, oriented_shape), overlap)
-    labels = np.zeros(oriented_shape, dtype=np.uint16 if max((o.label for o in objects), default=0) > 255 else np.uint8)
+    grid = model_grid(volume.shape, volume.spacing, settings.target_spacing)
+    predictor = volume_predictor(model, scaled, grid, settings.overlap)
+    prompts = [volume.orientation.prompts(object_prompts(obj)) for obj in objects]
+    top = max((object_label(p) for p in prompts), default=0)
+    labels = np.zeros(volume.shape, dtype=np.uint16 if top > 255 else np.uint8)
     with torch.no_grad():
-        for obj in objects_to_oriented(objects, volume):
-            mask = np.zeros(oriented_shape, dtype=bool)
-            for prompts in object_prompts_3d(obj):
-                mask |= (predictor(prompts, None) > 0.5).cpu().numpy()
-            labels[mask] = int(obj.label)
+        for item in prompts:
+            mask = np.zeros(volume.shape, dtype=bool)
+            for b in range(item.batch_size):
+                mask |= (predictor(item[b], None) > 0.5).cpu().numpy()
+            labels[mask] = object_label(item)
     return PromptedResult(volume.native(labels), model.windows, [])

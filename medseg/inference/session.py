@@ -36,11 +36,19 @@ from medseg.inference.loaded import LoadedModel
 from medseg.inference.propagate import PropagationConfig, PropagationResult, propagate
 from medseg.inference.recipe import SliceRecipe, SliceResult, embed_into_cache, predict_slice, to_uint8
 from medseg.inference.writers import write_label_map
+from medseg.prompts.contract import Prompts
 
 __all__ = ["SegmentationSession", "guess_intensity"]
 
 _PREPARED = SliceRecipe("none")  # the session's slices are already 0-255: the recipe's later steps only
 _EMBEDDING_BYTES = 256 * 64 * 64 * 4  # one LiteMedSAM slice embedding, float32
+
+
+def _prompts(
+    box: Sequence[float] | None, points: Sequence[Sequence[float]] | None, point_labels: Sequence[int] | None
+) -> Prompts:
+    """The widget's box and points on one slice as the prompt set the path carries (no points: none)."""
+    return Prompts.single(box, list(points) if points else None, point_labels if points else None)
 
 
 def guess_intensity(volume: np.ndarray) -> str:
@@ -208,13 +216,11 @@ class SegmentationSession:
         result = predict_slice(
             self.model,
             slice_2d,
-            box=box,
-            points=list(points) if points else None,
-            point_labels=list(point_labels) if points and point_labels is not None else None,
             prev_mask=previous,
             recipe=_PREPARED,
             cache=self.cache,
             threshold=self.propagation.threshold,
+            prompts=_prompts(box, points, point_labels),
         )
         self.encoded += self.cache.misses - misses
         self._logits[(self.label, index)] = result.logits
@@ -237,9 +243,7 @@ class SegmentationSession:
             self.model,
             self.prepared,
             index,
-            box=box,
-            points=list(points) if points else None,
-            point_labels=list(point_labels) if points and point_labels is not None else None,
+            prompts=_prompts(box, points, point_labels),
             recipe=_PREPARED,
             config=self.propagation,
             cache=self.cache,

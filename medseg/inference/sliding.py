@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,6 +23,7 @@ from monai.transforms import Resize, SpatialPad
 
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.precision import inference_precision
+from medseg.prompts.geometry import SliceGeometry  # the 2-D model-input geometry, defined with its coordinate maps
 
 __all__ = [
     "InferenceError",
@@ -36,21 +36,6 @@ __all__ = [
 
 class InferenceError(MedsegError):
     """A model's output cannot be turned into a prediction (wrong type or shape)."""
-
-
-@dataclass(frozen=True)
-class SliceGeometry:
-    """How slices were brought to the model's input size, so that the model's output can be brought back.
-
-    Attributes:
-        original: ``(H, W)`` of the slices before resizing (pixels of the preprocessed volume).
-        resized: ``(h, w)`` after resizing the longest side to ``size`` (before padding).
-        size: the model's square input size (pixels).
-    """
-
-    original: tuple[int, int]
-    resized: tuple[int, int]
-    size: int
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:

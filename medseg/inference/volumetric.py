@@ -21,12 +21,19 @@ i.e. background).
 
 A volume smaller than the roi along an axis is zero-padded at the end of that axis, which leaves voxel coordinates
 unchanged; the padding is cropped from the result.
+
+:func:`volume_predictor` is the 3-D model step of medseg's one promptable path (``medseg predict``, the interactive
+evaluation and validation during training): a ``predict_fn`` over one whole volume that zooms it to the model's grid
+(:func:`medseg.prompts.geometry.zoom_prompts` moves the prompts there), runs :func:`predict_prompted` with each
+window encoded once, and zooms the logits back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +43,9 @@ from medseg.errors import ConfigError
 from medseg.inference.sliding import InferenceError
 from medseg.models.prompt_encoder_3d import mask_as_logits
 from medseg.prompts.contract import Prompts
+from medseg.prompts.geometry import zoom_prompts
 
-__all__ = ["FILL_VALUE", "predict_prompted", "window_prompts", "window_starts"]
+__all__ = ["FILL_VALUE", "predict_prompted", "volume_predictor", "window_prompts", "window_starts"]
 
 FILL_VALUE = -1.0e4  # logit of voxels no window was run for (sigmoid 0; finite in float16)
 
@@ -176,3 +184,67 @@ def predict_prompted(
             norm[region] += weight
     logits = torch.where(norm > 0, total / norm.clamp_min(torch.finfo(norm.dtype).tiny), fill_value)
     return logits[(slice(None), *(slice(0, s) for s in shape))]
+
+
+class _WindowEncodings(torch.nn.Module):
+    """A volumetric model whose ``encode`` remembers each window's embedding (keyed by the window's voxels).
+
+    The windows of one volume are the same at every click; only the prompts change, so each is encoded once per
+    volume, as the 2-D path encodes each slice once (:class:`~medseg.inference.cache.EmbeddingCache`).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.roi_size = model, model.roi_size
+        self._embeddings: dict[str, Any] = {}
+        self.train(model.training)  # predict_prompted restores this mode on the model when it is done
+
+    def encode(self, window: torch.Tensor) -> Any:
+        key = hashlib.sha1(window.detach().float().cpu().numpy().tobytes()).hexdigest()
+        if key not in self._embeddings:
+            self._embeddings[key] = self.model.encode(window)
+        return self._embeddings[key]
+
+    def decode(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.decode(*args, **kwargs)
+
+
+def volume_predictor(
+    model: torch.nn.Module, volume: torch.Tensor, model_shape: Sequence[int] | None = None, overlap: float = 0.25
+):
+    """``predict_fn(prompts, prev_mask) -> (X, Y, Z)`` probabilities of a 3-D model over a whole volume.
+
+    Each call runs :func:`predict_prompted` with the prompts (voxels of ``volume``) and, when ``prev_mask`` is given,
+    the previous call's logits (on the model grid) as mask prompt, as the 2-D predictors keep their own logits between
+    clicks. Each window is encoded once, whatever the clicks.
+
+    Args:
+        model: a volumetric promptable model (``roi_size``, ``encode``, ``decode``).
+        volume: ``(C, X, Y, Z)`` intensities in the model's input range.
+        model_shape: ``(X', Y', Z')`` grid the model sees (the volume zoomed trilinearly to the training spacing,
+            :func:`medseg.inference.prepared.model_grid`); ``None``: the volume's own grid. Points and boxes are mapped
+            onto it (:func:`~medseg.prompts.geometry.zoom_prompts`), logits zoomed back.
+        overlap: sliding-window overlap (fraction of the roi).
+    """
+    native = tuple(int(s) for s in volume.shape[1:])
+    target = native if model_shape is None else tuple(int(s) for s in model_shape)
+    zoomed = target != native
+    image = volume.float()
+    if zoomed:
+        image = F.interpolate(image[None], size=target, mode="trilinear", align_corners=False)[0]
+    state: dict[str, torch.Tensor] = {}
+    cached = _WindowEncodings(model)
+
+    @torch.no_grad()
+    def predict(prompts: Prompts, prev_mask: torch.Tensor | None) -> torch.Tensor:
+        previous = state.get("logits") if prev_mask is not None else None
+        prompts = prompts.with_prev_mask(None if previous is None else previous[:, None])
+        if zoomed:
+            prompts = zoom_prompts(prompts, native, target)
+        logits = predict_prompted(cached, image, prompts, overlap=overlap)
+        state["logits"] = logits
+        if zoomed:
+            logits = F.interpolate(logits[:, None], size=native, mode="trilinear")[:, 0]
+        return torch.sigmoid(logits[0])
+
+    return predict

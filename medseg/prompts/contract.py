@@ -186,6 +186,13 @@ class Prompts:
                     f"box {self.box[outside][0].tolist()} lies outside the volume of shape {tuple(spatial_shape)}."
                 )
 
+    def __getitem__(self, index: int) -> Prompts:
+        """Prompt set ``index`` as a batch of one (padding points kept)."""
+        if not -self.batch_size <= index < self.batch_size:
+            raise IndexError(f"prompt set {index} of a batch of {self.batch_size}")
+        index = index % self.batch_size
+        return Prompts(**{key: value[index : index + 1] for key, value in self.as_dict().items()})
+
     def to(self, device: torch.device | str) -> Prompts:
         """A copy with every tensor on ``device``."""
         moved = copy.copy(self)  # already validated: moving does not change shapes or values, so skip the checks
@@ -196,6 +203,30 @@ class Prompts:
     def as_dict(self) -> dict[str, torch.Tensor]:
         """The non-empty fields under the batch-dict keys of :data:`PROMPT_KEYS`."""
         return {key: getattr(self, key) for key in PROMPT_KEYS if getattr(self, key) is not None}
+
+    @classmethod
+    def single(
+        cls,
+        box: Sequence[float] | np.ndarray | None = None,
+        points: Sequence[Sequence[float]] | np.ndarray | None = None,
+        point_labels: Sequence[int] | np.ndarray | None = None,
+    ) -> Prompts:
+        """One prompt set (``B = 1``) from plain coordinates, e.g. a box drawn or typed by hand.
+
+        Args:
+            box: inclusive ``(lo..., hi...)``, array order.
+            points: ``(N, D)`` clicks, array order.
+            point_labels: ``(N,)`` 1 positive, 0 negative; default all positive.
+        """
+        fields: dict[str, np.ndarray] = {}
+        if box is not None:
+            fields["box"] = np.asarray(box, dtype=np.float32).reshape(1, -1)
+        if points is not None:
+            coords = np.asarray(points, dtype=np.float32)
+            coords = coords.reshape(1, -1, coords.shape[-1] if coords.size else 2)
+            labels = np.ones(coords.shape[1], np.int64) if point_labels is None else np.asarray(point_labels, np.int64)
+            fields["point_coords"], fields["point_labels"] = coords, labels.reshape(1, -1)
+        return cls(**fields)
 
     @classmethod
     def from_batch(cls, batch: dict) -> Prompts:

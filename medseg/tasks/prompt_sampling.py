@@ -4,7 +4,8 @@ A training batch starts from :func:`medseg.prompts.sample_prompts` (one object p
 from the prompt mix). :class:`ClickState` then holds each item's clicks across the rounds of the iterative loop and
 adds, per round, the click a user would give: at the centre of the largest error region of the current prediction
 (:class:`medseg.prompts.ClickSimulator`, positive in a missed region, negative in a false positive one), as SAM,
-SAM-Med2D and RITM train. Everything here is dimension-agnostic (2-D slices or 3-D patches).
+SAM-Med2D and RITM train. Everything here is dimension-agnostic (2-D slices or 3-D patches). The conventions shared
+with inference (per-image min-max input, SAM's single-click multi-mask rule) live in :mod:`medseg.inference.recipe`.
 """
 
 from __future__ import annotations
@@ -18,19 +19,7 @@ from monai.transforms import Resize, SpatialPad
 from medseg.prompts.contract import Prompts, pad_points
 from medseg.prompts.simulate import ClickSimulator
 
-__all__ = ["ClickState", "decode_best", "fit_to_model", "mask_iou", "minmax_per_image", "pick_masks", "single_click"]
-
-
-def minmax_per_image(images: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Each item and channel of ``(B, C, *spatial)`` min-max scaled to [0, 1].
-
-    This is step 3 of the LiteMedSAM recipe (:func:`medseg.inference.recipe.preprocess_slice`), which evaluation and
-    slice propagation apply to every slice; doing the same in training makes the model see one input convention.
-    """
-    dims = tuple(range(2, images.ndim))
-    lo = images.amin(dim=dims, keepdim=True)
-    hi = images.amax(dim=dims, keepdim=True)
-    return (images - lo) / (hi - lo).clamp_min(eps)
+__all__ = ["ClickState", "fit_to_model", "mask_iou", "pick_masks"]
 
 
 def fit_to_model(image: torch.Tensor, label: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,26 +53,6 @@ def pick_masks(per_mask_loss: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
     """SAM's multi-mask rule: per item, the mask ``(B, 1, *spatial)`` of lowest loss among ``per_mask_loss (B, M)``."""
     best = per_mask_loss.argmin(dim=1)
     return logits[torch.arange(logits.shape[0], device=logits.device), best][:, None]
-
-
-def single_click(prompts: Prompts) -> bool:
-    """Whether every item is prompted by exactly one click and no box: SAM's ambiguous case for multi-mask output."""
-    if prompts.box is not None or prompts.point_labels is None:
-        return False
-    return bool(((prompts.point_labels >= 0).sum(1) == 1).all())
-
-
-def decode_best(model: torch.nn.Module, embeddings: torch.Tensor, prompts: Prompts, multimask: bool = True):
-    """Logits ``(B, 1, *spatial)`` of one mask per prompt set, as a user of the trained model gets them.
-
-    With ``multimask``, a single-click prompt set asks for SAM's three masks and keeps the one of highest predicted
-    IoU (SAM's inference rule; training learns those three masks from single clicks and the single mask otherwise).
-    """
-    logits, iou = model.decode(embeddings, prompts, multimask=multimask and single_click(prompts))
-    if logits.shape[1] > 1:
-        best = iou.argmax(dim=1)
-        logits = logits[torch.arange(logits.shape[0], device=logits.device), best][:, None]
-    return logits.float()
 
 
 class ClickState:

@@ -35,18 +35,11 @@ from torch import nn
 
 from medseg.errors import ConfigError
 from medseg.evaluation.interactive import dice, interactive_objects
-from medseg.evaluation.interactive_run import volume_predictor
+from medseg.inference.recipe import decode_best, minmax_per_image, single_click
+from medseg.inference.volumetric import volume_predictor
 from medseg.prompts.simulate import PROMPT_MIX, interactive_loop, sample_prompts
 from medseg.tasks.optimization import OptimizationMixin
-from medseg.tasks.prompt_sampling import (
-    ClickState,
-    decode_best,
-    fit_to_model,
-    mask_iou,
-    minmax_per_image,
-    pick_masks,
-    single_click,
-)
+from medseg.tasks.prompt_sampling import ClickState, fit_to_model, mask_iou, pick_masks
 
 __all__ = ["PromptableTask"]
 

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from medseg.data.prepare import synthetic
 from medseg.errors import ConfigError
 from medseg.evaluation import build_summary, write_summary
 from medseg.evaluation.interactive import dice, summarize_interactive
-from medseg.evaluation.interactive_run import InteractiveSettings, evaluate_case_3d, load_native_case, volume_predictor
+from medseg.evaluation.interactive_run import InteractiveSettings, evaluate_case_3d, load_native_case
 from medseg.evaluation.metrics import EvaluationError
 from medseg.evaluation.summary import interactive_per_case, is_complete
-from medseg.inference.volumetric import window_starts
-from medseg.prompts.contract import Prompts
 
 
 @pytest.fixture(scope="module")
@@ -68,65 +63,13 @@ def test_summary_with_an_interactive_section_is_complete_only_when_it_covers_eve
         interactive_per_case(build_summary(per_case, labels))
 
 
-class _BoxEcho(torch.nn.Module):
-    """A 3-D 'model' whose mask is its (window-clipped) box prompt, or a blob of 3 voxels around each positive click."""
-
-    spatial_dims = 3
-    roi_size = (8, 8, 4)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(()))
-        self.encodes = 0
-
-    def encode(self, window):
-        self.encodes += 1
-        return SimpleNamespace(
-            image=window, expand=lambda n: SimpleNamespace(image=window.expand(n, *window.shape[1:]))
-        )
-
-    def decode(self, embeddings, prompts, multimask=False):
-        n = prompts.batch_size
-        logits = torch.full((n, 1, *self.roi_size), -10.0)
-        for b in range(n):
-            if prompts.box is not None:
-                lo, hi = prompts.box[b, :3].long(), prompts.box[b, 3:].long()
-                logits[b, 0, lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = 10.0
-            if prompts.point_coords is not None:
-                for c, lab in zip(prompts.point_coords[b].round().long(), prompts.point_labels[b]):
-                    if lab == 1:
-                        logits[b, 0, c[0] - 1 : c[0] + 2, c[1] - 1 : c[1] + 2, c[2] - 1 : c[2] + 2] = 10.0
-        return logits, torch.ones(n, 1)
-
-
-def test_3d_predictor_maps_prompts_through_windows_and_zoom_and_encodes_each_window_once():
-    model = _BoxEcho()
-    volume = torch.rand(1, 20, 12, 10)
-    box = Prompts(box=torch.tensor([[2.0, 3.0, 1.0, 15.0, 9.0, 7.0]]))
-    native = volume_predictor(model, volume)(box, None)
-    expected = np.zeros((20, 12, 10), dtype=bool)
-    expected[2:16, 3:10, 1:8] = True
-    assert np.array_equal(native.numpy() > 0.5, expected)  # the box crosses several windows, each given its part
-    encodes = model.encodes
-    # on a grid twice as coarse (the training spacing), the box is mapped there and the mask zoomed back
-    predict = volume_predictor(model, volume, model_shape=(10, 6, 5))
-    zoomed = predict(box, None).numpy() > 0.5
-    assert zoomed.shape == (20, 12, 10) and dice(zoomed, expected) > 0.8
-    click = Prompts(point_coords=torch.tensor([[[10.0, 6.0, 5.0]]]), point_labels=torch.tensor([[1]]))
-    before = model.encodes
-    assert predict(click, None).numpy()[10, 6, 5] > 0.5  # a click lands on its own voxel after the zoom
-    assert model.encodes == before  # the windows were encoded by the first call already
-    assert model.encodes - encodes <= len(window_starts((10, 8, 5), model.roi_size, 0.25))
-    assert model.training  # the sliding window gives the mode back
-
-
-def test_3d_case_evaluation_scores_clicks_and_3d_box_and_leaves_propagation_null(phantoms):
+def test_3d_case_evaluation_scores_clicks_and_3d_box_and_leaves_propagation_null(phantoms, box_echo):
     images, labels = phantoms
     case_id = images[0].name[: -len("_0000.nii.gz")]
     case = load_native_case(case_id, [images[0]], labels / f"{case_id}.nii.gz")
     names = {"background": 0, **{f"c{v}": int(v) for v in np.unique(case.label) if v}}
     settings = InteractiveSettings(max_clicks=3, dice_k=3, max_objects=2, propagation=None)
-    objects, label_map = evaluate_case_3d(_BoxEcho().eval(), case, names, settings)
+    objects, label_map = evaluate_case_3d(box_echo.eval(), case, names, settings)
     assert len(objects) == 2 and label_map.shape == case.label.shape
     for obj in objects:
         assert obj["box_dice"] == pytest.approx(

@@ -15,14 +15,15 @@ from omegaconf import OmegaConf
 
 from medseg.config import instantiate
 from medseg.errors import ConfigError
-from medseg.evaluation.interactive_run import intensity_transforms, load_native_case, slice_predictor
+from medseg.evaluation.interactive_run import load_native_case
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.cases import read_case
 from medseg.inference.dense import preprocessing_of
 from medseg.inference.loaded import LoadedModel
-from medseg.inference.prompted_run import objects_to_oriented, orient_for_run, predict_run_prompts
+from medseg.inference.prepared import intensity_transforms, prepare_volume
+from medseg.inference.prompted_run import predict_run_prompts
 from medseg.inference.propagate import PropagationConfig, propagate
-from medseg.inference.recipe import SliceRecipe
+from medseg.inference.recipe import SliceRecipe, slice_predictor
 from medseg.inference.sources import load_model
 from medseg.prompts.contract import Prompts
 from medseg.prompts.files import dump_prompts, load_prompts
@@ -99,12 +100,13 @@ def test_run_prepares_the_scan_as_its_evaluation_does(evaluation_view, phantom_s
 
     loaded = load_model(promptable_run, device="cpu")
     image = read_case(phantom_scan["path"])
-    volume = orient_for_run(image, intensity_transforms(preprocessing_of(loaded)))
+    volume = prepare_volume(image, intensity_transforms(preprocessing_of(loaded)))
+    orientation = volume.orientation
     np.testing.assert_array_equal(volume.image, evaluation_view.native.image)
     assert not np.array_equal(volume.image[0], image[0].numpy())  # the run's CT window changed the intensities
-    assert volume.axis_in_file(2) == evaluation_view.file_axis
-    ras = np.arange(np.prod(volume.native_shape)).reshape(volume.native_shape)
-    np.testing.assert_array_equal(volume.native(apply_orientation(ras, volume.to_oriented)), ras)  # round trip
+    assert orientation.file_axis(2) == evaluation_view.file_axis
+    ras = np.arange(np.prod(orientation.native_shape)).reshape(orientation.native_shape)
+    np.testing.assert_array_equal(volume.native(apply_orientation(ras, orientation.to_oriented)), ras)  # round trip
 
     # prompts follow the data: the voxel a prompt names holds the same value on both grids
     label = phantom_scan["label"]
@@ -112,10 +114,11 @@ def test_run_prepares_the_scan_as_its_evaluation_does(evaluation_view, phantom_s
     point = np.argwhere(label > 0)[7]
     objects = load_prompts_from({"space": "voxel", "objects": [{"label": 2, "boxes": [box], "points": [point.tolist()],
                                                                 "point_labels": [1]}]}, image)  # fmt: skip
-    (mapped,) = objects_to_oriented(objects, volume)
-    assert mapped.boxes[0].tolist() == _box_in_ras(box, volume.native_shape, volume.to_oriented)
-    oriented_ras = apply_orientation(ras, volume.to_oriented)
-    assert oriented_ras[tuple(mapped.points[0])] == ras[tuple(point)]
+    (obj,) = objects
+    mapped = orientation.prompts(obj.to_prompts())  # the prompt set the path carries, on the RAS grid
+    assert mapped.box[0].tolist() == _box_in_ras(box, orientation.native_shape, orientation.to_oriented)
+    oriented_ras = apply_orientation(ras, orientation.to_oriented)
+    assert oriented_ras[tuple(mapped.point_coords[0, 0].long().tolist())] == ras[tuple(point)]
 
     # a model that is neither 2-D nor 3-D (a mixed-up run) is refused with a message naming the model configs
     odd = SimpleNamespace(spatial_dims=4)
@@ -145,7 +148,7 @@ def test_2d_box_matches_the_evaluation_predict_fn_on_the_files_grid(
     # the evaluation's predict_fn on the same box, on the RAS grid, brought back to the file's order
     ras_box = _box_in_ras(box, labels.shape, view.to_ras)
     k = ras_box[2]
-    predict = slice_predictor(view.model, np.take(view.native.image[0], k, axis=2), EmbeddingCache())
+    predict = slice_predictor(view.model, np.take(view.native.image[0], k, axis=2), EmbeddingCache(), True)
     box_2d = np.array([[ras_box[0], ras_box[1], ras_box[3], ras_box[4]]], dtype=np.float32)
     expected = np.zeros(view.native.label.shape, dtype=np.uint8)
     expected[:, :, k][predict(Prompts(box=box_2d), None)] = 3

@@ -19,12 +19,14 @@ from omegaconf import OmegaConf
 
 from medseg.config import instantiate
 from medseg.data.transforms import target_spacing
-from medseg.evaluation.interactive_run import intensity_transforms, load_native_case, model_grid, volume_predictor
+from medseg.evaluation.interactive_run import load_native_case
 from medseg.inference.cases import read_case
+from medseg.inference.prepared import intensity_transforms, model_grid
+from medseg.inference.recipe import minmax_per_image
 from medseg.inference.sources import load_model
+from medseg.inference.volumetric import volume_predictor
 from medseg.prompts.contract import Prompts
 from medseg.prompts.files import load_prompts
-from medseg.tasks.prompt_sampling import minmax_per_image
 
 # The 3-D smoke experiment (2 ViT blocks of width 32, roi 32 x 32 x 16, target spacing 1.5 x 1.5 x 3 mm), 10 steps.
 TINY_PROMPTABLE_3D = [

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from medseg.errors import ConfigError
-from medseg.inference.volumetric import FILL_VALUE, predict_prompted, window_prompts, window_starts
+from medseg.evaluation.interactive import dice
+from medseg.inference.volumetric import FILL_VALUE, predict_prompted, volume_predictor, window_prompts, window_starts
 from medseg.models.volumetric import build_volumetric_promptable
 from medseg.prompts.contract import PromptError, Prompts
 
@@ -164,3 +166,27 @@ def test_bad_requests_raise_medseg_errors(model):
         predict_prompted(model, torch.rand(40, 40, 20), Prompts(point_coords=[[[1.0, 1.0, 1.0]]], point_labels=[[1]]))
     with pytest.raises(ConfigError, match="overlap"):
         predict_prompted(model, image(ROI), Prompts(box=[[0.0, 0, 0, 3, 3, 3]]), overlap=1.0)
+
+
+# --- one whole volume, click after click (volume_predictor) -------------------------------------------------------
+
+
+def test_3d_predictor_maps_prompts_through_windows_and_zoom_and_encodes_each_window_once(box_echo):
+    model = box_echo
+    volume = torch.rand(1, 20, 12, 10)
+    box = Prompts(box=torch.tensor([[2.0, 3.0, 1.0, 15.0, 9.0, 7.0]]))
+    native = volume_predictor(model, volume)(box, None)
+    expected = np.zeros((20, 12, 10), dtype=bool)
+    expected[2:16, 3:10, 1:8] = True
+    assert np.array_equal(native.numpy() > 0.5, expected)  # the box crosses several windows, each given its part
+    encodes = model.encodes
+    # on a grid twice as coarse (the training spacing), the box is mapped there and the mask zoomed back
+    predict = volume_predictor(model, volume, model_shape=(10, 6, 5))
+    zoomed = predict(box, None).numpy() > 0.5
+    assert zoomed.shape == (20, 12, 10) and dice(zoomed, expected) > 0.8
+    click = Prompts(point_coords=torch.tensor([[[10.0, 6.0, 5.0]]]), point_labels=torch.tensor([[1]]))
+    before = model.encodes
+    assert predict(click, None).numpy()[10, 6, 5] > 0.5  # a click lands on its own voxel after the zoom
+    assert model.encodes == before  # the windows were encoded by the first call already
+    assert model.encodes - encodes <= len(window_starts((10, 8, 5), model.roi_size, 0.25))
+    assert model.training  # the sliding window gives the mode back

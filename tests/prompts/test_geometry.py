@@ -1,7 +1,8 @@
-"""Coordinates on oblique, anisotropic, permuted grids: voxel <-> world <-> preprocessed grid and 2D model input."""
+"""Coordinates on oblique, anisotropic, permuted grids: voxel <-> world <-> RAS-oriented grid <-> model input."""
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -9,8 +10,9 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
 from medseg.data.prepare.synthetic import make_phantom, phantom_affine
+from medseg.errors import ConfigError
 from medseg.inference.sliding import to_model_input
-from medseg.prompts import PromptError
+from medseg.prompts import PromptError, Prompts, geometry
 from medseg.prompts.geometry import (
     box_to_model_input_2d,
     box_voxel_to_world,
@@ -18,12 +20,15 @@ from medseg.prompts.geometry import (
     lps_to_ras,
     lps_to_ras_affine,
     model_input_to_voxel,
+    prompts_on_slice,
     ras_to_lps,
+    slice_box,
     to_model_input_2d,
     voxel_to_model_input,
     voxel_to_world,
     world_box_to_voxel,
     world_to_voxel,
+    zoom_prompts,
 )
 
 SHAPE = (20, 24, 10)
@@ -116,3 +121,99 @@ def test_2d_model_input_coordinates_follow_monai_resize_and_padding():
         from_model_input_2d([10.0, 50.0], geometry)
     with pytest.raises(PromptError, match=r"shape \(40, 25\)"):
         to_model_input_2d([40.0, 3.0], geometry)
+
+
+# --- file voxels <-> the RAS-oriented grid ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axcodes", ["RAS", "LPS", "LIA", "PSR", "ILP"])
+def test_orientation_round_trips_data_indices_and_prompts(axcodes):
+    spacing = (0.7, 0.9, 3.0)
+    affine = phantom_affine(SHAPE, spacing, orientation=axcodes, oblique_degrees=17.0, oblique_axis=(1, 2, 0.5))
+    data = np.random.default_rng(1).normal(size=SHAPE).astype(np.float32)
+    orientation = geometry.Orientation.from_affine(affine, SHAPE)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))  # the same grid, computed independently
+    oriented = orientation.orient(data)
+    assert np.array_equal(oriented, np.asarray(canonical.dataobj)) and oriented.shape == orientation.shape
+    assert np.array_equal(orientation.native(oriented), data)  # and back, voxel for voxel
+    assert np.array_equal(orientation.orient(np.stack([data, -data]))[1], -oriented)  # channel first
+    np.testing.assert_allclose(orientation.along_ras(geometry.voxel_spacing(affine)), canonical.header.get_zooms())
+    for axis in range(3):
+        assert oriented.shape[axis] == SHAPE[orientation.file_axis(axis)]
+    # indices follow the data: the voxel an index names holds the same value on both grids, both ways
+    ijk = np.stack([np.random.default_rng(2).integers(0, n, 30) for n in SHAPE], -1)
+    mapped = orientation.indices(ijk)
+    assert np.array_equal(oriented[tuple(mapped.T)], data[tuple(ijk.T)])
+    assert np.array_equal(orientation.native_indices(mapped), ijk)
+    # prompts: points like indices, a box to the box of its reoriented block (low and high re-sorted after flips)
+    box = np.array([2, 3, 1, 9, 15, 6])
+    block = np.zeros(SHAPE, dtype=bool)
+    block[2:10, 3:16, 1:7] = True
+    where = np.argwhere(orientation.orient(block))
+    prompts = orientation.prompts(Prompts(box=box[None], point_coords=ijk[None], point_labels=np.ones((1, 30))))
+    assert prompts.box[0].tolist() == [*where.min(0).tolist(), *where.max(0).tolist()]
+    assert np.array_equal(prompts.point_coords[0].numpy(), mapped)
+    with pytest.raises(PromptError, match="prev_mask"):
+        orientation.prompts(Prompts(box=box[None], prev_mask=np.zeros((1, 1, *SHAPE))))
+
+
+def test_a_dicom_world_point_finds_its_voxel_on_the_ras_grid():
+    """file voxel -> LPS world (DICOM) -> RAS world -> file voxel -> RAS grid, against the canonical image's own
+    affine: every space of the chain agrees on one voxel."""
+    lps_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ OBLIQUE  # the same grid, its affine in DICOM's LPS frame
+    affine = lps_to_ras_affine(lps_affine)
+    np.testing.assert_allclose(affine, OBLIQUE)
+    voxel = np.array([4, 17, 8])
+    lps_point = voxel_to_world(voxel, lps_affine)
+    back = world_to_voxel(lps_to_ras(lps_point), affine, round=True, shape=SHAPE)
+    assert back.tolist() == voxel.tolist()
+    orientation = geometry.Orientation.from_affine(affine, SHAPE)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(SHAPE, np.float32), affine))
+    on_grid = world_to_voxel(lps_to_ras(lps_point), canonical.affine, round=True)
+    assert orientation.indices(back).tolist() == on_grid.tolist()
+
+
+# --- the RAS grid -> what a model sees ----------------------------------------------------------------------------
+
+
+def test_slice_box_reads_a_flat_3d_box():
+    assert slice_box([3, 4, 9, 20, 30, 9], axis=2) == (9, (3.0, 4.0, 20.0, 30.0))
+    assert slice_box([5, 4, 9, 5, 30, 12], axis=0) == (5, (4.0, 9.0, 30.0, 12.0))
+    with pytest.raises(ConfigError, match="flat"):
+        slice_box([3, 4, 9, 20, 30, 10], axis=2)
+
+
+def test_prompts_on_a_slice_are_the_box_section_and_the_points_lying_there():
+    prompts = Prompts(
+        box=[[2.0, 3.0, 4.0, 10.0, 12.0, 9.0]],
+        point_coords=[[[5.0, 6.0, 7.0], [8.0, 7.0, 7.0], [6.0, 5.0, 8.0], [0.0, 0.0, 7.0]]],
+        point_labels=[[1, 0, 1, -1]],
+        class_vector=[[3]],
+    )
+    on = prompts_on_slice(prompts, axis=2, index=7)
+    assert on.box.tolist() == [[2.0, 3.0, 10.0, 12.0]] and on.class_vector is None
+    assert on.point_coords.tolist() == [[[5.0, 6.0], [8.0, 7.0]]] and on.point_labels.tolist() == [[1, 0]]
+    across = prompts_on_slice(prompts, axis=0, index=6)  # another axis: the in-plane axes are (1, 2)
+    assert across.box.tolist() == [[3.0, 4.0, 12.0, 9.0]] and across.point_coords.tolist() == [[[5.0, 8.0]]]
+    assert prompts_on_slice(Prompts(point_coords=[[[1.0, 2.0, 3.0]]], point_labels=[[1]]), 2, 4) is None
+    with pytest.raises(PromptError, match="does not reach"):
+        prompts_on_slice(prompts, axis=2, index=10)
+
+
+def test_zoomed_grid_points_land_on_their_voxel_centres_and_boxes_are_covered():
+    shape, fine, coarse = (20, 12, 10), (40, 24, 20), (10, 6, 5)
+    prompts = Prompts(box=[[2.0, 3.0, 1.0, 15.0, 9.0, 7.0]], point_coords=[[[10.0, 6.0, 5.0]]], point_labels=[[1]])
+    up = zoom_prompts(prompts, shape, fine)
+    assert up.point_coords.tolist() == [[[20.5, 12.5, 10.5]]]  # (i + 0.5) * 2 - 0.5: the centre of its 2 x 2 x 2
+    assert up.box.tolist() == [[4.0, 6.0, 2.0, 31.0, 19.0, 15.0]]  # exactly the fine voxels of the box's voxels
+    down = zoom_prompts(prompts, shape, coarse)
+    assert down.box.tolist() == [[1.0, 1.0, 0.0, 7.0, 4.0, 3.0]]  # every coarse voxel a box voxel falls in
+    mask = torch.zeros(1, 1, *shape)
+    mask[0, 0, 2:16, 3:10, 1:8] = 1.0
+    zoomed = torch.nn.functional.interpolate(mask, size=coarse, mode="trilinear", align_corners=False)[0, 0] > 0
+    lo, hi = down.box[0, :3].long(), down.box[0, 3:].long()
+    inside = torch.zeros(coarse, dtype=torch.bool)
+    inside[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = True
+    assert bool(zoomed[~inside].sum() == 0) and bool(zoomed[inside].all())  # the box covers what the zoom shows
+    edge = zoom_prompts(Prompts(point_coords=[[[19.0, 0.0, 9.0]]], point_labels=[[1]]), shape, coarse)
+    assert edge.point_coords.tolist() == [[[9.0, 0.0, 4.0]]]  # 9.25, -0.25, 4.25 clipped inside the coarse grid

@@ -13,8 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from medseg.config import instantiate
 from medseg.errors import ConfigError
 from medseg.evaluation.summary import interactive_per_case, is_complete, read_summary
+from medseg.inference.recipe import single_click
 from medseg.prompts import ClickSimulator, sample_prompts
-from medseg.tasks.prompt_sampling import ClickState, mask_iou, pick_masks, single_click
+from medseg.tasks.prompt_sampling import ClickState, mask_iou, pick_masks
 from medseg.tasks.promptable import PromptableTask
 from medseg.train import train
 

@@ -1,43 +1,30 @@
-"""Prompt coordinates between native voxels, world millimetres and a model's input grid.
-
-Three spaces, one map between each pair:
+"""Native voxels <-> world millimetres (RAS+, and DICOM's LPS), and native voxels <-> a resampled grid, via the world.
 
 - **voxel**: array indices of a volume as read (``mask[i, j, k]``); integers name voxel centres.
 - **world**: RAS+ millimetres, ``world = A @ [i, j, k, 1]`` with the volume's 4x4 ``affine`` as in NIfTI and MONAI's
   MetaTensor (a DICOM series' LPS patient frame is converted by :func:`lps_to_ras`).
-- **model input**: the grid a model sees. For a 3D model that is the preprocessed MetaTensor (after Orientation,
-  Spacing, crop); its own ``affine`` maps it to the same world, so a native voxel goes native affine -> world -> the
-  inverse of the preprocessed affine (:func:`voxel_to_model_input`). A 2D model further sees each slice resized so
-  its longest side is ``size`` and zero-padded at the end (:class:`medseg.inference.sliding.SliceGeometry`);
-  :func:`to_model_input_2d` maps slice pixels to those model pixels.
-
-Resizing follows ``torch.nn.functional.interpolate(align_corners=False)`` (MONAI ``Resize``'s default): pixel centres
-map by ``u = (i + 0.5) * resized / original - 0.5``, and the padding at the end adds no offset.
+- **resampled grid**: a preprocessed MetaTensor (after Orientation, Spacing, crop) carries its own ``affine`` to the
+  same world, so a native voxel goes native affine -> world -> the inverse of the preprocessed affine
+  (:func:`voxel_to_model_input`), with no transform's parameters needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from medseg.prompts.contract import PromptError
 
-if TYPE_CHECKING:  # only its attributes are read; no import cycle with medseg.inference, which uses prompts
-    from medseg.inference.sliding import SliceGeometry
-
 __all__ = [
-    "box_to_model_input_2d",
     "box_voxel_to_world",
     "check_inside",
-    "from_model_input_2d",
     "lps_to_ras",
     "lps_to_ras_affine",
     "model_input_to_voxel",
     "ras_to_lps",
-    "to_model_input_2d",
+    "voxel_spacing",
     "voxel_to_model_input",
     "voxel_to_world",
     "world_box_to_voxel",
@@ -65,6 +52,15 @@ def _affine(affine: object) -> np.ndarray:
     if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
         raise PromptError("the affine is singular (a zero voxel size or collinear axes); check the image header.")
     return matrix
+
+
+def voxel_spacing(affine: object) -> tuple[float, float, float]:
+    """Voxel size (mm) along each array axis: the norms of the affine's first three columns (right for oblique and
+    permuted grids too, where the diagonal is not)."""
+    if isinstance(affine, torch.Tensor):
+        affine = affine.detach().cpu().numpy()
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return tuple(float(v) for v in np.linalg.norm(matrix, axis=0))  # type: ignore[return-value]
 
 
 def check_inside(ijk: object, shape: Sequence[int], what: str = "prompt") -> None:
@@ -190,41 +186,3 @@ def voxel_to_model_input(ijk: object, native_affine: object, model_affine: objec
 def model_input_to_voxel(uvw: object, model_affine: object, native_affine: object) -> np.ndarray:
     """Preprocessed-grid indices -> continuous native voxel indices (inverse of :func:`voxel_to_model_input`)."""
     return world_to_voxel(voxel_to_world(uvw, model_affine), native_affine)
-
-
-def _scale(geometry: SliceGeometry) -> np.ndarray:
-    return np.asarray(geometry.resized, dtype=np.float64) / np.asarray(geometry.original, dtype=np.float64)
-
-
-def to_model_input_2d(ij: object, geometry: SliceGeometry) -> np.ndarray:
-    """Slice pixel indices ``(..., 2)`` (row, column) -> continuous pixel indices of the 2D model's input.
-
-    Args:
-        ij: points on the slice before :func:`medseg.inference.sliding.to_model_input`, in array order.
-        geometry: the :class:`SliceGeometry` that call returned.
-
-    Returns:
-        ``(..., 2)`` float (row, column) in the ``size x size`` model input; SAM's ``(x, y)`` is ``[..., ::-1]``.
-    """
-    points = _points(ij, 2, "ij")
-    check_inside(points, geometry.original, "point on the slice")
-    return (points + 0.5) * _scale(geometry) - 0.5
-
-
-def from_model_input_2d(uv: object, geometry: SliceGeometry) -> np.ndarray:
-    """Model-input pixel indices ``(..., 2)`` -> continuous slice pixel indices (inverse of :func:`to_model_input_2d`).
-
-    Raises:
-        PromptError: a point lies in the zero padding, which no slice pixel maps to.
-    """
-    points = _points(uv, 2, "uv")
-    check_inside(points, geometry.resized, "model-input point (outside the resized slice, in the padding)")
-    return (points + 0.5) / _scale(geometry) - 0.5
-
-
-def box_to_model_input_2d(box: object, geometry: SliceGeometry) -> np.ndarray:
-    """An inclusive slice box ``(i0, j0, i1, j1)`` -> the box of the same pixel centres in model-input pixels."""
-    array = _points(box, 4, "box")
-    return np.concatenate(
-        [to_model_input_2d(array[..., :2], geometry), to_model_input_2d(array[..., 2:], geometry)], -1
-    )
