@@ -37,6 +37,7 @@ from medseg.errors import ConfigError, MedsegError
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.recipe import SliceRecipe
 from medseg.inference.session import SegmentationSession, guess_intensity
+from medseg.inference.sources import load_model
 from medseg.napari.geometry import sliced_data_axis
 from medseg.napari.layers import boxes_layer, labels_layer, layer_name, points_layer
 from medseg.napari.prompts import POINT_KINDS, boxes_on_slice, point_labels, points_on_slice
@@ -264,8 +265,6 @@ class SegmentationWidget(QWidget):
         spec, device = self.model_edit.text().strip(), self.device_combo.currentText()
 
         def load() -> LoadedModel:
-            from medseg.inference.sources import load_model
-
             return load_model(spec, device)
 
         self._run(load, self.use_model, f"loading {spec}…")
