@@ -2,7 +2,8 @@
 
 - :mod:`medseg.prompts.contract`: :class:`Prompts`, the VISTA3D-style batch of points, boxes, classes, previous masks.
 - :mod:`medseg.prompts.simulate`: clicks (SAM / DeepEdit rules, in mm) and boxes from reference masks.
-- :mod:`medseg.prompts.geometry`: voxel <-> world (RAS+ mm) <-> model-input coordinates.
+- :mod:`medseg.prompts.geometry`: every coordinate map: file voxel <-> world (RAS+ mm) <-> RAS-oriented grid <-> model
+  input (a slice, the LiteMedSAM recipe's resized slice, a 3-D model's zoomed grid).
 - :mod:`medseg.prompts.files`: the prompts JSON file of ``medseg predict --prompts``.
 """
 
