@@ -99,3 +99,16 @@ def test_to_moves_every_tensor_and_from_batch_round_trips():
     assert prompts.point_coords.device.type == "cpu"
     again = Prompts.from_batch({"image": None, **prompts.as_dict()})
     assert torch.equal(again.point_coords, coords) and again.box is None
+
+
+def test_single_builds_one_prompt_set_from_plain_coordinates_and_items_index_a_batch():
+    one = Prompts.single(box=(1, 2, 5, 7), points=[(3.0, 4.0), (2.0, 6.0)], point_labels=[1, 0])
+    assert one.batch_size == 1 and one.spatial_dims == 2
+    assert one.box.tolist() == [[1.0, 2.0, 5.0, 7.0]] and one.point_labels.tolist() == [[1, 0]]
+    assert Prompts.single(points=[(3, 4, 5)]).point_labels.tolist() == [[1]]  # clicks are positive by default
+    with pytest.raises(PromptError, match="at least one"):
+        Prompts.single()
+    batch = collate_prompts([Prompts.single(box=(0, 0, 0, 1, 1, 1)), Prompts.single(box=(2, 2, 2, 3, 3, 3))])
+    assert batch[1].box.tolist() == [[2.0, 2.0, 2.0, 3.0, 3.0, 3.0]] and batch[-1].batch_size == 1
+    with pytest.raises(IndexError):
+        batch[2]
