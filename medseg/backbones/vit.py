@@ -25,8 +25,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
+from torch import nn
 
+from medseg.backbones.attention import check_attention_mode
 from medseg.backbones.base import Backbone, BackboneOutput, InputSpec
 from medseg.backbones.weights import load_state_dict_strict, read_checkpoint, strip_prefixes
 from medseg.errors import InputShapeError, WeightsError
@@ -149,6 +150,8 @@ class TimmViTBackbone(Backbone):
         in_channels: int = 1,
         channel_mode: str = "repeat",
         intermediate_norm: bool = False,
+        attention: str | None = None,
+        activation_checkpointing: bool | int | str | None = "none",
     ) -> None:
         super().__init__(in_channels=in_channels, channel_mode=channel_mode, pretrained_in_chans=input_spec.in_chans)
         if vit.cls_token is None or vit.pos_embed is None:
@@ -160,15 +163,16 @@ class TimmViTBackbone(Backbone):
         self.embed_dim = self.block_dim = vit.embed_dim
         self.patch_size = vit.patch_embed.patch_size[0]
         self.num_blocks = len(vit.blocks)
-        self.grad_checkpointing = False
         if input_spec.image_size % self.patch_size:
             raise InputShapeError(
                 f"image_size {input_spec.image_size} is not a multiple of the patch size {self.patch_size}"
             )
+        if attention is not None:
+            self.set_attention(attention)
+        self.set_activation_checkpointing(activation_checkpointing)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass to save memory when fine-tuning at high resolution."""
-        self.grad_checkpointing = enable
+    def compute_blocks(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        return list(self.vit.blocks), [self.vit.norm]
 
     def _layer_indices(self, layers: Sequence[int]) -> list[int]:
         out = []
@@ -214,13 +218,11 @@ class TimmViTBackbone(Backbone):
                 f"{self.input_spec.image_size}x{self.input_spec.image_size})."
             )
         wanted = self._layer_indices(layers)
+        runner = self.block_runner(x)
         tokens, (h, w) = self._tokens(x)
         saved: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.vit.blocks):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = activation_checkpoint(block, tokens, use_reentrant=False)
-            else:
-                tokens = block(tokens)
+            tokens = runner(index, block, tokens)
             if index in wanted:
                 saved[index] = tokens
         out = self.vit.norm(tokens)
@@ -247,6 +249,8 @@ def build_vit_backbone(
     img_size: int | None = None,
     intermediate_norm: bool = False,
     arch: Mapping | None = None,
+    attention: str = "fused",
+    activation_checkpointing: bool | int | str | None = "none",
 ) -> TimmViTBackbone:
     """Build a timm-ViT family backbone (DINOv2, MAE) from its official checkpoint, or its scratch twin.
 
@@ -265,10 +269,15 @@ def build_vit_backbone(
         intermediate_norm: apply the final LayerNorm to intermediates as well.
         arch: timm keyword arguments replacing official ones (``depth``, ``embed_dim``, ``num_heads``,
             ``img_size`` = side of the position-embedding grid in pixels); for tests with tiny models.
+        attention: ``fused`` (default: timm's SDPA path, whatever ``TIMM_FUSED_ATTN`` says) or ``reference``.
+        activation_checkpointing: ``none``, ``all`` or every ``k``-th block.
     """
+    check_attention_mode(attention)
     native = int((arch or {}).get("img_size", input_spec.image_size))
     vit = build_timm_vit(timm_name, img_size=native, arch=arch)
     if checkpoint is not None:
         load_vit_checkpoint(vit, checkpoint, convert, expected=f"the official {family} {filename}")
     spec = dataclasses.replace(input_spec, image_size=img_size or native)
-    return TimmViTBackbone(vit, spec, pos_resize, in_channels, channel_mode, intermediate_norm)
+    return TimmViTBackbone(
+        vit, spec, pos_resize, in_channels, channel_mode, intermediate_norm, attention, activation_checkpointing
+    )

@@ -382,6 +382,8 @@ def test_config_composes_and_instantiates(name):
         "checkpoint": None,
         "in_channels": 1,
         "channel_mode": "repeat",
+        "attention": "fused",
+        "activation_checkpointing": "none",
     }
     # one block at full width keeps even ViT-g quick while going through the real builder
     model = hydra.utils.instantiate(cfg, pretrained=False, arch={"depth": 1})

@@ -262,6 +262,8 @@ def test_config_composes_and_instantiates(name):
         "checkpoint": None,
         "in_channels": 1,
         "channel_mode": "repeat",
+        "attention": "fused",
+        "activation_checkpointing": "none",
     }
     model = hydra.utils.instantiate(cfg, pretrained=False, arch={"depth": 1})  # one full-width block: quick
     patch = OFFICIAL[name][3]

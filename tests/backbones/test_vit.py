@@ -63,13 +63,13 @@ def backbone(**kwargs) -> TimmViTBackbone:
 
 
 def test_gradient_checkpointing_changes_memory_not_results(monkeypatch):
-    import medseg.backbones.vit as vit_module
+    import medseg.backbones.compute as compute
 
     calls = []
-    checkpoint = vit_module.activation_checkpoint
-    monkeypatch.setattr(vit_module, "activation_checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    checkpoint = compute.activation_checkpoint
+    monkeypatch.setattr(compute, "activation_checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     torch.manual_seed(0)
-    model = backbone()
+    model = backbone().train()
     x = torch.randn(2, 1, 48, 64)
     plain = model(x, layers=[0]).features
     plain.square().mean().backward()
