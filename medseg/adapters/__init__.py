@@ -17,6 +17,11 @@ vpt            prompt tokens, shallow or deep                         dinov2_*, 
 =============  =====================================================  ==========================================
 
 Configs: ``conf/adapter/*.yaml`` build an :class:`AdapterConfig`; see :mod:`medseg.adapters.apply`.
+
+Memory-lean options: ``last_k_blocks: k`` (every method but ``frozen``) adapts the last ``k`` blocks only, so the
+blocks below keep no activations; ``frozen_dtype: bf16`` (top level) keeps the frozen weights in bfloat16
+(:mod:`medseg.adapters.precision`). Activation checkpointing is a backbone setting
+(``backbone.activation_checkpointing``) and works with every method here.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from medseg.adapters.blocks import BlockSite, find_blocks, grid_to_tokens, select_sites, tokens_to_grid
+from medseg.adapters.blocks import BlockSite, block_sites, grid_to_tokens, tokens_to_grid
 from medseg.errors import ConfigError, MedsegError
 
 __all__ = ["Adapter3d", "VolumeDepthError", "apply_adapter3d", "set_volume_depth", "volume_depth"]
@@ -60,6 +60,10 @@ class Adapter3d(nn.Module):
         nn.init.zeros_(self.up.bias)
         self.depth: int | None = None
 
+    #: ``depth`` is set around the forward (``volume_depth``); a block recomputed in backward under activation
+    #: checkpointing must see the value of its forward (see :mod:`medseg.backbones.compute`).
+    _medseg_replay = ("depth",)
+
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         """Map ``(B*D, H, W, C)`` slice features to the residual update of the same shape."""
         depth = self.depth or 1
@@ -91,15 +95,19 @@ class _SerialHook:
 
 
 def apply_adapter3d(
-    model: nn.Module, bottleneck: int = 64, kernel_size: int = 3, blocks: Sequence[int] | None = None
+    model: nn.Module,
+    bottleneck: int = 64,
+    kernel_size: int = 3,
+    blocks: Sequence[int] | None = None,
+    last_k_blocks: int | None = None,
 ) -> list[str]:
-    """Add a 3-D adapter after each transformer block (or after ``blocks``).
+    """Add a 3-D adapter after each transformer block (or after ``blocks``, or the last ``last_k_blocks``).
 
     Returns:
         The names of the parameters made trainable.
     """
     names = []
-    for site in select_sites(find_blocks(model, "adapter3d"), blocks, "adapter3d"):
+    for site in block_sites(model, blocks, last_k_blocks, "adapter3d"):
         param = next(site.block.parameters())
         adapter = Adapter3d(site.dim, bottleneck, kernel_size).to(param.device, param.dtype)
         site.block.add_module("adapter3d", adapter)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medseg.adapters.blocks import find_blocks, select_sites
+from medseg.adapters.blocks import block_sites
 from medseg.errors import ConfigError
 
 __all__ = ["AdaptFormer", "apply_adaptformer"]
@@ -72,14 +72,16 @@ def apply_adaptformer(
     dropout: float = 0.0,
     learn_scale: bool = False,
     blocks: Sequence[int] | None = None,
+    last_k_blocks: int | None = None,
 ) -> list[str]:
-    """Add a parallel AdaptFormer adapter to the MLP of each transformer block (or of ``blocks``).
+    """Add a parallel AdaptFormer adapter to the MLP of each transformer block (or of ``blocks``, or the last
+    ``last_k_blocks``).
 
     Returns:
         The names of the parameters made trainable.
     """
     names = []
-    for site in select_sites(find_blocks(model, "adaptformer"), blocks, "adaptformer"):
+    for site in block_sites(model, blocks, last_k_blocks, "adaptformer"):
         mlp = getattr(site.block, "mlp", None)
         if mlp is None:
             raise ConfigError(f"adaptformer: block {site.name} has no 'mlp' module to run in parallel with.")

@@ -7,7 +7,13 @@ in full (e.g. ``[neck]``). Applying it:
 1. freezes every parameter of the model, unless a method is ``full``;
 2. applies the methods in the order given, each unfreezing or adding its own parameters;
 3. unfreezes the ``trainable`` patterns;
-4. keeps frozen BatchNorms in evaluation mode (their running statistics stay the pretrained ones).
+4. keeps frozen BatchNorms in evaluation mode (their running statistics stay the pretrained ones);
+5. with ``frozen_dtype: bf16``, converts the frozen linear/convolution weights to bfloat16
+   (:mod:`medseg.adapters.precision`).
+
+Memory-lean options. ``frozen_dtype: bf16`` (top level) halves the frozen weights and removes autocast's copies;
+``last_k_blocks: k`` (an option of every method but ``frozen``) puts the method in the last ``k`` transformer blocks
+only, so the blocks below run without gradients and keep no activations (late adaptation).
 
 The training module applies the config to the backbone right after building it, then builds the decoder (which
 trains as usual) and reports the parameters of the whole model::
@@ -33,6 +39,7 @@ from medseg.adapters.adaptformer import apply_adaptformer
 from medseg.adapters.bitfit import apply_bitfit, apply_norm
 from medseg.adapters.freeze import apply_frozen, apply_full, freeze_all, freeze_batchnorm_statistics
 from medseg.adapters.lora import apply_dora, apply_lora, apply_lora_bonly
+from medseg.adapters.precision import keep_frozen_in, parse_frozen_dtype
 from medseg.adapters.report import parameter_report
 from medseg.adapters.ssf import apply_ssf
 from medseg.adapters.targets import TargetError, iter_matching_parameters, module_name_summary
@@ -87,6 +94,8 @@ class AdapterConfig:
         methods: a list of ``{"method": name, **options}`` applied in order (composition), instead of ``method``.
         trainable: module name patterns trained in full in addition (e.g. ``["neck"]``).
         name: label used in run folder names and reports (default: the method names joined by ``+``).
+        frozen_dtype: ``bf16`` keeps the frozen linear/convolution weights in bfloat16 (train under bf16 autocast);
+            ``None``/``fp32`` leaves them in float32.
         **options: options of ``method``.
 
     Raises:
@@ -100,9 +109,12 @@ class AdapterConfig:
         methods: Sequence[Mapping[str, Any]] | None = None,
         trainable: Sequence[str] = (),
         name: str | None = None,
+        frozen_dtype: str | None = None,
         **options: Any,
     ) -> None:
         methods, options = _plain(methods), {k: _plain(v) for k, v in options.items()}
+        parse_frozen_dtype(frozen_dtype)
+        self.frozen_dtype = None if frozen_dtype is None else str(frozen_dtype)
         if (method is None) == (methods is None):
             raise ConfigError("An adapter config names either `method` (one) or `methods` (a list), not both/neither.")
         if method is not None:
@@ -133,12 +145,18 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form, stored in adapter checkpoints; ``AdapterConfig.from_dict`` rebuilds it."""
-        return {"methods": [dict(s) for s in self.specs], "trainable": list(self.trainable), "name": self.name}
+        data = {"methods": [dict(s) for s in self.specs], "trainable": list(self.trainable), "name": self.name}
+        if self.frozen_dtype is not None:
+            data["frozen_dtype"] = self.frozen_dtype
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
         """Inverse of :meth:`to_dict`."""
-        return cls(methods=data["methods"], trainable=data.get("trainable", ()), name=data.get("name"))
+        return cls(
+            methods=data["methods"], trainable=data.get("trainable", ()), name=data.get("name"),
+            frozen_dtype=data.get("frozen_dtype"),
+        )  # fmt: skip
 
     def __call__(self, model: nn.Module) -> nn.Module:
         """Apply to ``model`` in place and return it (see :func:`apply_adapters`), for use in builder chains."""
@@ -150,7 +168,8 @@ class AdapterConfig:
         return apply_adapters(model, self)
 
     def __repr__(self) -> str:
-        return f"AdapterConfig(name={self.name!r}, methods={self.specs}, trainable={self.trainable})"
+        dtype = f", frozen_dtype={self.frozen_dtype!r}" if self.frozen_dtype is not None else ""
+        return f"AdapterConfig(name={self.name!r}, methods={self.specs}, trainable={self.trainable}{dtype})"
 
 
 def apply_adapters(model: nn.Module, config: AdapterConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -193,6 +212,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | Mapping[str, Any]) 
             param.requires_grad_(True)
         trained["trainable"] = [n for n, _ in extra]
     freeze_batchnorm_statistics(model)
+    dtype = parse_frozen_dtype(config.frozen_dtype)
+    if dtype is not None:
+        keep_frozen_in(model, dtype)
     model._medseg_adapter_methods = list(config.methods)
     model._medseg_adapter_config = config.to_dict()
     report = parameter_report(model)

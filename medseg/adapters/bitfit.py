@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from medseg.adapters.targets import TargetError, is_adapter_name, iter_matching_parameters, module_name_summary
+from medseg.adapters.blocks import late_sites
+from medseg.adapters.targets import (
+    TargetError,
+    in_scope,
+    is_adapter_name,
+    iter_matching_parameters,
+    module_name_summary,
+)
 
 __all__ = ["apply_bitfit", "apply_norm", "is_layer_norm"]
 
@@ -24,8 +31,15 @@ def is_layer_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__ in {"LayerNorm2d", "LayerNorm2D"}
 
 
-def _scoped(model: nn.Module, targets: Sequence[str] | None, method: str) -> set[str]:
-    """Names of the parameters inside the targeted modules (all of the model when ``targets`` is ``None``)."""
+def _scoped(model: nn.Module, targets: Sequence[str] | None, method: str, last_k_blocks: int | None) -> set[str]:
+    """Names of the parameters inside the targeted modules (all of the model when ``targets`` is ``None``), within
+    the last ``last_k_blocks`` blocks when set."""
+    names = _targeted(model, targets, method)
+    late = late_sites(model, last_k_blocks, method)
+    return set(in_scope(sorted(names), late, targets or ["*"], method))
+
+
+def _targeted(model: nn.Module, targets: Sequence[str] | None, method: str) -> set[str]:
     if targets is None:
         return {name for name, _ in model.named_parameters()}
     names = set()
@@ -40,13 +54,14 @@ def _scoped(model: nn.Module, targets: Sequence[str] | None, method: str) -> set
     return names
 
 
-def apply_bitfit(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
-    """Unfreeze the ``bias`` parameters (of the modules matching ``targets``; all by default).
+def apply_bitfit(model: nn.Module, targets: Sequence[str] | None = None, last_k_blocks: int | None = None) -> list[str]:
+    """Unfreeze the ``bias`` parameters (of the modules matching ``targets``; all by default; in the last
+    ``last_k_blocks`` blocks only when set).
 
     Returns:
         The names of the parameters made trainable.
     """
-    scope = _scoped(model, targets, "bitfit")
+    scope = _scoped(model, targets, "bitfit", last_k_blocks)
     names = []
     for name, param in model.named_parameters():
         if name in scope and name.rsplit(".", 1)[-1] == "bias" and not is_adapter_name(name):
@@ -57,13 +72,14 @@ def apply_bitfit(model: nn.Module, targets: Sequence[str] | None = None) -> list
     return names
 
 
-def apply_norm(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
-    """Unfreeze the weight and bias of every LayerNorm (inside the modules matching ``targets``; all by default).
+def apply_norm(model: nn.Module, targets: Sequence[str] | None = None, last_k_blocks: int | None = None) -> list[str]:
+    """Unfreeze the weight and bias of every LayerNorm (inside the modules matching ``targets``; all by default; in
+    the last ``last_k_blocks`` blocks only when set).
 
     Returns:
         The names of the parameters made trainable.
     """
-    scope = _scoped(model, targets, "norm")
+    scope = _scoped(model, targets, "norm", last_k_blocks)
     names = []
     for module_name, module in model.named_modules():
         if not is_layer_norm(module) or is_adapter_name(module_name):

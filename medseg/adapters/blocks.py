@@ -26,7 +26,16 @@ from torch import nn
 
 from medseg.errors import ConfigError
 
-__all__ = ["BlockSite", "GridTracker", "find_blocks", "grid_to_tokens", "select_sites", "tokens_to_grid"]
+__all__ = [
+    "BlockSite",
+    "GridTracker",
+    "block_sites",
+    "find_blocks",
+    "grid_to_tokens",
+    "late_sites",
+    "select_sites",
+    "tokens_to_grid",
+]
 
 
 class GridTracker:
@@ -149,3 +158,34 @@ def select_sites(sites: list, blocks: Sequence[int] | None, method: str) -> list
             raise ConfigError(f"{method}: block index {index} out of range; the model has {len(sites)} blocks.")
         out.append(sites[index])
     return out
+
+
+def late_sites(model: nn.Module, last_k_blocks: int | None, method: str) -> list[BlockSite] | None:
+    """The last ``last_k_blocks`` transformer blocks of ``model`` (late adaptation), or ``None`` when not set.
+
+    Late adaptation puts a method's parameters in the last ``k`` blocks only: the blocks below are frozen, so the
+    backbone runs them without gradients and keeps none of their activations (:mod:`medseg.backbones.compute`).
+    Blocks are counted as :func:`find_blocks` finds them (TinyViT: its attention blocks, not the MBConv stage).
+
+    Raises:
+        ConfigError: ``last_k_blocks`` is not between 1 and the number of blocks.
+    """
+    if last_k_blocks is None:
+        return None
+    sites = find_blocks(model, method)
+    if isinstance(last_k_blocks, bool) or not isinstance(last_k_blocks, int) or not 1 <= last_k_blocks <= len(sites):
+        raise ConfigError(
+            f"{method}: last_k_blocks must be an integer from 1 to {len(sites)} (the transformer blocks of "
+            f"{type(model).__name__}), got {last_k_blocks!r}; null adapts every block."
+        )
+    return sites[-last_k_blocks:]
+
+
+def block_sites(
+    model: nn.Module, blocks: Sequence[int] | None, last_k_blocks: int | None, method: str
+) -> list[BlockSite]:
+    """The sites a block-level adapter attaches to: ``blocks`` (indices), the last ``last_k_blocks``, or all."""
+    if blocks is not None and last_k_blocks is not None:
+        raise ConfigError(f"{method}: give either blocks (indices) or last_k_blocks, not both.")
+    late = late_sites(model, last_k_blocks, method)
+    return late if late is not None else select_sites(find_blocks(model, method), blocks, method)

@@ -66,11 +66,25 @@ def freeze_batchnorm_statistics(model: nn.Module) -> list[str]:
     return names
 
 
-def apply_full(model: nn.Module) -> list[str]:
-    """Full fine-tuning: every backbone parameter trains. Returns the names made trainable."""
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return [name for name, _ in model.named_parameters()]
+def apply_full(model: nn.Module, last_k_blocks: int | None = None) -> list[str]:
+    """Full fine-tuning: every backbone parameter trains. Returns the names made trainable.
+
+    Args:
+        last_k_blocks: late fine-tuning: only the last ``k`` transformer blocks and what runs after them (the neck,
+            the final norm) train; the patch embedding and the blocks below stay frozen and keep no activations.
+            "After" is module registration order, which is forward order in every supported family.
+    """
+    from medseg.adapters.blocks import late_sites
+
+    late = late_sites(model, last_k_blocks, "full")
+    names = [name for name, _ in model.named_parameters()]
+    start = 0
+    if late is not None:
+        first = late[0].name + "."
+        start = next(i for i, name in enumerate(names) if name.startswith(first))
+    for index, param in enumerate(model.parameters()):
+        param.requires_grad_(index >= start)
+    return names[start:]
 
 
 def apply_frozen(model: nn.Module, detach_inputs: bool = True) -> list[str]:

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from medseg.adapters.targets import resolve_targets
+from medseg.adapters.blocks import late_sites
+from medseg.adapters.targets import in_scope, resolve_targets
 from medseg.errors import ConfigError
 
 __all__ = ["DEFAULT_LORA_TARGETS", "apply_dora", "apply_lora", "apply_lora_bonly"]
@@ -40,8 +41,9 @@ def apply_lora(
     dropout: float = 0.0,
     train_a: bool = True,
     use_dora: bool = False,
+    last_k_blocks: int | None = None,
 ) -> list[str]:
-    """Inject LoRA into the ``nn.Linear`` layers matching ``targets``.
+    """Inject LoRA into the ``nn.Linear`` layers matching ``targets`` (in the last ``last_k_blocks`` blocks only).
 
     Args:
         targets: module name patterns, e.g. ``["qkv"]``, ``["attn.qkv", "attn.proj"]``, ``["mlp"]``.
@@ -51,6 +53,7 @@ def apply_lora(
         dropout: dropout probability on the LoRA branch input.
         train_a: ``False`` freezes ``A`` at its random initialisation (asymmetric LoRA, B only).
         use_dora: weight-decomposed LoRA (DoRA).
+        last_k_blocks: late adaptation: only targets inside the last ``k`` transformer blocks (``None``: all).
 
     Returns:
         The names of the parameters made trainable.
@@ -61,7 +64,9 @@ def apply_lora(
         raise ConfigError(f"lora: rank must be a positive integer, got {rank}.")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"lora: dropout must be in [0, 1), got {dropout}.")
-    names = list(resolve_targets(model, targets, (nn.Linear,), "dora" if use_dora else "lora"))
+    method = "dora" if use_dora else "lora"
+    late = late_sites(model, last_k_blocks, method)
+    names = in_scope(list(resolve_targets(model, targets, (nn.Linear,), method)), late, targets, method)
     state = {param: param.requires_grad for param in model.parameters()}
     config = LoraConfig(
         r=int(rank),
@@ -90,9 +95,10 @@ def apply_lora_bonly(
     rank: int = 8,
     alpha: float = 16.0,
     dropout: float = 0.0,
+    last_k_blocks: int | None = None,
 ) -> list[str]:
     """Asymmetric LoRA: ``A`` frozen at its random initialisation, only ``B`` trains (see :func:`apply_lora`)."""
-    return apply_lora(model, targets, rank, alpha, dropout, train_a=False)
+    return apply_lora(model, targets, rank, alpha, dropout, train_a=False, last_k_blocks=last_k_blocks)
 
 
 def apply_dora(
@@ -102,6 +108,7 @@ def apply_dora(
     alpha: float = 16.0,
     dropout: float = 0.0,
     train_a: bool = True,
+    last_k_blocks: int | None = None,
 ) -> list[str]:
     """DoRA: LoRA plus a trainable magnitude per output feature (see :func:`apply_lora`)."""
-    return apply_lora(model, targets, rank, alpha, dropout, train_a=train_a, use_dora=True)
+    return apply_lora(model, targets, rank, alpha, dropout, train_a=train_a, use_dora=True, last_k_blocks=last_k_blocks)

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medseg.adapters.targets import resolve_targets
+from medseg.adapters.blocks import late_sites
+from medseg.adapters.targets import in_scope, resolve_targets
 from medseg.errors import ConfigError
 
 __all__ = ["DEFAULT_SSF_TARGETS", "apply_ssf", "merge_ssf", "ssf_layers", "unmerge_ssf"]
@@ -48,14 +49,18 @@ def _features(layer: nn.Module) -> int:
     return layer.normalized_shape[0]
 
 
-def apply_ssf(model: nn.Module, targets: Sequence[str] = DEFAULT_SSF_TARGETS) -> list[str]:
-    """Add a scale and shift after each linear/LayerNorm layer matching ``targets``.
+def apply_ssf(
+    model: nn.Module, targets: Sequence[str] = DEFAULT_SSF_TARGETS, last_k_blocks: int | None = None
+) -> list[str]:
+    """Add a scale and shift after each linear/LayerNorm layer matching ``targets`` (in the last ``last_k_blocks``).
 
     Returns:
         The names of the parameters made trainable.
     """
     names = []
-    for name, module in resolve_targets(model, targets, (nn.Linear, nn.LayerNorm), "ssf").items():
+    found = resolve_targets(model, targets, (nn.Linear, nn.LayerNorm), "ssf")
+    scope = in_scope(list(found), late_sites(model, last_k_blocks, "ssf"), targets, "ssf")
+    for name, module in ((n, found[n]) for n in scope):
         layer = _base(module)
         if hasattr(layer, "ssf_scale"):
             continue

@@ -27,6 +27,7 @@ from medseg.errors import ConfigError
 __all__ = [
     "ADAPTER_NAME_TOKENS",
     "TargetError",
+    "in_scope",
     "is_adapter_name",
     "iter_matching_parameters",
     "module_name_summary",
@@ -136,3 +137,21 @@ def iter_matching_parameters(model: nn.Module, patterns: Iterable[str]) -> list[
         if any(_pattern_matches(p, prefix) for p in patterns for prefix in prefixes):
             out.append((name, param))
     return out
+
+
+def in_scope(names: Sequence[str], sites: Sequence | None, patterns: Sequence[str] | str, method: str) -> list[str]:
+    """The ``names`` that lie inside the block ``sites`` of late adaptation (all of them when ``sites`` is ``None``).
+
+    Raises:
+        TargetError: none of them does; the message names the blocks and the patterns.
+    """
+    if sites is None:
+        return list(names)
+    inside = [n for n in names if any(n == s.name or n.startswith(s.name + ".") for s in sites)]
+    if not inside:
+        raise TargetError(
+            f"{method}: target patterns {list(patterns) if not isinstance(patterns, str) else [patterns]} match "
+            f"nothing inside the last {len(sites)} block(s) ({sites[0].name} ... {sites[-1].name}) chosen by "
+            f"last_k_blocks; target modules of the blocks (qkv, proj, mlp) or raise last_k_blocks."
+        )
+    return inside

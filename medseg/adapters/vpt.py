@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from medseg.adapters.blocks import find_blocks
+from medseg.adapters.blocks import find_blocks, late_sites
 from medseg.errors import ConfigError
 
 __all__ = ["VPT_SUPPORTED", "VisualPrompts", "apply_vpt"]
@@ -43,6 +43,10 @@ class VisualPrompts(nn.Module):
         bound = math.sqrt(6.0 / (3 * patch_size**2 + dim))
         nn.init.uniform_(self.tokens, -bound, bound)
         self._carry: torch.Tensor | None = None
+
+    #: Shallow prompts are carried from one block to the next; a block recomputed in backward under activation
+    #: checkpointing must get the carry of its forward (see :mod:`medseg.backbones.compute`).
+    _medseg_replay = ("_carry",)
 
     def insert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Tokens ``(B, prefix + N, D)`` -> ``(B, prefix + P + N, D)`` for block ``index``."""
@@ -79,8 +83,14 @@ class _Remove:
         return self.prompts.remove(output)
 
 
-def apply_vpt(model: nn.Module, num_tokens: int = 10, deep: bool = False) -> list[str]:
+def apply_vpt(
+    model: nn.Module, num_tokens: int = 10, deep: bool = False, last_k_blocks: int | None = None
+) -> list[str]:
     """Add ``num_tokens`` prompt tokens to every ViT in ``model`` (shallow, or ``deep``: a set per block).
+
+    With ``last_k_blocks`` the prompts enter at the first of the last ``k`` blocks (shallow) or in each of them
+    (deep), and are held by that first block (``blocks.N.vpt_prompts``), so the blocks below stay frozen and run
+    without gradients.
 
     Returns:
         The names of the parameters made trainable.
@@ -98,20 +108,24 @@ def apply_vpt(model: nn.Module, num_tokens: int = 10, deep: bool = False) -> lis
             f"TinyViT's fixed-window stages), where prompt tokens have no place. VPT supports the token-sequence ViTs "
             f"{', '.join(VPT_SUPPORTED)}; use lora, adaptformer or ssf for sam_vit_* and litemedsam."
         )
+    late = late_sites(model, last_k_blocks, "vpt")
     names = []
     owners = {}
-    for site in sites:
+    for site in sites if late is None else late:
         owners.setdefault(id(site.owner), (site.owner, []))[1].append(site)
-    model_names = {id(m): n for n, m in model.named_modules()}
     for vit, vit_sites in owners.values():
         ref = vit.cls_token
         prompts = VisualPrompts(
             len(vit_sites), num_tokens, vit_sites[0].dim, deep, vit.patch_embed.patch_size[0], vit.num_prefix_tokens
         ).to(ref.device, ref.dtype)
-        vit.add_module("vpt_prompts", prompts)
+        holder, holder_name = (vit, _name_of(model, vit)) if late is None else (vit_sites[0].block, vit_sites[0].name)
+        holder.add_module("vpt_prompts", prompts)
         for index, site in enumerate(vit_sites):
             site.block.register_forward_pre_hook(_Insert(prompts, index))
             site.block.register_forward_hook(_Remove(prompts))
-        prefix = model_names[id(vit)]
-        names.append(f"{prefix}.vpt_prompts.tokens" if prefix else "vpt_prompts.tokens")
+        names.append(f"{holder_name}.vpt_prompts.tokens" if holder_name else "vpt_prompts.tokens")
     return names
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)

@@ -53,6 +53,7 @@ def test_command_line_override_of_the_rank():
             "targets": ["qkv"],
             "train_a": True,
             "use_dora": False,
+            "last_k_blocks": None,
         }
     ]
 
