@@ -243,12 +243,15 @@ def build_classifier(
     input_range: str = "unit",
     channel_mode: str = "repeat",
     arch: Mapping[str, Any] | None = None,
+    attention: str = "fused",
+    grad_checkpointing: bool | int | str = False,
 ) -> Classifier:
     """Build a classifier on a registry backbone (pretrained or its scratch twin), with an adapter config applied.
 
     ``pretrained`` (the ``init`` switch) changes only the backbone's initial weights. ``num_outputs``,
     ``in_channels``, ``label_kind`` and ``spatial_dims`` come from the data module; the rest from ``conf/model``.
-    ``arch`` overrides the architecture, for tiny test models only.
+    ``arch`` overrides the architecture, for tiny test models only. ``attention`` and ``grad_checkpointing`` are the
+    backbone's compute settings (``backbone.attention``, ``backbone.activation_checkpointing``).
     """
     family = get_entry(backbone).family
     kwargs: dict[str, Any] = {"in_channels": in_channels, "channel_mode": channel_mode}
@@ -264,6 +267,8 @@ def build_classifier(
     net = create_backbone(backbone, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     if family == "litemedsam":
         img_size = net.input_spec.image_size
+    net.set_attention(attention)
+    net.set_activation_checkpointing(grad_checkpointing)
     adapter_names = apply_adapter_config(net, adapter)
     return Classifier(
         net, num_outputs, in_channels, label_kind, pooling, aggregation, spatial_dims, img_size, input_range,

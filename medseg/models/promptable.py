@@ -219,6 +219,8 @@ def build_promptable(
     decoder_from: str = "litemedsam",
     arch: Mapping[str, Any] | None = None,
     num_classes: int | None = None,
+    attention: str = "fused",
+    grad_checkpointing: bool | int | str = False,
 ) -> PromptableSegmenter:
     """Build a 2-D promptable model; ``pretrained`` (the ``init`` switch) changes initial weights only.
 
@@ -237,6 +239,9 @@ def build_promptable(
         arch: architecture overrides for tiny test models.
         num_classes: accepted so that the training code can pass the data module's values to every model builder
             alike; a promptable model segments one object per prompt set, whatever the number of label classes.
+        attention: ``fused`` (default) or ``reference`` backbone attention (``backbone.attention``).
+        grad_checkpointing: backbone activation checkpointing, ``none``/``all``/every ``k``-th block
+            (``backbone.activation_checkpointing``).
 
     Raises:
         ConfigError: an image size the backbone cannot take or a bad ``decoder_from``.
@@ -275,5 +280,7 @@ def build_promptable(
         prompt_encoder = _rebuilt_prompt_encoder(source.prompt_encoder, grid, size)
         mask_decoder = source.mask_decoder
         neck = ProjectionNeck(net.embed_dim)
+    net.set_attention(attention)
+    net.set_activation_checkpointing(grad_checkpointing)
     adapter_names = apply_adapter_config(net, adapter)
     return PromptableSegmenter(net, prompt_encoder, mask_decoder, size, neck, input_range, adapter_names)

@@ -199,8 +199,9 @@ def build_segmenter(
     in_channels: int,
     adapter: Any = None,
     img_size: int | None = None,
-    grad_checkpointing: bool = False,
+    grad_checkpointing: bool | int | str = False,
     *,
+    attention: str = "fused",
     input_range: str = "unit",
     channel_mode: str = "repeat",
     arch: Mapping[str, Any] | None = None,
@@ -222,7 +223,11 @@ def build_segmenter(
         img_size: side in pixels the backbone runs at (SAM: a multiple of 16, the encoder is built for it;
             DINOv2: a multiple of 14; LiteMedSAM: 256). ``None``: the input's size snapped to the patch grid (SAM's
             encoder is then built for 1024 px and interpolates its position embeddings).
-        grad_checkpointing: recompute block activations in backward (saves memory at 1024 px; ~30% slower).
+        grad_checkpointing: activation checkpointing of the backbone blocks: ``none``/``false``, ``all``/``true``, or
+            every ``k``-th block (the configs pass ``backbone.activation_checkpointing``); saves memory at 1024 px for
+            about one more forward pass per step.
+        attention: ``fused`` (SDPA kernels, default) or ``reference`` attention in the backbone
+            (``backbone.attention``).
         input_range: ``unit`` or ``minmax`` ([0, 1] input) or ``zscore`` (see the module docstring).
         channel_mode: how ``in_channels`` map onto RGB (``repeat`` or ``project``).
         arch: backbone architecture overrides, for tiny test models only.
@@ -230,8 +235,8 @@ def build_segmenter(
             ``feature_size``, ``norm_name``.
 
     Raises:
-        ConfigError: unknown decoder or options, a decoder that does not fit the backbone, or gradient
-            checkpointing on a backbone without it.
+        ConfigError: unknown decoder or options, a decoder that does not fit the backbone, or a bad
+            ``grad_checkpointing``/``attention`` value.
     """
     if decoder not in DECODERS:
         raise ConfigError(f"Unknown decoder {decoder!r}. Available: {', '.join(DECODERS)}.")
@@ -261,12 +266,7 @@ def build_segmenter(
                 head = UNETRDecoder.for_backbone(net, in_channels, num_classes, **decoder_kwargs)
         except TypeError as err:
             raise ConfigError(f"decoder {decoder!r}: {err}") from err
-    if grad_checkpointing:
-        if not hasattr(net, "set_grad_checkpointing"):
-            raise ConfigError(
-                f"grad_checkpointing=true is not available for {backbone!r} ({family} backbone): only the timm ViTs "
-                f"(DINOv2, MAE) implement it so far; set model.grad_checkpointing=false."
-            )
-        net.set_grad_checkpointing(True)
+    net.set_attention(attention)
+    net.set_activation_checkpointing(grad_checkpointing)
     adapter_names = apply_adapter_config(net, adapter)
     return Segmenter(net, head, num_classes, in_channels, img_size, input_range, adapter_names)

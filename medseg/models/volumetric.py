@@ -310,6 +310,8 @@ def build_volumetric_promptable(
     channel_mode: str = "repeat",
     arch: Mapping[str, Any] | None = None,
     num_classes: int | None = None,
+    attention: str = "fused",
+    grad_checkpointing: bool | int | str = False,
 ) -> VolumetricPromptableSegmenter:
     """Build a volumetric promptable model; ``pretrained`` (the ``init`` switch) changes the ViT's weights only.
 
@@ -337,6 +339,9 @@ def build_volumetric_promptable(
         arch: architecture overrides for tiny test models.
         num_classes: accepted so the training code can pass the data module's values to every builder alike; a
             promptable model segments one object per prompt set.
+        attention: ``fused`` (default) or ``reference`` ViT attention (``backbone.attention``).
+        grad_checkpointing: ViT activation checkpointing, ``none``/``all``/every ``k``-th block
+            (``backbone.activation_checkpointing``); the adapter3d volume depth is replayed on recomputation.
 
     Raises:
         ConfigError: an unsupported backbone (LiteMedSAM), a bad roi or decoder setting.
@@ -369,6 +374,8 @@ def build_volumetric_promptable(
         )
     kwargs["img_size"] = plane  # SAM builds its encoder for it; DINOv2/MAE resample position embeddings to it
     net = create_backbone(backbone, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    net.set_attention(attention)
+    net.set_activation_checkpointing(grad_checkpointing)
     adapter_names = apply_adapter_config(net, adapter)
     return VolumetricPromptableSegmenter(
         net, roi, slice_axis, layers, decoder_dim, num_heads, input_range=input_range, adapter_names=adapter_names

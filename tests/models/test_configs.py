@@ -67,3 +67,19 @@ def test_init_switch_changes_only_the_weights():
         cfg = compose(config_name=None, overrides=[*base, "backbone.pretrained=false"])
     assert cfg.model.pretrained is False and cfg.model.backbone == "sam_vit_b" and cfg.model.img_size == 64
     assert "num_classes" not in cfg.model and "in_channels" not in cfg.model
+
+
+def test_backbone_compute_settings_reach_the_model():
+    """Issue 18: backbone.attention and backbone.activation_checkpointing are honoured by the model builders."""
+    from medseg.backbones.attention import attention_mode
+
+    base = ["+model=sam_mask", "+backbone=sam_vit_b", SAM_ARCH, "backbone.img_size=64", "backbone.pretrained=false"]
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        default = compose(config_name=None, overrides=base)
+        chosen = compose(
+            config_name=None, overrides=[*base, "backbone.attention=reference", "backbone.activation_checkpointing=2"]
+        )
+    model = instantiate(default.model, num_classes=3, in_channels=1)
+    assert attention_mode(model.backbone) == "fused" and model.backbone.checkpoint_every == 0
+    model = instantiate(chosen.model, num_classes=3, in_channels=1)
+    assert attention_mode(model.backbone) == "reference" and model.backbone.checkpoint_every == 2

@@ -89,11 +89,15 @@ def test_unknown_decoder_and_options_are_config_errors(tiny_segmenter):
         tiny_segmenter("dinov2_vits14", "sam_mask")
 
 
-def test_gradient_checkpointing_is_wired_or_refused(tiny_segmenter):
+def test_gradient_checkpointing_is_wired_for_every_vit_family(tiny_segmenter):
+    """Issue 18: SAM (and LiteMedSAM) checkpoint their blocks too; a bad value is a one-line ConfigError."""
     model = tiny_segmenter("dinov2_vits14", "linear", grad_checkpointing=True)
-    assert model.backbone.grad_checkpointing
-    with pytest.raises(ConfigError, match="grad_checkpointing"):
-        tiny_segmenter("sam_vit_b", "linear", grad_checkpointing=True)
+    assert model.backbone.checkpoint_every == 1
+    sam = tiny_segmenter("sam_vit_b", "sam_mask", grad_checkpointing="all", attention="reference")
+    assert sam.backbone.checkpoint_every == 1
+    assert tiny_segmenter("sam_vit_b", "linear", grad_checkpointing=2).backbone.checkpoint_every == 2
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        tiny_segmenter("sam_vit_b", "linear", grad_checkpointing="often")
 
 
 def test_2d_models_reject_volumes(tiny_segmenter):
