@@ -14,10 +14,22 @@ convolution head on the 256-channel features, binary cross-entropy against a fix
 resolution, backward, Adam step. Times are wall-clock seconds per step after ``--warmup`` untimed steps; with
 ``--jobs N`` that many workers run at once (each with ``--threads`` intra-op threads), which the JSON records.
 
+Memory-lean variants (issue 18), selectable in ``--methods`` next to the plain methods:
+
+* ``*_late``: the method in the last ``--late-k`` blocks only (``last_k_blocks``); the blocks below keep no activations;
+* ``*_ckpt``: activation checkpointing of every block (``activation_checkpointing: all``);
+* ``*_bf16``: frozen weights kept in bfloat16 (``frozen_dtype: bf16``; on CPU the backbone enters bf16 autocast);
+* ``lora_lean``: all three together.
+
+``--image-size`` runs the SAM backbones at another side (e.g. 512 px on a CPU, where 1024 px takes minutes per step);
+the JSON records it. ``peak_memory_ratio_vs_full`` is the figure of the issue's target (LoRA at most 0.5x of full).
+
 Usage::
 
     python tools/bench_adapters.py --backbones litemedsam sam_vit_b --steps 2 --warmup 1 \
         --out docs/benchmarks/adapters.json
+    python tools/bench_adapters.py --backbones sam_vit_b --image-size 512 --steps 1 --warmup 0 \
+        --methods full lora lora_late lora_ckpt lora_bf16 lora_lean --out docs/benchmarks/adapters_memory_cpu.json
 """
 
 from __future__ import annotations
@@ -33,15 +45,50 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 METHODS = ("full", "frozen", "bitfit", "norm", "lora", "lora_bonly", "dora", "adaptformer", "adapter3d", "ssf")
+#: variant name -> (base method, adapter options, backbone compute settings); ``LATE`` stands for ``--late-k``.
+VARIANTS = {
+    "full_ckpt": ("full", {}, {"activation_checkpointing": "all"}),
+    "full_late": ("full", {"last_k_blocks": "LATE"}, {}),
+    "lora_late": ("lora", {"last_k_blocks": "LATE"}, {}),
+    "lora_ckpt": ("lora", {}, {"activation_checkpointing": "all"}),
+    "lora_bf16": ("lora", {"frozen_dtype": "bf16"}, {}),
+    "lora_lean": ("lora", {"last_k_blocks": "LATE", "frozen_dtype": "bf16"}, {"activation_checkpointing": "all"}),
+    "adaptformer_late": ("adaptformer", {"last_k_blocks": "LATE"}, {}),
+    "adapter3d_late": ("adapter3d", {"last_k_blocks": "LATE"}, {}),
+}
 SIZES = {"litemedsam": 256, "sam_vit_b": 1024}
 BATCH = 2
+BF16_CPU_NOTE = (
+    "CPU: the *_bf16 and lora_lean variants run the backbone under bf16 autocast (a backbone with bf16 weights enters "
+    "it itself), the others in float32, so their activations are bf16 as well; on CUDA every variant runs in bf16 "
+    "autocast."
+)
+
+
+def variant(name: str, late_k: int) -> tuple[dict, dict]:
+    """(adapter config, backbone keyword arguments) of a plain method or a memory-lean variant."""
+    if name in METHODS:
+        return {"method": name}, {}
+    method, options, compute = VARIANTS[name]
+    config = {"method": method, **{k: late_k if v == "LATE" else v for k, v in options.items()}}
+    return config, dict(compute)
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def worker(backbone: str, method: str, steps: int, warmup: int, device: str, threads: int) -> dict:
+def worker(
+    backbone: str,
+    method: str,
+    steps: int,
+    warmup: int,
+    device: str,
+    threads: int,
+    late_k: int = 4,
+    image_size: int = 0,
+    attention: str = "fused",
+) -> dict:
     """One configuration, in this process: returns its measurements."""
     import torch
     from torch import nn
@@ -52,14 +99,18 @@ def worker(backbone: str, method: str, steps: int, warmup: int, device: str, thr
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = create_backbone(backbone, pretrained=backbone == "litemedsam")
-    report = apply_adapters(model, {"method": method})
+    config, compute = variant(method, late_k)
+    kwargs = {"attention": attention, **compute}
+    size = SIZES[backbone]
+    if backbone.startswith("sam") and image_size:
+        size = kwargs["img_size"] = image_size
+    model = create_backbone(backbone, pretrained=backbone == "litemedsam", **kwargs)
+    report = apply_adapters(model, config)
     head = nn.Conv2d(model.embed_dim, 1, kernel_size=1)
     model.to(device).train()
     head.to(device).train()
     params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
     optimiser = torch.optim.Adam(params, lr=1e-4)
-    size = SIZES[backbone]
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(BATCH, 1, size, size, generator=generator).to(device)
     grid = size // (16 if backbone.startswith("sam") else 4)
@@ -91,6 +142,9 @@ def worker(backbone: str, method: str, steps: int, warmup: int, device: str, thr
     out = {
         "backbone": backbone,
         "method": method,
+        "adapter_config": config,
+        "backbone_settings": kwargs,
+        "image_size": size,
         "trainable_backbone_params": report["trainable"],
         "total_backbone_params": report["total"],
         "trainable_percent": round(report["trainable_percent"], 4),
@@ -115,7 +169,8 @@ def _run_worker(args: argparse.Namespace, backbone: str, method: str) -> dict:
     command = [
         sys.executable, __file__, "--worker", "--backbones", backbone, "--methods", method, "--steps",
         str(_steps(args, backbone)), "--warmup", str(args.warmup), "--device", args.device,
-        "--threads", str(args.threads),
+        "--threads", str(args.threads), "--late-k", str(args.late_k), "--image-size", str(args.image_size),
+        "--attention", args.attention,
     ]  # fmt: skip
     if args.mem_limit_gb:
         command += ["--mem-limit-gb", str(args.mem_limit_gb)]
@@ -169,8 +224,9 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--sam-methods", nargs="+", default=None, help="methods for sam_vit_b (default: --methods)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS])
+    parser.add_argument("--sam-methods", nargs="+", default=None, choices=[*METHODS, *VARIANTS],
+                        help="methods for sam_vit_b (default: --methods)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per configuration")
     parser.add_argument("--sam-steps", type=int, default=None, help="timed steps for sam_vit_b (default: --steps)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
@@ -179,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-limit-gb", type=float, default=0.0, help="address-space cap per worker (CPU)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run at once (use with --threads 1)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    parser.add_argument("--late-k", type=int, default=4, help="blocks adapted by the *_late variants")
+    parser.add_argument("--image-size", type=int, default=0, help="input side of the SAM backbones (0: 1024 px)")
+    parser.add_argument("--attention", choices=["fused", "reference"], default="fused")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/adapters.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -188,8 +247,13 @@ def main(argv: list[str] | None = None) -> int:
             limit = int(args.mem_limit_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         print(
-            json.dumps(worker(args.backbones[0], args.methods[0], args.steps, args.warmup, args.device, args.threads))
-        )
+            json.dumps(
+                worker(
+                    args.backbones[0], args.methods[0], args.steps, args.warmup, args.device, args.threads,
+                    args.late_k, args.image_size, args.attention,
+                )
+            )
+        )  # fmt: skip
         return 0
 
     configs = [
@@ -234,7 +298,10 @@ def _write(args: argparse.Namespace, results: list[dict]) -> None:
             "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "ru_maxrss of a worker process"
         ),
         "batch": BATCH,
-        "input_sizes": SIZES,
+        "input_sizes": {**SIZES, **({"sam_vit_b": args.image_size} if args.image_size else {})},
+        "attention": args.attention,
+        "late_k": args.late_k,
+        "variants": {name: list(variant(name, args.late_k)) for name in VARIANTS},
         "steps": {b: _steps(args, b) for b in args.backbones},
         "threads_per_worker": args.threads or "torch default",
         "concurrent_workers": args.jobs,
@@ -246,6 +313,7 @@ def _write(args: argparse.Namespace, results: list[dict]) -> None:
         },
         "notes": [
             "vpt is not benchmarked: it applies to token-sequence ViTs (dinov2_*, mae_*), not litemedsam/sam_vit_b.",
+            *([BF16_CPU_NOTE] if not args.device.startswith("cuda") else []),
             *(
                 [f"sam_vit_b was cut to {args.sam_methods} to fit a ~30 min CPU budget (one step ~1-3 min)."]
                 if args.sam_methods and "sam_vit_b" in args.backbones
