@@ -147,13 +147,13 @@ def test_argument_and_output_errors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_cuda_with_amp_matches_cpu(spatial_dims):
+def test_cuda_in_bf16_matches_cpu(spatial_dims):
     torch.manual_seed(0)
     conv = torch.nn.Conv3d if spatial_dims == 3 else torch.nn.Conv2d
     model = torch.nn.Sequential(conv(1, 8, 3, padding=1), torch.nn.ReLU(), conv(8, 3, 3, padding=1))
     image = torch.randn(1, 40, 36, 20)
     roi = (24, 24, 16) if spatial_dims == 3 else 32
     expected = predict_logits(model, image, spatial_dims, roi, overlap=0.5)
-    logits = predict_logits(model.cuda(), image, spatial_dims, roi, overlap=0.5, amp=True)
+    logits = predict_logits(model.cuda(), image, spatial_dims, roi, overlap=0.5, precision="bf16")
     assert logits.device == image.device and logits.dtype == torch.float32
     torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.05)
