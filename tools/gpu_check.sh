@@ -69,7 +69,7 @@ step bench_interactive 45 "$PY" tools/bench_interactive.py --devices cuda --clic
     --output "$OUT/interactive.json" --table
 
 if [[ -f tools/bench_train.py ]]; then
-    step bench_train 75 "$PY" tools/bench_train.py --device cuda --output "$OUT/train.json"
+    step bench_train 75 "$PY" tools/bench_train.py --device cuda --steps 5 --warmup 2 --output "$OUT/train.json" --table
 else
     echo "skipped bench_train: tools/bench_train.py does not exist yet (training throughput not measured)" \
         | tee -a "$SUMMARY"
