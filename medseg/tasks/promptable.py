@@ -17,6 +17,13 @@ experiments do). Like the dense task's ``val/dice_resampled`` these are on the p
 checkpoints; the reported interactive metrics come from :mod:`medseg.evaluation.interactive_run` on the native grid of
 the test cases.
 
+The training rounds' correction clicks are simulated where ``clicks_on_device`` says: ``auto`` (the default) on the
+model's device when it is a CUDA GPU, as batched torch operations for the whole batch
+(:func:`medseg.prompts.device_clicks.correction_clicks`, no mask or click copied to the host), and on a CPU with the
+scipy reference (:class:`medseg.prompts.ClickSimulator`), which is the faster of the two there. Both give the same
+clicks, so the choice changes speed, not results. Validation and test-time evaluation click with the reference
+(:func:`medseg.prompts.interactive_loop`, one object at a time).
+
 Images are min-max scaled to [0, 1] per slice (per volume for 3-D models) before the encoder, as the LiteMedSAM
 recipe that evaluation and propagation use does, so training and evaluation inputs follow one convention.
 """
@@ -48,6 +55,19 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
+def _clicks_on_device(value: bool | str) -> bool | str:
+    """``task.clicks_on_device`` as ``"auto"``, ``True`` or ``False`` (a quoted YAML value is a string)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[text]
+    raise ConfigError(
+        f"task.clicks_on_device must be auto, true or false, got {value!r}; auto simulates the training clicks on "
+        f"the model's device when it is a CUDA GPU."
+    )
+
+
 class PromptableTask(OptimizationMixin, L.LightningModule):
     """Trains a promptable model (``encode``/``decode``, ``spatial_dims`` 2 or 3) with simulated clicks and boxes.
 
@@ -67,6 +87,8 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         val_slices: validation slices per volume (2-D models), spread evenly over the slices with foreground.
         val_clicks: the k of the logged ``val/dice_click{k}``.
         seed: seed of the prompt sampling; each step draws from ``(seed, global_step, rank)`` so resumed runs replay.
+        clicks_on_device: ``auto`` (on a CUDA device, not on a CPU), ``true`` or ``false``: simulate the training
+            rounds' correction clicks on the model's device rather than with scipy on the host.
         inference: ``slice_axis`` (axis of 2-D slices, RAS array order) and other prediction settings.
         evaluation: settings of the test-time interactive evaluation (:mod:`medseg.evaluation.interactive_run`).
         label_names: ``{name: value}`` of the dataset, background included.
@@ -90,6 +112,7 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         val_slices: int = 2,
         val_clicks: Sequence[int] = (1, 5),
         seed: int = 0,
+        clicks_on_device: bool | str = "auto",
         inference: Mapping[str, Any] | None = None,
         evaluation: Mapping[str, Any] | None = None,
         label_names: Mapping[str, int] | None = None,
@@ -104,14 +127,15 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
             raise ConfigError(f"task.val_clicks must list click counts >= 1, e.g. [1, 5]; got {val_clicks}.")
         if int(getattr(model, "spatial_dims", 0)) not in (2, 3):
             raise ConfigError(f"{type(model).__name__} has no spatial_dims 2 or 3; a promptable model needs one.")
+        clicks_on_device = _clicks_on_device(clicks_on_device)
         # Plain containers only: checkpoints must load with torch.load(weights_only=True) on resume.
         self.save_hyperparameters(
             {
                 "backbone_lr_scale": backbone_lr_scale, "layer_decay": layer_decay, "prompt_mix": prompt_mix,
                 "max_points": max_points, "object_mode": object_mode, "box_jitter": box_jitter,
                 "num_iterations": num_iterations, "multimask": multimask, "iou_weight": iou_weight,
-                "val_slices": val_slices, "val_clicks": val_clicks, "seed": seed, "inference": inference,
-                "evaluation": evaluation,
+                "val_slices": val_slices, "val_clicks": val_clicks, "seed": seed, "clicks_on_device": clicks_on_device,
+                "inference": inference, "evaluation": evaluation,
             }
         )  # fmt: skip
         self.model, self.loss = model, loss
@@ -121,6 +145,7 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         self.box_jitter, self.num_iterations, self.multimask = float(box_jitter), int(num_iterations), multimask
         self.iou_weight, self.val_slices, self.val_clicks = float(iou_weight), int(val_slices), val_clicks
         self.seed, self.inference, self.evaluation = int(seed), inference, evaluation
+        self.clicks_on_device = clicks_on_device
         self.label_names = {str(k): int(v) for k, v in (label_names or {}).items()}
         self._val_sum = torch.zeros(0)
         self._val_count = torch.zeros(0)
@@ -158,6 +183,12 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
                 f"data.sampling.size={size}."
             )
 
+    def clicks_on(self, device: torch.device) -> bool:
+        """Whether the training rounds on ``device`` simulate their clicks there (``clicks_on_device`` resolved)."""
+        if self.clicks_on_device == "auto":
+            return device.type == "cuda"
+        return bool(self.clicks_on_device)
+
     def _rng(self) -> np.random.Generator:
         rank = self.trainer.global_rank if self._trainer is not None else 0
         return np.random.default_rng([self.seed, int(self.global_step), int(rank)])
@@ -192,14 +223,18 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
             label, self._rng(), self.prompt_mix, self.max_points, self.object_mode, jitter_fraction=self.box_jitter
         )
         target = target.to(image.device)
-        references = target[:, 0].detach().cpu().numpy() > 0.5
+        on_device = self.clicks_on(image.device)
+        references = target[:, 0].detach() > 0.5
+        if not on_device:
+            references = references.cpu().numpy()
         embeddings = self.model.encode(minmax_per_image(image.float()))
-        state = ClickState(prompts)
+        state = ClickState(prompts, on_device=on_device)
         prev: torch.Tensor | None = None
         total = image.new_zeros(())
         for index in range(self.num_iterations):
             if index > 0:
-                state.add_corrections(references, (prev[:, 0] > 0).cpu().numpy())
+                current = prev[:, 0] > 0
+                state.add_corrections(references, current if on_device else current.cpu().numpy())
             chosen, mask_loss, iou_loss = self._round(embeddings, state, prev, target)
             total = total + mask_loss + self.iou_weight * iou_loss
             prev = chosen.detach()  # SAM: no gradient through the mask prompt of the next round
