@@ -302,6 +302,7 @@ def decode_masks(
     points: tuple[torch.Tensor, torch.Tensor] | None = None,
     masks: torch.Tensor | None = None,
     multimask_output: bool = False,
+    image_pe: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's prompt-to-mask path for a batch of images with one prompt set each.
 
@@ -313,12 +314,13 @@ def decode_masks(
         boxes: ``(B, 4)`` or ``(B, 1, 4)`` boxes ``x0, y0, x1, y1`` in pixels of the model input.
         points: ``(coords (B, N, 2) in pixels (x, y), labels (B, N))`` with SAM's labels (1 positive, 0 negative).
         masks: ``(B, 1, 4h, 4w)`` low-resolution mask logits from a previous step.
+        image_pe: ``prompt_encoder.get_dense_pe()`` computed ahead (it depends on no input), or ``None``.
 
     Returns:
         ``(low_res_logits (B, M, 4h, 4w), iou_predictions (B, M))`` with ``M`` 1, or 3 with ``multimask_output``.
     """
     logits, ious = [], []
-    dense_pe = prompt_encoder.get_dense_pe()
+    dense_pe = prompt_encoder.get_dense_pe() if image_pe is None else image_pe
     for b in range(image_embeddings.shape[0]):
         box = None if boxes is None else boxes[b].reshape(1, -1, 4)
         point = None if points is None else (points[0][b : b + 1], points[1][b : b + 1])

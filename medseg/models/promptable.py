@@ -134,6 +134,8 @@ class PromptableSegmenter(nn.Module):
         self.image_size = int(image_size)
         self.input_range = input_range
         self.adapter_names = set(adapter_names)
+        self.compiled_mode: str | None = None
+        self._dense_pe: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -163,6 +165,48 @@ class PromptableSegmenter(nn.Module):
         features = self.backbone(self.backbone.normalise(x)).features
         return self.neck(features) if self.neck is not None else features
 
+    def dense_pe(self) -> torch.Tensor:
+        """SAM's positional encoding of the embedding grid (``(1, 256, h, w)``), computed once and reused.
+
+        ``segment_anything`` recomputes it on every decoder call although it depends only on the grid and the prompt
+        encoder's fixed random matrix: a cached-embedding click paid for a 64 x 64 sin/cos grid each time. The copy is
+        kept while that matrix is the same tensor, unchanged in place, and the grad, inference and autocast modes are
+        those it was made under (an inference-mode tensor must not reach autograd; an autocast one is bfloat16).
+        """
+        from medseg.inference.precision import numerics_signature
+
+        matrix = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        try:
+            version = matrix._version
+        except RuntimeError:  # an inference-mode buffer has no version counter: compute it every time
+            return self.prompt_encoder.get_dense_pe()
+        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), numerics_signature())
+        key = (id(matrix), matrix.data_ptr(), version, matrix.device, matrix.dtype, modes)
+        if self._dense_pe is None or self._dense_pe[0] != key:
+            self._dense_pe = (key, self.prompt_encoder.get_dense_pe())
+        return self._dense_pe[1]
+
+    def compile_decoder(self, mode: str | None = None, backend: str = "inductor") -> PromptableSegmenter:
+        """Compile the prompt encoder and mask decoder in place with :func:`torch.compile` (the click path).
+
+        A click on a cached embedding runs only these two small modules, whose time on a GPU is mostly kernel
+        launches; ``reduce-overhead`` (the default on CUDA) replays them as CUDA graphs. On CPU the default mode fuses
+        the elementwise work. Masks stay those of the eager modules (float rounding). Compiled in place, so state-dict
+        keys are unchanged. The first click of each prompt layout (box, points, box and points, with a previous mask)
+        pays the compilation.
+
+        Args:
+            mode: a ``torch.compile`` mode; ``None``: ``reduce-overhead`` on CUDA, ``default`` elsewhere.
+            backend: ``inductor`` (code generation), or ``aot_eager`` to check tracing alone in seconds.
+        """
+        device = next(self.mask_decoder.parameters()).device
+        mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
+        options = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
+        self.prompt_encoder.compile(backend=backend, **options)
+        self.mask_decoder.compile(backend=backend, **options)
+        self.compiled_mode = mode if backend == "inductor" else backend
+        return self
+
     def decode(
         self, embeddings: torch.Tensor, prompts: Prompts, multimask: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,9 +227,21 @@ class PromptableSegmenter(nn.Module):
             raise InputShapeError(f"{prompts.batch_size} prompt sets for {embeddings.shape[0]} embeddings.")
         mask_size = tuple(4 * s for s in self.prompt_encoder.image_embedding_size)
         points, boxes, masks = sam_prompt_inputs(prompts.to(embeddings.device), mask_size)
+        graphs = self.compiled_mode == "reduce-overhead" and embeddings.device.type == "cuda"
+        if graphs:  # a new CUDA-graph step: the previous click's outputs (cloned below) stay valid
+            torch.compiler.cudagraph_mark_step_begin()
         logits, iou = decode_masks(
-            self.prompt_encoder, self.mask_decoder, embeddings, boxes, points, masks, multimask_output=multimask
+            self.prompt_encoder,
+            self.mask_decoder,
+            embeddings,
+            boxes,
+            points,
+            masks,
+            multimask_output=multimask,
+            image_pe=self.dense_pe(),
         )
+        if graphs:  # CUDA-graph outputs live in the graph's memory pool, overwritten by the next replay
+            logits, iou = logits.clone(), iou.clone()
         if logits.shape[-1] != self.image_size:
             logits = F.interpolate(logits, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
         return logits, iou

@@ -164,3 +164,53 @@ def test_hydra_config_builds_the_model():
     with torch.no_grad():
         logits, iou = model(torch.rand(1, 1, 64, 64), Prompts(box=[[2.0, 3.0, 40.0, 50.0]]))
     assert logits.shape == (1, 1, 64, 64) and iou.shape == (1, 1)
+
+
+def test_dense_pe_is_computed_once_and_renewed_when_its_matrix_changes(tiny):
+    first = tiny.dense_pe()
+    assert tiny.dense_pe() is first
+    torch.testing.assert_close(first, tiny.prompt_encoder.get_dense_pe(), rtol=0, atol=0)
+    matrix = tiny.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    saved = matrix.clone()
+    try:
+        with torch.no_grad():
+            matrix.mul_(2.0)  # in place, as load_state_dict writes it
+        renewed = tiny.dense_pe()
+        assert renewed is not first
+        torch.testing.assert_close(renewed, tiny.prompt_encoder.get_dense_pe(), rtol=0, atol=0)
+    finally:
+        with torch.no_grad():
+            matrix.copy_(saved)
+    with torch.inference_mode():  # made in inference mode: not the tensor handed to autograd outside it
+        inference = tiny.dense_pe()
+    assert tiny.dense_pe() is not inference
+
+
+def _compiled_against_eager(prompts, backend):
+    torch.manual_seed(0)
+    eager = build_promptable("sam_vit_b", pretrained=False, img_size=64, arch=TINY_SAM).eval()
+    compiled = build_promptable("sam_vit_b", pretrained=False, img_size=64, arch=TINY_SAM).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_decoder(backend=backend)
+    assert compiled.compiled_mode == ("default" if backend == "inductor" else backend)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    embeddings = torch.randn(2, 256, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        reference, reference_iou = eager.decode(embeddings, prompts)
+        logits, iou = compiled.decode(embeddings, prompts)
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(iou, reference_iou, atol=1e-4, rtol=1e-4)
+    assert torch.equal(logits > 0, reference > 0)
+
+
+@pytest.mark.parametrize("prompts", [BOX, POINTS, Prompts(box=BOX.box, prev_mask=torch.randn(2, 1, 64, 64))])
+def test_traced_decoder_gives_the_eager_masks(prompts):
+    """The compile path traced without code generation (seconds): same masks for boxes, points and mask inputs."""
+    _compiled_against_eager(prompts, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompts", [BOX, POINTS])
+def test_compiled_decoder_gives_the_eager_masks(prompts):
+    """Inductor's generated code (20-70 s per prompt layout on a loaded two-core CPU)."""
+    _compiled_against_eager(prompts, "inductor")
