@@ -84,6 +84,7 @@ class SegmentationSession:
         propagation: PropagationConfig | None = None,
         cache: EmbeddingCache | None = None,
         labels: np.ndarray | None = None,
+        compile: bool = False,
     ) -> None:
         """Args:
         model: a :class:`LoadedModel` of kind ``promptable`` (``medseg.inference.sources.load_model``) or the
@@ -94,6 +95,9 @@ class SegmentationSession:
         propagation: carry and stop rules for :meth:`segment_volume` (its ``axis`` is replaced by ``axis``).
         cache: embedding cache to share between sessions (default: a private one sized for every slice).
         labels: an existing label map to continue (same shape as ``volume``).
+        compile: compile the model's prompt encoder and mask decoder (the click path) with ``torch.compile``
+            (:meth:`~medseg.models.promptable.PromptableSegmenter.compile_decoder`: CUDA graphs on a GPU); the first
+            click of each prompt layout pays the compilation. Worth it on a GPU only.
 
         Raises:
             ConfigError: a model that takes no prompts, or an axis outside 0-2.
@@ -117,6 +121,10 @@ class SegmentationSession:
         if axis not in (0, 1, 2):
             raise ConfigError(f"slice axis must be 0, 1 or 2, got {axis}.")
         self.model = model.eval()
+        if compile and getattr(model, "compiled_mode", None) is None:
+            if not hasattr(model, "compile_decoder"):
+                raise ConfigError(f"{type(model).__name__} has no compile_decoder: compile=True needs a SAM model.")
+            model.compile_decoder()
         self.axis = axis
         self.recipe = recipe or SliceRecipe(guess_intensity(volume))
         self.propagation = replace(propagation or PropagationConfig(), axis=axis)

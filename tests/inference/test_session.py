@@ -153,3 +153,17 @@ def test_intensity_guess():
     assert guess_intensity(np.array([-1000.0, 40.0, 300.0])) == "ct"
     assert guess_intensity(np.array([0.0, 17.0, 255.0])) == "none"
     assert guess_intensity(np.array([0.0, 17.5, 2000.0])) == "mr"
+
+
+def test_compile_compiles_the_click_path_of_a_promptable_model_only(bright_in_box):
+    from medseg.models.promptable import build_promptable
+
+    volume, _ = squares()
+    with pytest.raises(ConfigError, match="compile_decoder"):
+        SegmentationSession(bright_in_box, volume, compile=True)
+    arch = {"depth": 2, "embed_dim": 32, "num_heads": 2, "global_attn_indexes": (1,)}
+    model = build_promptable("sam_vit_b", pretrained=False, img_size=64, arch=arch)
+    keys = model.state_dict().keys()
+    session = SegmentationSession(model, volume, compile=True)
+    assert session.model.compiled_mode == "default"  # plain torch.compile on CPU (reduce-overhead is CUDA graphs)
+    assert session.model.mask_decoder._compiled_call_impl is not None and session.model.state_dict().keys() == keys
