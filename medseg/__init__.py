@@ -1,4 +1,8 @@
-"""medseg: adapt pretrained foundation models to CT and MRI, and measure whether it beats training from scratch."""
+"""medseg: adapt pretrained foundation models to CT and MRI, and measure whether it beats training from scratch.
+
+The package root is an entry point like the CLI: it may reach any stage (:func:`load_pretrained` loads a release), and
+no module of the package imports it (README "Architecture"; ``lint-imports`` would see the path through it).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ __version__ = "0.1.0"
 def load_pretrained(name_or_path: Any, device: Any = "cpu", **kwargs: Any) -> Any:
     """A released model by registry name or release folder, verified and rebuilt offline.
 
-    See :func:`medseg.release.load.load_pretrained` (imported on first call, so ``import medseg`` stays cheap).
+    See :func:`medseg.release.load.load_pretrained`.
     """
-    from medseg.release.load import load_pretrained as _load_pretrained
+    from medseg.release.load import load_pretrained as _load_pretrained  # lazy: `import medseg` stays cheap (no torch)
 
     return _load_pretrained(name_or_path, device=device, **kwargs)

@@ -1,35 +1,39 @@
 """``medseg <verb>``: the command line, with verbs in the order of a user's workflow.
 
-Every verb imports its work lazily (so ``medseg --help`` is instant) and every :class:`~medseg.errors.MedsegError`
-is printed as one readable line with a non-zero exit code; ``--debug`` shows the traceback instead. Other libraries'
+Every verb imports its work when it runs (``# lazy``: ``medseg --help`` stays instant, without torch, MONAI or Hydra),
+and every :class:`~medseg.errors.MedsegError` is printed as one readable line with a non-zero exit code; ``--debug``
+shows the traceback instead. Other libraries'
 deprecation warnings and notices are hidden (:func:`medseg.console.quiet_third_party`) unless ``--debug`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from medseg.console import quiet_third_party
 from medseg.errors import MedsegError
 
 __all__ = ["main"]
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from medseg.data.prepare.command import run_prepare
+    from medseg.data.prepare.command import run_prepare  # lazy: --help stays instant
 
     return run_prepare(args.names, check=args.check, output=args.output, force=args.force, seed=args.seed)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from medseg.data.prepare.command import run_prepare
+    from medseg.data.prepare.command import run_prepare  # lazy: --help stays instant
 
     return run_prepare(args.datasets, check=True, only_check=True)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from medseg.data.convert import convert_dataset
+    from medseg.data.convert import convert_dataset  # lazy: --help stays instant
 
     options = {"modality": args.modality} if args.modality else {}
     convert_dataset(
@@ -38,28 +42,34 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _run_hydra_verb(main: Callable[[], object], config_name: str, args: argparse.Namespace) -> int:
+    """Run a command module's Hydra ``main()`` with the verb's overrides, once the config is checked."""
+    # lazy (both): Hydra, which --help does not need
+    from medseg.config import CONFIG_DIR
     from medseg.launch import run_hydra_entry
-    from medseg.train import CONFIG_DIR, main
 
-    return run_hydra_entry(main, CONFIG_DIR, "train", args.overrides, prog="medseg train")
+    return run_hydra_entry(main, CONFIG_DIR, config_name, args.overrides, prog=f"medseg {config_name}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from medseg.train import main  # lazy: --help stays instant
+
+    return _run_hydra_verb(main, "train", args)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from medseg.evaluate import main
-    from medseg.launch import run_hydra_entry
-    from medseg.train import CONFIG_DIR
+    from medseg.evaluate import main  # lazy: --help stays instant
 
-    return run_hydra_entry(main, CONFIG_DIR, "evaluate", args.overrides, prog="medseg evaluate")
+    return _run_hydra_verb(main, "evaluate", args)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import logging
-    from pathlib import Path
-
+    # lazy (these five): --help stays instant
     from medseg.inference.predictor import PredictOptions, predict_cases
     from medseg.inference.preflight import preflight
-    from medseg.inference.sources import is_classifier_folder, load_model
+    from medseg.inference.prompted import window_from_text
+    from medseg.inference.sources import is_classifier_folder
+    from medseg.workflows.models import load_model
 
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
     options = PredictOptions(
@@ -70,8 +80,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     kind = "classifier" if Path(args.model).is_dir() and is_classifier_folder(args.model) else None
     preflight(args.input, args.output, args.prompts, args.save_probabilities, args.cache_dir, kind, args.series)
     if args.window is not None:
-        from medseg.inference.prompted import window_from_text
-
         window_from_text(args.window)
     loaded = load_model(args.model, device=args.device, ckpt=args.ckpt)
     report = predict_cases(
@@ -89,27 +97,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from medseg.quickstart import run_quickstart
+    from medseg.quickstart import main  # lazy: --help stays instant
 
-    return run_quickstart(args.overrides)
+    return main(args.overrides)
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from medseg.classify import main
-    from medseg.launch import run_hydra_entry
-    from medseg.train import CONFIG_DIR
+    from medseg.classify import main  # lazy: --help stays instant
 
-    return run_hydra_entry(main, CONFIG_DIR, "classify", args.overrides, prog="medseg classify")
+    return _run_hydra_verb(main, "classify", args)
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from medseg.benchmark.runner import run_benchmark
+    from medseg.benchmark.runner import run_benchmark  # lazy: --help stays instant
 
     return run_benchmark(args.overrides)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from medseg.release.export import run_export
+    from medseg.release.export import run_export  # lazy: --help stays instant
 
     return run_export(
         args.run_dir,
@@ -122,7 +128,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from medseg.release.verify import run_verify
+    from medseg.release.verify import run_verify  # lazy: --help stays instant
 
     return run_verify(args.release_dir, device=args.device)
 
@@ -295,8 +301,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb not in _HYDRA_VERBS:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = [*unknown, *args.overrides]
-    from medseg.console import quiet_third_party
-
     quiet_third_party(debug=args.debug)
     try:
         return int(args.func(args) or 0)

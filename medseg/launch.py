@@ -16,9 +16,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medseg.errors import ConfigError
+from medseg.paths import check_output_folder
+from medseg.runs import check_train_config
 
 __all__ = ["MAX_CHECKED_JOBS", "check_config", "run_hydra_entry", "split_hydra_flags"]
 
@@ -54,8 +60,6 @@ def split_hydra_flags(argv: Sequence[str]) -> tuple[list[str], list[str], bool]:
 
 def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     """The override lists of the jobs a (multi)run would launch, as far as they can be listed (sweeps expanded)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:  # Hydra's OverrideParseException: the message says what is wrong
@@ -90,10 +94,6 @@ def check_config(config_dir: str, config_name: str, overrides: Sequence[str], mu
     Raises:
         ConfigError: an override is malformed, names an unknown group option or key, or a ``???`` value is left.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-
     for job in _jobs(list(overrides), multirun):
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             try:
@@ -135,9 +135,6 @@ def _job_dir(cfg: DictConfig, multirun: bool) -> Path | None:
 
 def _check_train_job(cfg: DictConfig, output_dir: Path | None) -> None:
     """What ``medseg train`` would otherwise find only after Hydra created (or failed to create) the run folder."""
-    from medseg.paths import check_output_folder
-    from medseg.train import check_train_config
-
     check_train_config(cfg)
     if output_dir is not None:
         check_output_folder(output_dir)

@@ -14,6 +14,7 @@ from pathlib import Path
 from medseg.errors import ConfigError, DatasetError
 
 __all__ = [
+    "DEMO_DATASETS",
     "ENV_DATA",
     "ENV_RESULTS",
     "ENV_WEIGHTS",
@@ -29,6 +30,15 @@ ENV_RESULTS = "MEDSEG_RESULTS"
 ENV_WEIGHTS = "MEDSEG_WEIGHTS"
 
 _DEFAULTS = {ENV_DATA: "data", ENV_RESULTS: "results", ENV_WEIGHTS: "weights"}
+
+#: The demo datasets ``medseg prepare NAME`` builds: short name -> module with ``DATASET_NAME`` and
+#: ``build(root, seed) -> Path``. Named here, where a missing dataset's message points at them; built by
+#: :mod:`medseg.data.prepare.command`.
+DEMO_DATASETS = {
+    "synthetic": "medseg.data.prepare.synthetic",
+    "mni-tissue": "medseg.data.prepare.mni_tissue",
+    "mni-slices": "medseg.data.prepare.mni_slices",
+}
 
 
 def _source(variable: str) -> str:
@@ -95,12 +105,10 @@ def check_output_folder(path: str | os.PathLike[str], variable: str = ENV_RESULT
 
 def _demo_hint(name: str) -> str:
     """The ``medseg prepare`` command that builds ``name`` when it is a demo dataset, else the list of them."""
-    from medseg.data.prepare.command import BUILDERS
-
-    for demo in BUILDERS:
+    for demo in DEMO_DATASETS:
         if _normalise(demo) == _normalise(name):
             return f"build it with `medseg prepare {demo}`"
-    return "demo datasets: " + ", ".join(f"`medseg prepare {demo}`" for demo in BUILDERS)
+    return "demo datasets: " + ", ".join(f"`medseg prepare {demo}`" for demo in DEMO_DATASETS)
 
 
 def _normalise(name: str) -> str:

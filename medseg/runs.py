@@ -15,6 +15,10 @@ Re-running the same command is how an interrupted run is resumed, as in nnU-Net'
 was made is never lost by a second command: one holding the lock is alone in the folder, a finished run is continued
 only with ``resume=true`` and started over only with ``overwrite=true``, and a command whose config differs from the
 run's saved one (beyond :data:`RESUMABLE_KEYS`) is refused before it writes anything.
+
+This module knows the folder's files, its lock and its checkpoints; whether a run is finished depends on its
+``summary.json`` being complete, which only the evaluation stage can tell, so that decision and the check built on it
+sit above in :mod:`medseg.workflows.run_folder`.
 """
 
 from __future__ import annotations
@@ -25,28 +29,37 @@ import os
 import shutil
 import socket
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from medseg.atomic import atomic_write_json, atomic_write_text
 from medseg.errors import ConfigError, WeightsError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: run folders are not locked
+    fcntl = None
 
 __all__ = [
     "LAST",
     "LOCK_FILE",
     "RESUMABLE_KEYS",
     "STATE_FILE",
+    "SUMMARY",
     "RunLock",
     "best_checkpoint",
-    "check_run_folder",
+    "check_train_config",
     "checkpoint_dir",
+    "checkpoint_problem",
     "config_differences",
     "discard_run",
-    "finished_summary",
     "holds_run",
-    "is_finished",
     "last_checkpoint",
+    "read_state",
     "resolve_resume",
     "resume_mode",
     "save_run_config",
@@ -59,6 +72,7 @@ log = logging.getLogger("medseg.runs")
 LAST = "last.ckpt"
 LOCK_FILE = ".medseg.lock"
 STATE_FILE = "train_state.json"
+SUMMARY = "summary.json"
 # Keys a later command of the same run may change: how long and on what it trains, what it logs and evaluates, where
 # the data lives. Everything else (data, preprocessing, model, adapter, task, seed) defines the run.
 RESUMABLE_KEYS = (
@@ -70,7 +84,7 @@ RESUMABLE_KEYS = (
     "callbacks.weights_digest", "callbacks.last_checkpoint", "logger",
 )  # fmt: skip
 # What `overwrite=true` removes: everything a training command wrote (the lock, train.log and .hydra/ stay).
-_OUTPUTS = ("checkpoints", "logs", "predictions", "weights_digest", "summary.json", STATE_FILE)
+_OUTPUTS = ("checkpoints", "logs", "predictions", "weights_digest", SUMMARY, STATE_FILE)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -97,9 +111,10 @@ def holds_run(run_dir: str | os.PathLike[str]) -> bool:
     return (Path(run_dir) / STATE_FILE).is_file() or (folder.is_dir() and any(folder.glob("*.ckpt")))
 
 
-def _read_state(run_dir: Path) -> dict[str, Any]:
+def read_state(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``train_state.json`` of the run (see :func:`write_state`); empty when there is none or it cannot be read."""
     try:
-        state = json.loads((run_dir / STATE_FILE).read_text(encoding="utf-8"))
+        state = json.loads((Path(run_dir) / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) else {}
@@ -107,28 +122,8 @@ def _read_state(run_dir: Path) -> dict[str, Any]:
 
 def write_state(run_dir: str | os.PathLike[str], status: str, **facts: Any) -> None:
     """Record ``status`` (``training`` or ``finished``) and ``facts`` in ``train_state.json``, atomically."""
-    from medseg.atomic import atomic_write_json
-
     record = {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **facts}
     atomic_write_json(Path(run_dir) / STATE_FILE, record)
-
-
-def is_finished(run_dir: str | os.PathLike[str]) -> bool:
-    """Whether a ``medseg train`` command completed on the run and what it wrote is still there.
-
-    ``finished`` in ``train_state.json`` means training ended and, when the command evaluated (``evaluated: true``),
-    that ``summary.json`` was written; a run whose summary has since gone (deleted, or cut short by a full disk) is
-    not finished: re-running the command evaluates it again. Run folders of older versions have no state file; those
-    count as finished once their ``summary.json`` is complete.
-    """
-    from medseg.evaluation import is_complete
-
-    run_dir = Path(run_dir)
-    state = _read_state(run_dir)
-    if state:
-        evaluated = not state.get("evaluated") or is_complete(run_dir / "summary.json")
-        return state.get("status") == "finished" and evaluated
-    return last_checkpoint(run_dir) is not None and is_complete(run_dir / "summary.json")
 
 
 def discard_run(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -158,9 +153,7 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
+        if fcntl is None:
             return self
         path = self.run_dir / LOCK_FILE
         try:
@@ -231,10 +224,6 @@ def save_run_config(run_dir: str | os.PathLike[str], cfg: DictConfig) -> bool:
     Returns:
         Whether the files were written.
     """
-    from hydra.core.hydra_config import HydraConfig
-
-    from medseg.atomic import atomic_write_text
-
     if not HydraConfig.initialized():
         return False
     hydra_cfg = HydraConfig.instance().cfg
@@ -263,45 +252,60 @@ def resume_mode(cfg: DictConfig) -> bool | str:
     )
 
 
-def check_run_folder(run_dir: str | os.PathLike[str], cfg: DictConfig) -> None:
-    """Refuse a command that would lose or mix up the run ``run_dir`` holds; call it holding the :class:`RunLock`.
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Refuse the values Lightning would only reject with a traceback, before anything is built or written.
+
+    ``medseg train`` checks them before Hydra creates the run folder (:mod:`medseg.launch`), and training checks them
+    again for a config composed in Python.
 
     Raises:
-        ConfigError: the folder holds a run of another config (the first differing keys are named), a finished run
-            and neither ``resume=true`` nor ``overwrite=true`` was given, or ``resume=false`` without ``overwrite``.
+        ConfigError: a step, epoch or validation count that is no count, no limit on training at all, an unknown
+            ``resume``, or ``overwrite=true`` together with ``resume=true``/``ckpt_path`` (start over, or continue?).
     """
-    run_dir = Path(run_dir)
-    if cfg.get("overwrite") or not holds_run(run_dir):
-        return
-    saved = run_dir / ".hydra" / "config.yaml"
-    if saved.is_file():
-        try:
-            differences = config_differences(OmegaConf.load(saved), cfg)
-        except Exception as err:  # YAML or OmegaConf errors: the message says where
-            raise ConfigError(
-                f"{saved} cannot be read ({' '.join(str(err).split())[:160]}): restore it, or add overwrite=true to "
-                f"start the run over."
-            ) from None
-        if differences:
-            more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
-            raise ConfigError(
-                f"{run_dir} holds a run with another config ({'; '.join(differences[:3])}{more}): train into another "
-                f"folder (another experiment, hydra.run.dir=...), or add overwrite=true to discard that run."
-            )
-    mode = resume_mode(cfg)
-    if cfg.get("ckpt_path") or not cfg.get("fit", True):
-        return
-    if mode is False:
+    trainer = cfg.get("trainer") or {}
+    steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs", None)
+    if not _whole(steps) or not (steps == -1 or steps >= 1):
         raise ConfigError(
-            f"resume=false would start {run_dir} over, but it holds a trained run: add overwrite=true to discard it, "
-            f"or leave resume out to continue it."
+            f"trainer.max_steps={steps!r} is not a number of optimisation steps: give a whole number >= 1 (or -1 to "
+            f"stop by trainer.max_epochs)."
         )
-    if mode == "auto" and is_finished(run_dir):
+    if epochs is not None and (not _whole(epochs) or not (epochs == -1 or epochs >= 1)):
+        raise ConfigError(f"trainer.max_epochs={epochs!r} must be a whole number >= 1, -1 or null.")
+    if steps == -1 and epochs == -1:
+        raise ConfigError("trainer.max_steps=-1 and trainer.max_epochs=-1 would train forever: set trainer.max_steps.")
+    every = trainer.get("check_val_every_n_epoch", 1)
+    if every is not None and (not _whole(every) or every < 1):
+        raise ConfigError(f"trainer.check_val_every_n_epoch={every!r} must be a whole number >= 1 (or null).")
+    mode, overwrite = resume_mode(cfg), cfg.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite={overwrite!r} must be true or false.")
+    if overwrite and (mode is True or cfg.get("ckpt_path")):
         raise ConfigError(
-            f"{run_dir} holds a finished run: add resume=true to train it further (e.g. with a larger "
-            f"trainer.max_steps), overwrite=true to start it over, or re-evaluate it with `medseg evaluate "
-            f"run_dir={run_dir}`."
+            "overwrite=true starts the run over, resume=true/ckpt_path continue it: give one of them, not both."
         )
+    if overwrite and not cfg.get("fit", True):
+        raise ConfigError("overwrite=true with fit=false would discard the checkpoints it evaluates: drop one of them.")
+
+
+def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be resumed from (missing, not a torch zip file, truncated, a bad CRC), or ``None``.
+
+    Reads the file once to check every member's CRC, without unpickling or allocating its tensors: Lightning then
+    loads it (weights-only) for the resume itself.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "no such file"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+    return f"member {bad} is corrupted" if bad else None
 
 
 def resolve_resume(run_dir: str | os.PathLike[str], resume: bool, ckpt_path: str | None) -> str | None:
@@ -315,8 +319,6 @@ def resolve_resume(run_dir: str | os.PathLike[str], resume: bool, ckpt_path: str
         ConfigError: ``ckpt_path`` was given but is not a file.
         WeightsError: ``ckpt_path``, or ``last.ckpt`` with no readable fallback, cannot be read.
     """
-    from medseg.tasks.checkpointing import checkpoint_problem
-
     if ckpt_path:
         if not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={ckpt_path} is not a file. Give an existing .ckpt or leave ckpt_path=null.")
@@ -360,18 +362,3 @@ def select_checkpoint(run_dir: str | os.PathLike[str], which: str) -> Path | Non
             raise ConfigError(f"checkpoint {path} does not exist.")
         return path
     raise ConfigError(f"checkpoint must be 'best', 'last' or a path to a .ckpt file, got {which!r}.")
-
-
-def finished_summary(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
-    """The summary of a run that trained ``max_steps`` steps and evaluated every test case, else ``None``.
-
-    Drivers of many runs (the quickstart, the benchmark runner) skip such runs when re-run; a run with another step
-    budget is not the same run and is trained again.
-    """
-    from medseg.evaluation import is_complete, read_summary
-
-    path = Path(run_dir) / "summary.json"
-    if not is_complete(path):
-        return None
-    summary = read_summary(path)
-    return summary if summary.get("steps_trained") == max_steps else None

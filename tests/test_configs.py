@@ -11,8 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from medseg.cli import main
-from medseg.config import instantiate
-from medseg.train import CONFIG_DIR, build_callbacks, build_loggers, resolve_precision
+from medseg.config import CONFIG_DIR, instantiate
+from medseg.workflows.training import build_callbacks, build_loggers, resolve_precision
 
 CONF = Path(CONFIG_DIR)
 

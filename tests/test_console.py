@@ -6,7 +6,7 @@ import logging
 import warnings
 
 from medseg.console import PIPE_WIDTH, quiet_third_party, wide_console
-from medseg.quickstart import format_table
+from medseg.workflows.quickstart import format_table
 
 
 def summary(dice: float) -> dict:

@@ -11,7 +11,8 @@ __all__ = ["run_benchmark"]
 
 
 def run_benchmark(overrides: list[str]) -> int:
-    """See :func:`medseg.benchmark.runner.run_benchmark` (imported lazily: the CLI's --help stays instant)."""
+    """See :func:`medseg.benchmark.runner.run_benchmark`."""
+    # lazy: importing any benchmark module (stats, report) must not load the runner's training stack (torch, Hydra)
     from medseg.benchmark.runner import run_benchmark as run
 
     return run(overrides)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from medseg.evaluation.metrics import METRICS
 from medseg.evaluation.summary import interactive_per_case
@@ -63,8 +64,6 @@ def per_case_rows(summary: Mapping[str, Any], arm: str, label_fraction: float, s
 
 def _samples_per_step(run_dir: Path) -> float:
     """Training images per optimisation step (volumes per batch x slices or patches per volume), from the run config."""
-    from omegaconf import OmegaConf
-
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         return math.nan

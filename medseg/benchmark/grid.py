@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from medseg.benchmark.stats import higher_is_better
 from medseg.errors import ConfigError
 
 __all__ = ["Arm", "BenchmarkSettings", "Job", "final_jobs", "parse_arms", "search_jobs"]
@@ -85,8 +86,6 @@ class BenchmarkSettings:
         Raises:
             ConfigError: no arms, an empty or invalid list of fractions/seeds/learning rates, or a bad metric.
         """
-        from medseg.benchmark.stats import higher_is_better
-
         cfg = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
         arms = parse_arms(cfg.get("arms") or {}, cfg.get("baselines") or {})
         fractions = [float(f) for f in _list(cfg, "label_fractions")]

@@ -1,14 +1,14 @@
 """One benchmark job as a Hydra task function, and the record (``job.json``) it leaves in its run folder.
 
 :func:`train_job` is what the Hydra launcher runs for each job (in this process, in joblib workers, or in a SLURM
-job): :func:`medseg.train.train` with its outcome written to ``<run_dir>/job.json`` -- ``ok`` with the run's metrics,
-or ``failed`` with the error and its traceback -- so that the runner learns what happened from the run folder alone,
-whichever launcher ran it. An exception still propagates to Hydra, which marks the job failed and goes on with the
-next one.
+job): :func:`medseg.workflows.training.train` with its outcome written to ``<run_dir>/job.json`` -- ``ok`` with the
+run's metrics, or ``failed`` with the error and its traceback -- so that the runner learns what happened from the run
+folder alone, whichever launcher ran it. An exception still propagates to Hydra, which marks the job failed and goes
+on with the next one.
 
-Peak memory: ``summary.json``'s ``peak_rss_mb`` is the process's lifetime peak, which in-process launchers carry over
-from one job to the next; the job resets the kernel's high-water mark (``/proc/self/clear_refs``) before training and
-records its own peak (Linux; elsewhere ``null``).
+Peak memory: in-process launchers run many jobs in one process, whose peak resident memory would carry over from one
+job to the next; the job resets the kernel's high-water mark before training (:func:`medseg.workflows.memory.
+reset_peak_rss`, Linux) and records its own peak, ``null`` where it cannot be reset.
 """
 
 from __future__ import annotations
@@ -19,31 +19,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.atomic import atomic_write_json
+from medseg.workflows.memory import peak_rss_mb, reset_peak_rss
+from medseg.workflows.training import train
 
 __all__ = ["JOB_FILE", "read_job", "search_done", "train_job"]
 
 JOB_FILE = "job.json"
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)  # kB -> MB
-    except OSError:
-        pass
-    return None
 
 
 def read_job(run_dir: str | Path) -> dict[str, Any] | None:
@@ -69,10 +54,6 @@ def train_job(cfg: DictConfig) -> dict[str, Any]:
         The record: ``status``, ``metrics`` (validation and test metrics of the run), ``wall_time_s`` (s),
         ``peak_rss_mb`` (MB, this job only), ``overrides``.
     """
-    from hydra.core.hydra_config import HydraConfig
-
-    from medseg.train import train
-
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -85,7 +66,7 @@ def train_job(cfg: DictConfig) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic_write_json(run_dir / JOB_FILE, record)
-    measured = _reset_peak_rss()
+    measured = reset_peak_rss()
     started = time.perf_counter()
     try:
         metrics = train(cfg)
@@ -102,7 +83,7 @@ def train_job(cfg: DictConfig) -> dict[str, Any]:
         status="ok",
         metrics={k: float(v) for k, v in metrics.items()},
         wall_time_s=round(time.perf_counter() - started, 1),
-        peak_rss_mb=_peak_rss_mb() if measured else None,
+        peak_rss_mb=peak_rss_mb() if measured else None,
     )
     atomic_write_json(run_dir / JOB_FILE, record)
     return record

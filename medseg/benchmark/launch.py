@@ -15,7 +15,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra._internal.callbacks import Callbacks
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.plugins import Plugins
+from hydra.errors import HydraException
+from hydra.types import HydraContext
+
 from medseg.benchmark.grid import Job
+from medseg.benchmark.jobs import train_job
+from medseg.config import CONFIG_DIR
 from medseg.errors import ConfigError
 
 __all__ = ["launch_jobs"]
@@ -40,15 +49,6 @@ def launch_jobs(jobs: Sequence[Job], master_overrides: Sequence[str], runs_dir: 
     """
     if not jobs:
         return []
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.callbacks import Callbacks
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.plugins import Plugins
-    from hydra.errors import HydraException
-    from hydra.types import HydraContext
-
-    from medseg.benchmark.jobs import train_job
-    from medseg.train import CONFIG_DIR
 
     overrides = [*master_overrides, f"hydra.sweep.dir={runs_dir.resolve()}"]
     GlobalHydra.instance().clear()

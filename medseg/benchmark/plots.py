@@ -15,10 +15,10 @@ PLOTS = ("metric_vs_label_fraction.png", "metric_vs_trainable_params.png", "metr
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is slow to import, and only the plots need it
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # before pyplot is imported: no display needed
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     return plt
 

@@ -22,11 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from medseg.benchmark.grid import FINAL, BenchmarkSettings, Job, final_jobs, search_jobs
+from medseg.benchmark.jobs import read_job, search_done
+from medseg.benchmark.launch import launch_jobs
+from medseg.benchmark.outputs import write_outputs
+from medseg.config import CONFIG_DIR
+from medseg.console import wide_console
 from medseg.errors import ConfigError
-from medseg.runs import finished_summary
+from medseg.launch import check_config
+from medseg.workflows.run_folder import finished_summary
 
 __all__ = ["OUTPUTS", "load_settings", "run_benchmark"]
 
@@ -36,13 +46,6 @@ _GRID_ONLY = ("benchmark.", "+benchmark.", "~benchmark.")
 
 
 def _compose(overrides: Sequence[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from medseg.launch import check_config
-    from medseg.train import CONFIG_DIR
-
     check_config(CONFIG_DIR, "train", list(overrides))
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -94,8 +97,6 @@ def _arm_facts(settings: BenchmarkSettings, extra: Sequence[str]) -> dict[str, d
 
 def _choose_lrs(settings: BenchmarkSettings, jobs: list[Job], runs_dir: Path) -> tuple[dict[str, float], pd.DataFrame]:
     """Each arm's learning rate with the best validation metric (ties: the first candidate), and the search table."""
-    from medseg.benchmark.jobs import read_job
-
     if not settings.searched:
         return {arm.name: settings.lr_values[0] for arm in settings.arms}, pd.DataFrame()
     rows = []
@@ -117,8 +118,6 @@ def _choose_lrs(settings: BenchmarkSettings, jobs: list[Job], runs_dir: Path) ->
 
 
 def _failure(job: Job, runs_dir: Path, reason: str | None = None) -> dict[str, Any]:
-    from medseg.benchmark.jobs import read_job
-
     record = read_job(runs_dir / job.subdir) or {}
     error = reason or record.get("error") or "no job.json: the job did not start, or was killed before it ended"
     return {"arm": job.arm, "phase": job.phase, "run_dir": str(runs_dir / job.subdir), "error": error}
@@ -133,11 +132,6 @@ def run_benchmark(overrides: Sequence[str] = ()) -> int:
     Raises:
         ConfigError: a missing experiment, invalid settings, unequal budgets, or an override that does not compose.
     """
-    from medseg.benchmark.jobs import read_job, search_done
-    from medseg.benchmark.launch import launch_jobs
-    from medseg.benchmark.outputs import write_outputs
-    from medseg.console import wide_console
-
     console = wide_console()
     overrides = [o for o in overrides if o not in ("-m", "--multirun")]
     settings, cfg = load_settings(overrides)
@@ -194,7 +188,5 @@ def run_benchmark(overrides: Sequence[str] = ()) -> int:
 def _device(cfg: Any) -> str:
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
     if accelerator == "auto":
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
     return accelerator

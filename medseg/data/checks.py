@@ -54,7 +54,7 @@ def open_image(path: Path) -> nib.spatialimages.SpatialImage:
     """
     if str(path).endswith((".nii", ".nii.gz")):
         return read_nifti_header(path)
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: SimpleITK is heavy and only non-NIfTI images need it
 
     info = sitk.ImageFileReader()
     info.SetFileName(str(path))

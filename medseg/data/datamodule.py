@@ -17,6 +17,7 @@ import lightning as L
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import Compose
 
+from medseg.data.fingerprint import load_or_compute_fingerprint
 from medseg.data.formats import CaseFiles, DatasetInfo, load_dataset_info
 from medseg.data.io import LoadCased
 from medseg.data.sampling import EpochSeededSampler
@@ -38,8 +39,6 @@ def resolve_median_spacing(configs: Sequence[Any], info: DatasetInfo) -> tuple[l
     resolved, spacing = [], None
     for config in configs:
         if isinstance(config, Mapping) and str(config.get("pixdim", "")) == "median":
-            from medseg.data.fingerprint import load_or_compute_fingerprint
-
             spacing = tuple(float(s) for s in load_or_compute_fingerprint(info).median_spacing)
             config = copy.deepcopy(dict(config))
             config["pixdim"] = list(spacing)

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.misc import is_dicom
 
 from medseg.data.headers import check_declared_size
 from medseg.errors import ReaderError
@@ -66,15 +69,13 @@ def lenient_dicom_values() -> Iterator[None]:
     reads in two threads can leave it at "raise" for good, and every later series with an unround slice distance
     then fails to load. The mode is set here, under a lock, and restored after.
     """
-    from pydicom import config
-
     with _PYDICOM_SETTINGS:
-        saved = config.settings._reading_validation_mode
-        config.settings.reading_validation_mode = config.WARN
+        saved = pydicom_config.settings._reading_validation_mode
+        pydicom_config.settings.reading_validation_mode = pydicom_config.WARN
         try:
             yield
         finally:
-            config.settings._reading_validation_mode = saved
+            pydicom_config.settings._reading_validation_mode = saved
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,6 @@ def _floats(value, count: int) -> np.ndarray | None:
 
 def read_dicom_header(path: Path):
     """The header of one DICOM file, without its pixels (only the tags the series checks need)."""
-    import pydicom
-
     try:
         with lenient_dicom_values():
             return pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=_TAGS)
@@ -174,8 +173,6 @@ def _slice(path: Path) -> _Slice | None:
 
 def _dicom_files(folder: Path) -> list[Path]:
     """The folder's files with the DICOM preamble, hidden files excluded (as MONAI's ``glob("*")`` does)."""
-    from pydicom.misc import is_dicom
-
     files = []
     for child in sorted(folder.iterdir()):
         if child.name.startswith(".") or not child.is_file():

@@ -25,8 +25,10 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from rich.table import Table
 
 from medseg.atomic import atomic_write_json
+from medseg.console import wide_console
 from medseg.data.checks import open_image
 from medseg.data.formats import DATASET_JSON, DatasetInfo
 from medseg.errors import DatasetError, ReaderError
@@ -252,10 +254,6 @@ def print_dataset_summary(info: DatasetInfo, fingerprint: Fingerprint, console=N
         fingerprint: Its fingerprint.
         console: A :class:`rich.console.Console`; a new one on stdout when ``None``.
     """
-    from rich.table import Table
-
-    from medseg.console import wide_console
-
     console = console or wide_console()
     total = sum(fingerprint.label_voxels.values()) or 1
     label_lines = [

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from medseg.data.memory import ENV_MAX_INPUT_GB, GB, input_limit_bytes, volume_bytes
 from medseg.errors import ReaderError
@@ -178,8 +179,6 @@ def _check_geometry(path: Path, header) -> None:
 
 def _stored_header(path: Path, image: nib.spatialimages.SpatialImage):
     """The header as stored: nibabel's load quietly replaces zero voxel sizes by 1 and negative ones by their size."""
-    from nibabel.openers import ImageOpener
-
     try:
         with ImageOpener(str(path)) as handle:
             return type(image.header).from_fileobj(handle, check=False)

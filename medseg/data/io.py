@@ -21,6 +21,7 @@ import torch
 from monai.data import MetaTensor, NibabelReader, PydicomReader
 from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform
 
+from medseg.data.checks import geometry_difference
 from medseg.data.dicom_series import DicomSeries, lenient_dicom_values, read_dicom_header, scan_series
 from medseg.data.headers import check_declared_size, read_nifti_header
 from medseg.errors import ConfigError, ReaderError
@@ -103,8 +104,6 @@ def _check_read_geometry(path: Path, image: MetaTensor, expected: np.ndarray | N
     MONAI replaces a NIfTI's sform by its qform when the sform's voxel sizes differ from ``pixdim``, while nibabel,
     ITK-SNAP and the NIfTI standard use the sform: such a file would be placed differently by different tools.
     """
-    from medseg.data.checks import geometry_difference
-
     read = np.asarray(image.affine, dtype=float)
     if expected is None or read.shape != (4, 4):
         return

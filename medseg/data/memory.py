@@ -28,7 +28,7 @@ GB = 1e9
 def _available_bytes() -> float:
     """Memory available to a new allocation: psutil's estimate when installed, else the free pages."""
     try:
-        import psutil
+        import psutil  # lazy: optional (not a dependency of medseg); the fallback below reads free pages
     except ImportError:
         try:
             return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -12,14 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import monai
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, ScaleIntensityRanged, Spacingd
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from medseg.config import instantiate
 from medseg.errors import ConfigError
 
 __all__ = [
@@ -217,10 +221,6 @@ class RandSliced(Randomizable, MapTransform):
 
 def build_transforms(items: Iterable[Any] | None) -> list[Any]:
     """Instantiate a list of transform configs (mappings with ``_target_``); objects already built pass through."""
-    from omegaconf import DictConfig, OmegaConf
-
-    from medseg.config import instantiate
-
     built = []
     for item in items or []:
         if isinstance(item, DictConfig | Mapping):
@@ -233,16 +233,21 @@ def build_transforms(items: Iterable[Any] | None) -> list[Any]:
     return built
 
 
+def _medseg_version() -> str:
+    """The installed medseg's version (pyproject.toml's, which ``medseg.__version__`` repeats), read from the package
+    metadata rather than the ``medseg`` package, which the data stage must not import."""
+    try:
+        return version("medseg")
+    except PackageNotFoundError:  # a source tree that was never installed: caches are keyed without the version
+        return "unknown"
+
+
 def transform_cache_key(config: Any, *extra: Any) -> str:
     """Stable hash of a deterministic-transform config (plus e.g. the resolved target spacing).
 
     A persistent cache stored under this key is never reused after the deterministic part of the pipeline changes;
     MONAI's own ``PersistentDataset`` key covers the input file names only.
     """
-    import monai
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    import medseg
 
     def plain(value: Any) -> Any:
         if isinstance(value, DictConfig | ListConfig):
@@ -251,7 +256,7 @@ def transform_cache_key(config: Any, *extra: Any) -> str:
 
     payload = json.dumps(
         {"config": plain(config), "extra": [plain(e) for e in extra], "monai": monai.__version__,
-         "medseg": medseg.__version__},
+         "medseg": _medseg_version()},
         sort_keys=True, default=repr,
     )  # fmt: skip
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from medseg.atomic import atomic_path
@@ -138,7 +140,6 @@ class EmbeddingCache:
             return self._memory[key]
         if self.folder is None or not self._file(key).is_file():
             return None
-        from safetensors import safe_open
 
         try:
             with safe_open(str(self._file(key)), framework="pt") as handle:
@@ -155,8 +156,6 @@ class EmbeddingCache:
         embedding = embedding.detach()
         self._remember(key, embedding)
         if self.folder is not None:
-            from safetensors.torch import save_file
-
             with atomic_path(self._file(key)) as temporary:
                 save_file({"embedding": embedding.cpu().contiguous()}, str(temporary), metadata={"key": key})
 

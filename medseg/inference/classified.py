@@ -37,7 +37,7 @@ from medseg.inference.loaded import LoadedModel
 from medseg.models.knn import KNNHead
 
 if TYPE_CHECKING:
-    from medseg.inference.predictor import PredictReport
+    from medseg.inference.report import PredictReport
 
 __all__ = [
     "CONFIG_FILE",
@@ -139,7 +139,7 @@ def predict_classifier_cases(
             in training (:func:`predict_probabilities`); non-finite probabilities (a NaN-filled
             image) fail the case.
         output_dir: created if needed.
-        report: a :class:`~medseg.inference.predictor.PredictReport` to fill.
+        report: a :class:`~medseg.inference.report.PredictReport` to fill.
         advance: progress callback, called with each case's name.
         debug: let the first error propagate instead of recording it.
 

@@ -1,8 +1,8 @@
 """Prompt-free (dense) prediction of one raw volume: training's preprocessing, whole-volume logits, native grid.
 
-The same path as ``medseg evaluate`` (:func:`medseg.evaluate.evaluate_model`) for an image that belongs to no
-dataset: the run's deterministic transforms (orientation, spacing, crop, intensity) are applied to the image as read,
-the model predicts the whole preprocessed volume (slice by slice or by sliding window,
+The same path as ``medseg evaluate`` (:func:`medseg.workflows.evaluation.evaluate_model`) for an image that belongs
+to no dataset: the run's deterministic transforms (orientation, spacing, crop, intensity) are applied to the image as
+read, the model predicts the whole preprocessed volume (slice by slice or by sliding window,
 :func:`medseg.inference.predict_logits`, with the run's ``task.inference`` settings), the softmax probabilities are
 taken back through the inverse transforms onto the input's grid (:func:`medseg.inference.to_native`, bilinear) and the
 label map is their argmax there.
@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
+from omegaconf import OmegaConf
 
+from medseg.data.transforms import build_transforms
 from medseg.errors import ConfigError
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.native import to_native
@@ -50,10 +52,6 @@ def preprocessing_of(loaded: LoadedModel) -> Compose:
 
     Build it once per image: MONAI's ``Invertd`` needs the very instance that processed the image.
     """
-    from omegaconf import OmegaConf
-
-    from medseg.data.transforms import build_transforms
-
     data = loaded.config.get("data") or {}
     node = data.get("preprocess") if hasattr(data, "get") else None
     if node is None:
@@ -70,8 +68,6 @@ def foreground_threshold(loaded: LoadedModel) -> float | None:
 
     Such a model cannot take an image without contrast above it (:func:`medseg.inference.cases.check_contrast`).
     """
-    from omegaconf import OmegaConf
-
     data = loaded.config.get("data") if loaded.config is not None else None
     node = data.get("preprocess") if hasattr(data, "get") else None
     node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
@@ -89,8 +85,6 @@ def mirror_axes(spatial_dims: int, slice_axis: int | None) -> list[tuple[int, ..
 
 
 def _inference_settings(loaded: LoadedModel) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
     task = loaded.config.get("task") or {}
     settings = task.get("inference") if hasattr(task, "get") else None
     settings = OmegaConf.to_container(settings, resolve=True) if OmegaConf.is_config(settings) else settings

@@ -13,8 +13,8 @@ Three levels, each usable on its own (the napari widget calls the first, the CLI
   renamed together when complete, the probabilities first and the label map last, so a label map means a complete
   case; a case that fails leaves no file of its own behind.
 - :func:`predict_cases`: every case of an input (:func:`medseg.inference.cases.discover_cases`), with a progress
-  bar; a failing case is recorded in the :class:`PredictReport` and the others go on. A classifier (a
-  ``medseg classify`` run folder) writes one table, ``OUTPUT_DIR/probabilities.csv``, instead
+  bar; a failing case is recorded in the :class:`~medseg.inference.report.PredictReport` and the others go on. A
+  classifier (a ``medseg classify`` run folder) writes one table, ``OUTPUT_DIR/probabilities.csv``, instead
   (:mod:`medseg.inference.classified`).
 
 Before any case runs, every output path is checked (:func:`medseg.inference.preflight.preflight`, which the CLI
@@ -33,38 +33,39 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 
 from medseg.data.io import check_header
-from medseg.errors import ConfigError, InputShapeError, MedsegError
+from medseg.errors import ConfigError, InputShapeError
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.cases import Case, check_contrast, discover_cases, read_case
+from medseg.inference.classified import predict_classifier_cases
+from medseg.inference.dense import foreground_threshold, predict_dense
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.precision import check_precision, inference_precision, prepare_model
 from medseg.inference.preflight import case_outputs, check_outputs, clean_output_folder, preflight
 from medseg.inference.progress import progress_bar
+from medseg.inference.prompted import recipe_for, segment_objects
+from medseg.inference.prompted_run import predict_run_prompts
+from medseg.inference.report import PredictReport
 from medseg.inference.writers import write_case_outputs
 from medseg.prompts.files import MAX_LABEL, ObjectPrompts, PromptFileError, load_prompts
 
 __all__ = [
     "PredictOptions",
-    "PredictReport",
     "Prediction",
-    "failure_message",
     "predict_case",
     "predict_cases",
     "predict_image",
 ]
 
 log = logging.getLogger("medseg.predict")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,32 +113,6 @@ class Prediction:
     probabilities: np.ndarray | None = None
     class_values: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class PredictReport:
-    """Attributes: ``written`` output files per case name; ``failed`` the error message per case name."""
-
-    written: dict[str, list[Path]] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def attempt(self, name: str, work: Callable[[], T], debug: bool = False) -> T | None:
-        """Run one case's ``work``; on an error record its one-line message and return ``None`` (``debug``: raise).
-
-        This is what lets a folder run go on past a bad case and list the failures at the end.
-        """
-        try:
-            return work()
-        except Exception as err:
-            if debug:
-                raise
-            self.failed[name] = failure_message(err)
-            log.debug("case %s failed", name, exc_info=True)
-            return None
 
 
 def _readable(cases: list[Case], report: PredictReport, debug: bool) -> list[Case]:
@@ -218,8 +193,6 @@ def predict_image(
     options = options or PredictOptions()
     check_options(loaded, options, bool(objects))
     if loaded.kind == "dense":
-        from medseg.inference.dense import predict_dense
-
         dense = predict_dense(loaded, image, options.tta, options.progress, options.precision)
         return Prediction(dense.labels, dense.probabilities, dense.class_values)
     with inference_precision(options.precision, _device(loaded)):
@@ -237,16 +210,12 @@ def _predict_prompted(
     options: PredictOptions,
     cache: EmbeddingCache | None,
 ) -> Prediction:
-    from medseg.inference.prompted import recipe_for, segment_objects
-
     if image.shape[0] != 1:
         raise InputShapeError(
             f"the promptable model takes one-channel 3D volumes; this image has {image.shape[0]} channels (a 4D "
             f"file). Give one 3D volume."
         )
     if loaded.extras.get("recipe") != "litemedsam" and loaded.config.get("data"):
-        from medseg.inference.prompted_run import predict_run_prompts
-
         result = predict_run_prompts(
             loaded, image, list(objects or []), options.slice_axis, cache=cache, progress=options.progress
         )
@@ -272,8 +241,6 @@ def _prompts_for(case: Case, prompts: str | os.PathLike[str] | None, image: Meta
 
 def _contrast_rule(loaded: LoadedModel, options: PredictOptions) -> tuple[float, str, str] | None:
     """``(threshold, what, hint)`` when the model normalises MR intensities over the voxels above ``threshold``."""
-    from medseg.inference.dense import foreground_threshold
-
     if loaded.kind == "promptable" and (loaded.extras.get("recipe") == "litemedsam" or not loaded.config.get("data")):
         recipe = "LiteMedSAM's MR recipe (percentiles of the voxels > 0)"
         return None if options.window is not None else (0.0, recipe, " A CT needs --window (e.g. 40:400).")
@@ -335,7 +302,7 @@ def predict_cases(
     """Predict every case of ``source`` (a NIfTI file, a DICOM series, or a folder) into ``output_dir``.
 
     Args:
-        loaded: the model (:func:`medseg.inference.sources.load_model`).
+        loaded: the model (:func:`medseg.workflows.models.load_model`).
         source: the input (:func:`medseg.inference.cases.discover_cases`).
         output_dir: created if needed.
         prompts: a prompts file for every case, or a folder of ``<case>.json`` files.
@@ -344,7 +311,7 @@ def predict_cases(
         debug: let the first error propagate (with its traceback) instead of recording it.
 
     Returns:
-        :class:`PredictReport`: files written per case, and each failed case's message.
+        :class:`~medseg.inference.report.PredictReport`: files written per case, and each failed case's message.
 
     Raises:
         MedsegError: the input holds no case, or the flags do not fit the model (before any case runs).
@@ -362,8 +329,6 @@ def predict_cases(
     cases = _readable(cases, report, debug)
     with progress_bar(options.progress, len(cases), "cases", minimum=2) as advance:
         if loaded.kind == "classifier":
-            from medseg.inference.classified import predict_classifier_cases
-
             with inference_precision(options.precision, _device(loaded)):
                 predict_classifier_cases(loaded, cases, output_dir, report, advance, debug)
             return report
@@ -375,18 +340,3 @@ def predict_cases(
                 report.written[case.name] = written
             advance(case.name)
     return report
-
-
-def failure_message(err: Exception) -> str:
-    """One line for a failed case: a MedsegError's own message, else what went wrong in words where it is known
-    (memory, a file system error naming its file), else the exception's type and first line."""
-    if isinstance(err, MedsegError):
-        return str(err)
-    if isinstance(err, MemoryError):
-        return "out of memory for this case; free memory, or predict it on a machine with more (run with --debug)."
-    if isinstance(err, torch.OutOfMemoryError):
-        return "the GPU ran out of memory on this case; give a smaller --batch-size, or --device cpu."
-    if isinstance(err, OSError) and err.filename:
-        return f"{err.filename}: {err.strerror or err} (run with --debug for the traceback)"
-    text = str(err).splitlines()[0][:300] if str(err) else ""
-    return f"unexpected {type(err).__name__}: {text} (run with --debug for the traceback)"

@@ -31,6 +31,8 @@ from pathlib import Path
 from medseg.atomic import remove_orphans
 from medseg.errors import ConfigError
 from medseg.inference.cases import Case, discover_cases
+from medseg.inference.classified import PROBABILITIES_CSV
+from medseg.prompts.files import PromptFileError, check_prompts
 
 __all__ = ["OutputError", "case_outputs", "check_folder", "check_outputs", "clean_output_folder", "preflight"]
 
@@ -226,8 +228,6 @@ def preflight(
         ReaderError: no cases. PromptFileError: a missing or malformed prompts file
             (:func:`medseg.prompts.files.check_prompts`). OutputError: see :func:`check_outputs`.
     """
-    from medseg.prompts.files import PromptFileError, check_prompts
-
     cases = discover_cases(source, series)
     if prompts is not None:
         if not Path(prompts).exists():
@@ -236,9 +236,7 @@ def preflight(
             )
         for path in sorted(Path(prompts).glob("*.json")) if Path(prompts).is_dir() else [Path(prompts)]:
             check_prompts(path)  # size, JSON, nesting, counts, labels, finite numbers: all but the volume's bounds
-    table = None
-    if kind == "classifier":
-        from medseg.inference.classified import PROBABILITIES_CSV as table
+    table = PROBABILITIES_CSV if kind == "classifier" else None
     probabilities = save_probabilities and kind in (None, "dense")
     check_outputs(cases, output_dir, probabilities=probabilities, table=table, cache_dir=cache_dir, prompts=prompts)
     return cases

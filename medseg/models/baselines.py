@@ -178,7 +178,7 @@ def build_baseline(
         **kwargs: the MONAI network's own arguments, overriding the defaults above (``channels``, ``strides``,
             ``feature_size``, ``use_checkpoint``, ``filters``...); for ``dynunet`` also ``min_feature_map_size``.
     """
-    from monai.networks.nets import DynUNet, SwinUNETR, UNet
+    from monai.networks.nets import DynUNet, SwinUNETR, UNet  # lazy: seconds to import, only baselines need them
 
     if spatial_dims not in (2, 3):
         raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")

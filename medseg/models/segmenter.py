@@ -22,13 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg.adapters.apply import apply_adapters
 from medseg.adapters.report import parameter_report
 from medseg.adapters.targets import is_adapter_name
 from medseg.backbones.base import Backbone
+from medseg.backbones.litemedsam import LiteMedSAMBackbone
 from medseg.backbones.registry import create_backbone, get_entry
+from medseg.backbones.sam import SamBackbone, build_sam_components
 from medseg.errors import ConfigError, InputShapeError
 from medseg.models.dense import LinearDecoder, UNETRDecoder
 from medseg.models.param_groups import make_param_groups
+from medseg.models.sam_mask import SamMaskDecoder
 
 __all__ = ["DECODERS", "INPUT_RANGES", "Segmenter", "apply_adapter_config", "build_segmenter"]
 
@@ -152,7 +156,6 @@ def apply_adapter_config(backbone: Backbone, adapter: Any) -> set[str]:
     """
     if adapter is None:
         return set()
-    from medseg.adapters.apply import apply_adapters
 
     report = apply_adapters(backbone, adapter)
     return {name for method, names in report["trained"].items() if method not in _FULL_METHODS for name in names}
@@ -169,13 +172,8 @@ def _sam_family_backbone(
     num_classes: int,
 ) -> tuple[Backbone, nn.Module]:
     """Backbone and ``sam_mask`` decoder from one SAM / LiteMedSAM checkpoint read (encoder and decoder together)."""
-    from medseg.backbones.sam import SamBackbone, build_sam_components
-    from medseg.models.sam_mask import SamMaskDecoder
-
     family = get_entry(name).family
     if family == "litemedsam":
-        from medseg.backbones.litemedsam import LiteMedSAMBackbone
-
         components = build_sam_components(name, pretrained, checkpoint, img_size=img_size, arch=arch)
         backbone = LiteMedSAMBackbone(components.image_encoder, in_channels=in_channels, channel_mode=channel_mode)
     elif family == "sam":

@@ -51,6 +51,7 @@ from medseg.backbones.registry import create_backbone, get_entry
 from medseg.errors import ConfigError, InputShapeError
 from medseg.models.dense import default_unetr_layers
 from medseg.models.prompt_encoder_3d import PromptEncoder3d
+from medseg.models.segmenter import apply_adapter_config
 from medseg.models.volumetric_decoder import VolumetricMaskDecoder
 from medseg.prompts.contract import Prompts
 
@@ -346,8 +347,6 @@ def build_volumetric_promptable(
     Raises:
         ConfigError: an unsupported backbone (LiteMedSAM), a bad roi or decoder setting.
     """
-    from medseg.models.segmenter import apply_adapter_config
-
     family = get_entry(backbone).family
     if family not in SUPPORTED_FAMILIES:
         raise ConfigError(

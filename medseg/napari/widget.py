@@ -37,11 +37,11 @@ from medseg.errors import ConfigError, MedsegError
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.recipe import SliceRecipe
 from medseg.inference.session import SegmentationSession, guess_intensity
-from medseg.inference.sources import load_model
 from medseg.napari.geometry import sliced_data_axis
 from medseg.napari.layers import boxes_layer, labels_layer, layer_name, points_layer
 from medseg.napari.prompts import POINT_KINDS, boxes_on_slice, point_labels, points_on_slice
 from medseg.napari.writer import write_labels
+from medseg.workflows.models import load_model
 
 __all__ = ["SegmentationWidget"]
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from medseg.atomic import atomic_write_text
 from medseg.backbones.weights import sha256_file
 from medseg.errors import WeightsError
 
@@ -49,8 +50,6 @@ def _release_files(folder: Path) -> list[str]:
 
 def write_checksums(folder: str | Path) -> Path:
     """Hash every file under ``folder`` (except hidden files) into ``folder/sha256sums.txt``; returns its path."""
-    from medseg.atomic import atomic_write_text
-
     folder = Path(folder)
     lines = [f"{sha256_file(folder / name)}  {name}" for name in _release_files(folder)]
     return atomic_write_text(folder / SHA256SUMS, "\n".join(lines) + "\n")

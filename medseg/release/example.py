@@ -19,6 +19,9 @@ import nibabel as nib
 import numpy as np
 
 from medseg.atomic import atomic_path, atomic_write_json
+from medseg.data.io import load_case
+from medseg.inference import write_label_map
+from medseg.inference.dense import predict_dense
 from medseg.inference.loaded import LoadedModel
 
 __all__ = [
@@ -100,16 +103,11 @@ def predict_label_map(loaded: LoadedModel, images: Sequence[str | Path]) -> np.n
     probabilities mapped back through the inverse transforms before the argmax), so ``medseg verify`` checks the very
     code path users run.
     """
-    from medseg.data.io import load_case
-    from medseg.inference.dense import predict_dense
-
     return np.asarray(predict_dense(loaded, load_case([str(p) for p in images])).labels)
 
 
 def write_expected(loaded: LoadedModel, folder: str | Path, info: Mapping[str, Any]) -> dict[str, Any]:
     """Predict the example with ``loaded``, write ``example/expected_label.nii.gz`` and ``example/example.json``."""
-    from medseg.inference import write_label_map
-
     folder = Path(folder)
     inputs = [folder / name for name in info["inputs"]]
     labels = predict_label_map(loaded, inputs)

@@ -20,10 +20,24 @@ from typing import Any
 import torch
 import yaml
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from medseg.atomic import atomic_write_json, atomic_write_text
+from medseg.backbones.weights import load_checkpoint
+from medseg.config import instantiate
+from medseg.data.datamodule import resolve_median_spacing
+from medseg.data.formats import load_dataset_info
 from medseg.errors import ConfigError, WeightsError
+from medseg.evaluation.summary import read_summary
+from medseg.paths import find_dataset
+from medseg.release.card import render_model_card
+from medseg.release.checksums import write_checksums
+from medseg.release.example import crop_example, write_expected
+from medseg.release.load import load_release
+from medseg.release.metadata import build_metadata, input_format
 from medseg.release.spec import CONFIG, FORMAT, METADATA, MODEL_CARD, MODES, WEIGHTS, release_config
+from medseg.release.weights import base_weights_record, export_tensors, has_adapters
+from medseg.tasks.checkpointing import load_weights
 
 __all__ = ["export_release", "run_export"]
 
@@ -38,8 +52,6 @@ def _default_name(run_dir: Path) -> str:
 
 def _twin_summary(run_dir: Path, init: str) -> dict[str, Any] | None:
     """``summary.json`` of the same run with ``init=scratch`` (``<model>__<adapter>__scratch/fold_k``), if any."""
-    from medseg.evaluation.summary import read_summary
-
     if init != "pretrained" or not run_dir.parent.name.endswith("__pretrained"):
         return None
     twin = run_dir.parent.parent / (run_dir.parent.name.removesuffix("__pretrained") + "__scratch") / run_dir.name
@@ -59,8 +71,6 @@ def _summary_checkpoint(run_dir: Path, summary: Mapping[str, Any]) -> Path:
 
 def _load_run_model(checkpoint: Path, run_cfg: Any, num_classes: int, in_channels: int,
                     labels: Mapping[str, int]) -> torch.nn.Module:  # fmt: skip
-    from medseg.config import instantiate
-    from medseg.evaluate import load_weights
 
     model = instantiate(run_cfg.model, num_classes=num_classes, in_channels=in_channels)
     task = instantiate(run_cfg.task, model=model, label_names=dict(labels))
@@ -80,8 +90,6 @@ def _run_facts(run_dir: Path, run_cfg: Any, model_cfg: Mapping[str, Any], datase
     A summary written by ``medseg evaluate`` alone lacks these facts; the card must still name the real backbone,
     model and dataset (never "backbone None ... model None-None ... on None").
     """
-    from medseg.backbones.weights import load_checkpoint
-
     backbone = model_cfg.get("backbone")
     adapter = (model_cfg.get("adapter") or {}).get("name") or _select(run_cfg, "adapter.name")
     parts = run_dir.parent.name.split("__")  # results/<dataset>/<model>__<adapter>__<init>/fold_<k>
@@ -115,7 +123,6 @@ def _assert_same_weights(rebuilt: torch.nn.Module, trained: torch.nn.Module) -> 
 
 def _defaults(summary: Mapping[str, Any], dataset: Mapping[str, Any], config: Mapping[str, Any],
               twin: Mapping[str, Any] | None) -> tuple[str, str, list[str]]:  # fmt: skip
-    from medseg.release.metadata import input_format
 
     fmt = input_format(config)
     classes = ", ".join(k for k, v in config["labels"].items() if int(v) != 0)
@@ -194,19 +201,6 @@ def export_release(
         ConfigError: a bad name, version or mode, an existing non-empty output, or a run without summary/checkpoint.
         WeightsError: the rebuilt release differs from the trained model (e.g. adapter-only with changed buffers).
     """
-    from safetensors.torch import save_file
-
-    from medseg.data.datamodule import resolve_median_spacing
-    from medseg.data.formats import load_dataset_info
-    from medseg.evaluation.summary import read_summary
-    from medseg.paths import find_dataset
-    from medseg.release.card import render_model_card
-    from medseg.release.checksums import write_checksums
-    from medseg.release.example import crop_example, write_expected
-    from medseg.release.load import load_release
-    from medseg.release.metadata import build_metadata
-    from medseg.release.weights import base_weights_record, export_tensors, has_adapters
-
     run_dir, output = Path(run_dir), Path(output)
     name = name or _default_name(run_dir)
     if not _NAME.match(name):

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from medseg.errors import WeightsError
 from medseg.inference.loaded import LoadedModel
 from medseg.release.checksums import read_checksums, verify_checksums
+from medseg.release.registry import fetch_release
 from medseg.release.spec import CONFIG, WEIGHTS, read_release_config
+from medseg.release.weights import build_release_model, resolve_base_weights
 
 __all__ = ["load_pretrained", "load_release", "read_release_tensors"]
 
@@ -27,9 +31,6 @@ def read_release_tensors(folder: Path) -> dict[str, torch.Tensor]:
     Raises:
         WeightsError: the file cannot be parsed as safetensors.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = folder / WEIGHTS
     try:
         return load_file(str(path), device="cpu")
@@ -61,8 +62,6 @@ def load_release(
         ConfigError: ``config.yaml`` is not a valid release config.
         WeightsError: the base weights are missing or differ, or the weights do not fit the model.
     """
-    from medseg.release.weights import build_release_model, resolve_base_weights
-
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise WeightsError(f"Release folder {folder} does not exist (give a folder written by `medseg export`).")
@@ -113,8 +112,6 @@ def load_pretrained(
         ConfigError: neither an existing folder nor a registered name (the message lists the registered names).
         WeightsError, ChecksumError: see :func:`load_release`; download failures name the URL and the cache folder.
     """
-    from medseg.release.registry import fetch_release
-
     candidate = Path(name_or_path).expanduser()
     if candidate.is_dir():
         return load_release(candidate, device=device, base_weights=base_weights)

@@ -23,6 +23,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from medseg.data.transforms import resolve_window
 from medseg.errors import ConfigError
 
 __all__ = [
@@ -59,8 +60,6 @@ def describe_intensity(transforms: list[Mapping[str, Any]]) -> dict[str, Any]:
     """The intensity normalisation of a preprocessing list, as numbers and one sentence."""
     ct = _find(transforms, ".CTWindowd")
     if ct is not None:
-        from medseg.data.transforms import resolve_window
-
         level, width = resolve_window(ct.get("window", "abdomen"))
         return {
             "method": "ct_window", "window": ct.get("window"), "level_hu": level, "width_hu": width,

@@ -37,7 +37,9 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from medseg.backbones.weights import sha256_file
 from medseg.errors import ConfigError, WeightsError
+from medseg.paths import ENV_WEIGHTS
 from medseg.release.checksums import SHA256SUMS, ChecksumError
 
 __all__ = [
@@ -83,8 +85,6 @@ def repository_root() -> Path:
 
 def cache_root() -> Path:
     """``$MEDSEG_WEIGHTS/releases`` when ``MEDSEG_WEIGHTS`` is set, else ``~/.cache/medseg/releases``."""
-    from medseg.paths import ENV_WEIGHTS
-
     base = os.environ.get(ENV_WEIGHTS)
     return (Path(base) if base else Path.home() / ".cache" / "medseg").expanduser().resolve() / "releases"
 
@@ -144,8 +144,6 @@ def find_entry(name: str, registry: str | Path | None = None) -> RegistryEntry:
 
 
 def _sha256_of(path: Path) -> str:
-    from medseg.backbones.weights import sha256_file
-
     return sha256_file(path)
 
 

@@ -22,7 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+from omegaconf import OmegaConf
+
 from medseg.errors import MedsegError
+from medseg.release.checksums import verify_checksums
+from medseg.release.example import compare_label_maps, predict_label_map, read_example
+from medseg.release.load import load_release
+from medseg.release.metadata import metadata_contradictions, read_metadata
+from medseg.release.spec import CONFIG, METADATA, WEIGHTS, read_release_config
 
 __all__ = ["CHECKS", "Check", "VerifyReport", "run_verify", "verify_release"]
 
@@ -52,11 +61,6 @@ class VerifyReport:
 
 
 def _example_check(loaded, folder: Path) -> Check:
-    import nibabel as nib
-    import numpy as np
-
-    from medseg.release.example import compare_label_maps, predict_label_map, read_example
-
     info = read_example(folder)
     started = time.perf_counter()
     predicted = predict_label_map(loaded, [folder / name for name in info["inputs"]])
@@ -75,11 +79,6 @@ def _example_check(loaded, folder: Path) -> Check:
 
 
 def _metadata_check(folder: Path) -> Check:
-    from omegaconf import OmegaConf
-
-    from medseg.release.metadata import metadata_contradictions, read_metadata
-    from medseg.release.spec import METADATA, read_release_config
-
     try:
         config = OmegaConf.to_container(read_release_config(folder))
         metadata = read_metadata(folder / METADATA)
@@ -111,10 +110,6 @@ def verify_release(
         base_weights: the base file of an adapter-only release, if not found automatically.
         echo: called with each check's line as it completes (e.g. ``print``).
     """
-    from medseg.release.checksums import verify_checksums
-    from medseg.release.load import load_release
-    from medseg.release.spec import CONFIG, METADATA, WEIGHTS
-
     folder = Path(path)
     report = VerifyReport(release=str(folder))
 

@@ -23,8 +23,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from medseg.backbones.weights import sha256_file
+from medseg.adapters.merge import adapter_state_dict, merge_adapters, unmerge_adapters
+from medseg.backbones.registry import get_entry
+from medseg.backbones.weights import resolve_checkpoint, sha256_file
+from medseg.config import instantiate
 from medseg.errors import ConfigError, WeightsError
+from medseg.paths import ENV_WEIGHTS, weights_root
 
 __all__ = [
     "adapter_only_keys",
@@ -47,8 +51,6 @@ def adapter_only_keys(model: nn.Module) -> set[str]:
     Raises:
         ConfigError: the model has no backbone with adapters (a baseline, or full fine-tuning without a config).
     """
-    from medseg.adapters.merge import adapter_state_dict
-
     if not has_adapters(model):
         raise ConfigError(
             f"{type(model).__name__} has no adapted pretrained backbone, so there is no base to store deltas against; "
@@ -60,8 +62,6 @@ def adapter_only_keys(model: nn.Module) -> set[str]:
 
 def export_tensors(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
     """The tensors to write for ``mode`` (contiguous CPU copies, as safetensors needs; shared storage is split)."""
-    from medseg.adapters.merge import merge_adapters, unmerge_adapters
-
     if mode == "merged":
         merge_adapters(model)
         state = model.state_dict()
@@ -82,9 +82,6 @@ def base_weights_record(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
         ConfigError: the run's backbone was not pretrained (a scratch base cannot be rebuilt: use ``--merge``).
         WeightsError: the base file cannot be found now (it is hashed at export).
     """
-    from medseg.backbones.registry import get_entry
-    from medseg.backbones.weights import resolve_checkpoint
-
     name = model_cfg.get("backbone")
     if not name or not model_cfg.get("pretrained"):
         raise ConfigError(
@@ -112,9 +109,6 @@ def resolve_base_weights(base: Mapping[str, Any], explicit: str | Path | None = 
         WeightsError: no candidate has the recorded SHA-256; the message names the file, its hash, where it looked
             and where to get it.
     """
-    from medseg.backbones.registry import get_entry
-    from medseg.paths import ENV_WEIGHTS, weights_root
-
     name, expected = str(base["file"]), str(base["sha256"])
     candidates: list[Path] = [Path(explicit).expanduser()] if explicit else []
     candidates.append(weights_root() / name)
@@ -157,9 +151,6 @@ def build_release_model(
     Raises:
         WeightsError: the tensors do not fit the rebuilt model (missing, unexpected or differently shaped keys).
     """
-    from medseg.adapters.merge import merge_adapters
-    from medseg.config import instantiate
-
     model_cfg = _plain(config.model)
     mode = str(config.weights.mode)
     if "pretrained" in model_cfg:

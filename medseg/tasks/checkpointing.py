@@ -14,6 +14,9 @@ Lightning's own path has three gaps that a kill or a full disk turns into a run 
   ``ModelCheckpoint``'s best score through a logged metric, say) is refused by ``torch.load(weights_only=True)``,
   which is how checkpoints are read back (:func:`medseg.backbones.weights.load_checkpoint`: no pickle ever runs code).
   :func:`plain_state` turns tensor subclasses into tensors before saving and names any other object it finds.
+
+:func:`load_weights` puts a checkpoint's weights into a task the same weights-only way, strictly (``medseg evaluate``,
+``medseg export``). Whether a checkpoint can be resumed from at all is :func:`medseg.runs.checkpoint_problem`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import shutil
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
+from medseg.atomic import atomic_path, remove_orphans
+from medseg.backbones.weights import load_checkpoint, read_lightning_state
 from medseg.errors import ConfigError, WeightsError
+from medseg.runs import LAST
 
-__all__ = ["LAST", "LastCheckpoint", "SafeCheckpointIO", "checkpoint_problem", "plain_state"]
-
-LAST = "last.ckpt"
+__all__ = ["LastCheckpoint", "SafeCheckpointIO", "load_weights", "plain_state"]
 
 # Leaves torch.load(weights_only=True) rebuilds without an allow-list (besides tensors and the containers below);
 # subclasses of the builtins (a MONAI string enum, an IntEnum) are saved as their builtin value.
@@ -79,21 +82,13 @@ def plain_state(value: Any, where: str = "checkpoint", strict: bool = True) -> A
     )
 
 
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why ``path`` cannot be resumed from (missing, not a torch zip file, truncated, a bad CRC), or ``None``.
+def load_weights(task: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Load a Lightning checkpoint's weights into ``task`` (strictly: a mismatch is a wrong checkpoint).
 
-    Reads the file once to check every member's CRC, without unpickling or allocating its tensors: Lightning then
-    loads it (weights-only) for the resume itself.
+    The file is read weights-only (:func:`medseg.backbones.weights.read_lightning_state`): a checkpoint is a pickle,
+    and one holding anything but tensors is refused with a ``WeightsError`` before any of it runs.
     """
-    path = Path(path)
-    if not path.is_file():
-        return "no such file"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
-    return f"member {bad} is corrupted" if bad else None
+    task.load_state_dict(read_lightning_state(checkpoint), strict=True)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -106,8 +101,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
             WeightsError: the state holds a non-plain object, or the file could not be written (full disk,
                 permissions); the previous file at ``path``, if any, is left as it was.
         """
-        from medseg.atomic import atomic_path
-
         state = plain_state(checkpoint)
         path = Path(path)
         try:
@@ -130,8 +123,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
         Raises:
             WeightsError: the file is missing, truncated, corrupted, or holds objects that would run code.
         """
-        from medseg.backbones.weights import load_checkpoint
-
         fix = "a full disk or a copy cut short; give ckpt_path=<an intact .ckpt>, or overwrite=true to start over"
         state = load_checkpoint(path, what="checkpoint", fix=fix)
         if not isinstance(state, dict):
@@ -178,8 +169,6 @@ class LastCheckpoint(Checkpoint):
             self._saved_step = trainer.global_step
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from medseg.atomic import remove_orphans
-
         if trainer.is_global_zero and not trainer.fast_dev_run:
             remove_orphans(self.dirpath)  # a process killed mid-write left its temporary file behind
         self._saved_step = trainer.global_step  # what was just restored is on disk already

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from medseg.adapters.report import parameter_report
+from medseg.adapters.targets import is_adapter_name
 from medseg.errors import ConfigError
+from medseg.models.param_groups import make_param_groups
 
 __all__ = ["OptimizationMixin", "total_steps_keyword"]
 
@@ -75,9 +78,6 @@ class OptimizationMixin:
         return groups
 
     def _backbone_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        from medseg.adapters.targets import is_adapter_name
-        from medseg.models.param_groups import make_param_groups
-
         backbone = self.model.backbone
         inside = {id(p) for p in backbone.parameters()}
         rest = [(n, p) for n, p in self.model.named_parameters() if id(p) not in inside]
@@ -108,8 +108,6 @@ class OptimizationMixin:
         if hasattr(self.model, "trainable_report"):
             return dict(self.model.trainable_report())
         if isinstance(getattr(self.model, "backbone", None), nn.Module):
-            from medseg.adapters.report import parameter_report
-
             return parameter_report(self.model)
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)

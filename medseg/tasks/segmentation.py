@@ -3,8 +3,8 @@
 Training sees what the data pipeline samples (2D slices or 3D patches). Validation does not: it predicts every whole
 validation volume the way evaluation does (slice by slice or sliding window, :func:`medseg.inference.predict_logits`)
 and scores Dice per class on the *preprocessed* grid. That number is good for choosing a checkpoint but is not the
-reported result, so it is logged as ``val/dice_resampled``; the reported metrics come from :mod:`medseg.evaluate`, on
-the native grid of the test cases.
+reported result, so it is logged as ``val/dice_resampled``; the reported metrics come from
+:mod:`medseg.workflows.evaluation`, on the native grid of the test cases.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from medseg.errors import ConfigError
+from medseg.inference import predict_logits
 from medseg.tasks.optimization import OptimizationMixin, total_steps_keyword
 
 __all__ = ["SegmentationTask", "total_steps_keyword"]
@@ -87,8 +88,6 @@ class SegmentationTask(OptimizationMixin, L.LightningModule):
     # ------------------------------------------------------------------ validation (whole volumes)
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(K, X, Y, Z)`` of one preprocessed volume ``(C, X, Y, Z)``, as evaluation predicts it."""
-        from medseg.inference import predict_logits
-
         return predict_logits(self.model, image, spatial_dims=int(self.model.spatial_dims), **self.inference)
 
     def on_validation_epoch_start(self) -> None:

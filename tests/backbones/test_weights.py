@@ -138,7 +138,7 @@ class _WritesMarker:
 
 
 def _load_into_task(path):
-    from medseg.evaluate import load_weights
+    from medseg.tasks.checkpointing import load_weights
 
     task = torch.nn.Module()
     task.model = torch.nn.Linear(2, 1)

@@ -8,20 +8,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import medseg.train
+import medseg.benchmark.jobs
 from medseg.benchmark.runner import OUTPUTS, load_settings, run_benchmark
 from medseg.errors import ConfigError
 
 
 def _count_training(monkeypatch) -> list[str]:
     calls: list[str] = []
-    real = medseg.train.train
+    real = medseg.benchmark.jobs.train
 
     def counting(cfg):
         calls.append(str(cfg.run_dir))
         return real(cfg)
 
-    monkeypatch.setattr(medseg.train, "train", counting)
+    monkeypatch.setattr(medseg.benchmark.jobs, "train", counting)
     return calls
 
 

@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from medseg.cli import main
+from medseg.config import CONFIG_DIR
 from medseg.data.prepare import synthetic
-from medseg.train import CONFIG_DIR
 
 # A 2D UNet of a few thousand parameters, two optimisation steps: a real run folder, not a good model.
 TINY_RUN = [
@@ -45,7 +45,7 @@ def train_run_folder(overrides: list[str], root: Path, run_dir: Path, data_seed:
     The folder holds the checkpoints and ``.hydra/config.yaml`` (what Hydra writes), so model loaders see exactly
     what `medseg train` leaves behind.
     """
-    from medseg.train import train
+    from medseg.workflows.training import train
 
     synthetic.build(root, seed=data_seed, num_train=4, num_test=1, shape=shape)
     GlobalHydra.instance().clear()
@@ -120,7 +120,7 @@ def phantom_scan(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def litemedsam_model():
     """The built-in LiteMedSAM as ``medseg predict -m litemedsam`` loads it (real weights, CPU)."""
-    from medseg.inference.sources import load_model
+    from medseg.workflows.models import load_model
 
     return load_model("litemedsam", device="cpu")
 

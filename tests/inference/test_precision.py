@@ -54,7 +54,7 @@ def test_prepare_model_uses_channels_last_only_off_fp32():
 def test_litemedsam_in_bf16_agrees_with_fp32(blob, tmp_path):
     """The real model on one slice of the blob: bf16 masks equal fp32 ones to Dice > 0.99 (the bench's criterion)."""
     from medseg.inference.predictor import PredictOptions, predict_cases
-    from medseg.inference.sources import load_model
+    from medseg.workflows.models import load_model
 
     volume, mask = blob(depth=1)
     nifti = tmp_path / "blob.nii.gz"

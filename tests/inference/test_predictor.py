@@ -15,7 +15,7 @@ from medseg.errors import ConfigError, InputShapeError, ReaderError
 from medseg.inference.cases import read_case
 from medseg.inference.dense import mirror_axes, predict_dense
 from medseg.inference.predictor import PredictOptions, predict_case, predict_cases, predict_image
-from medseg.inference.sources import load_model
+from medseg.workflows.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_litemedsam_refuses_an_image_without_contrast_unless_windowed(litemedsam
 
 
 def test_failures_outside_medseg_are_told_in_words_where_they_are_known():
-    from medseg.inference.predictor import failure_message
+    from medseg.inference.report import failure_message
 
     assert failure_message(MemoryError()).startswith("out of memory for this case; free memory")
     assert failure_message(torch.OutOfMemoryError("CUDA out of memory")).startswith("the GPU ran out of memory")

@@ -41,7 +41,7 @@ def no_model(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the paths were checked")
 
-    monkeypatch.setattr("medseg.inference.sources.load_model", load_model)
+    monkeypatch.setattr("medseg.workflows.models.load_model", load_model)
 
 
 def test_output_into_the_input_folder_is_refused_and_every_input_survives(dense_run, scans, tmp_path, capsys):
@@ -133,7 +133,7 @@ def test_a_rerun_clears_what_a_killed_run_left_and_nothing_else(dense_run, phant
 def test_probabilities_and_label_map_appear_together_or_not_at_all(dense_run, phantom_scan, tmp_path, monkeypatch):
     """A full disk while the label map is written takes the probabilities back out, with a message naming the file."""
     from medseg.inference.predictor import PredictOptions, predict_cases
-    from medseg.inference.sources import load_model
+    from medseg.workflows.models import load_model
 
     real_save = nib.save
 

@@ -24,9 +24,9 @@ from medseg.inference.prepared import intensity_transforms, prepare_volume
 from medseg.inference.prompted_run import predict_run_prompts
 from medseg.inference.propagate import PropagationConfig, propagate
 from medseg.inference.recipe import SliceRecipe, slice_predictor
-from medseg.inference.sources import load_model
 from medseg.prompts.contract import Prompts
 from medseg.prompts.files import dump_prompts, load_prompts
+from medseg.workflows.models import load_model
 
 # A tiny SAM (2 blocks of width 32 at 64 px), 30 steps: a real promptable run folder, not a good model.
 TINY_PROMPTABLE = [

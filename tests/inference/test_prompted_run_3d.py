@@ -23,10 +23,10 @@ from medseg.evaluation.interactive_run import load_native_case
 from medseg.inference.cases import read_case
 from medseg.inference.prepared import intensity_transforms, model_grid
 from medseg.inference.recipe import minmax_per_image
-from medseg.inference.sources import load_model
 from medseg.inference.volumetric import volume_predictor
 from medseg.prompts.contract import Prompts
 from medseg.prompts.files import load_prompts
+from medseg.workflows.models import load_model
 
 # The 3-D smoke experiment (2 ViT blocks of width 32, roi 32 x 32 x 16, target spacing 1.5 x 1.5 x 3 mm), 10 steps.
 TINY_PROMPTABLE_3D = [

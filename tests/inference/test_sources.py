@@ -8,8 +8,8 @@ import torch
 
 from medseg.backbones.weights import load_checkpoint
 from medseg.cli import main
-from medseg.inference.sources import load_model
 from medseg.runs import select_checkpoint
+from medseg.workflows.models import load_model
 
 
 class _WritesMarker:

@@ -20,17 +20,17 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from medseg.config import CONFIG_DIR
 from medseg.data.prepare import synthetic
 from medseg.release.checksums import write_checksums
-from medseg.train import CONFIG_DIR
 
 ARCH = "{depth:2,embed_dim:32,num_heads:2,img_size:64}"
 BASE_FILE = "tiny_mae.safetensors"
 
 
 def _train(root: Path, run_name: str, overrides: list[str], saved_names: dict[str, str]) -> Path:
-    from medseg.evaluate import evaluate
-    from medseg.train import train
+    from medseg.workflows.evaluation import evaluate
+    from medseg.workflows.training import train
 
     data = root / "data"
     synthetic.build(data, seed=4, num_train=4, num_test=1, shape=(32, 32, 12))

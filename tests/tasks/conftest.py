@@ -10,8 +10,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from medseg.config import CONFIG_DIR
 from medseg.data.prepare import synthetic
-from medseg.train import CONFIG_DIR
 
 # A small, fast 2D UNet on coarse synthetic volumes: enough to learn the phantoms' organs on CPU in about a minute.
 TINY = [

@@ -12,7 +12,8 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.errors import ConfigError, WeightsError
-from medseg.tasks.checkpointing import LastCheckpoint, SafeCheckpointIO, checkpoint_problem, plain_state
+from medseg.runs import checkpoint_problem
+from medseg.tasks.checkpointing import LastCheckpoint, SafeCheckpointIO, plain_state
 
 
 @contextlib.contextmanager

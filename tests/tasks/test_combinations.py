@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medseg.config import instantiate
+from medseg.config import CONFIG_DIR, instantiate
 from medseg.errors import ConfigError
-from medseg.train import CONFIG_DIR
 
 ADAPTERS = sorted(p.stem for p in (Path(CONFIG_DIR) / "adapter").glob("*.yaml"))
 DECODERS = ["vit_linear", "vit_unetr", "sam_mask"]

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from medseg.config import CONFIG_DIR
 from medseg.data.prepare import mni_tissue, synthetic
-from medseg.train import CONFIG_DIR, train
+from medseg.workflows.training import train
 
 # cls_* experiments belong to `medseg classify` (conf/classify.yaml); tests/test_classify_configs.py runs them.
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml") if not p.stem.startswith("cls_"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from medseg.train import train
+from medseg.workflows.training import train
 
 
 def test_unet_learns_the_synthetic_organs(train_config, synthetic_root, tmp_path):

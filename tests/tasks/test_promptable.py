@@ -17,7 +17,7 @@ from medseg.inference.recipe import single_click
 from medseg.prompts import ClickSimulator, sample_prompts
 from medseg.tasks.prompt_sampling import ClickState, mask_iou, pick_masks
 from medseg.tasks.promptable import PromptableTask
-from medseg.train import train
+from medseg.workflows.training import train
 
 # A tiny SAM (2 blocks of width 32 at 64 px) trained for a few dozen steps; evaluation capped to keep CI fast.
 PROMPTABLE = [

@@ -13,7 +13,7 @@ from medseg.config import instantiate
 from medseg.errors import ConfigError
 from medseg.evaluation.summary import is_complete, read_summary
 from medseg.tasks.promptable import PromptableTask
-from medseg.train import train
+from medseg.workflows.training import train
 
 # A tiny volumetric SAM (2 ViT blocks of width 32, 32 x 32 x 16 roi) trained for a few dozen steps; the validation
 # and the test-time evaluation (sliding windows over whole volumes, one predict per click) are capped to stay fast.

@@ -10,10 +10,10 @@ import lightning as L
 import pytest
 import torch
 
-import medseg.train
+import medseg.workflows.training
 from medseg.errors import WeightsError
 from medseg.tasks.callbacks import state_digest
-from medseg.train import train
+from medseg.workflows.training import train
 
 # Deterministic kernels, no validation/evaluation (not what is tested), augmentation on: the continuation must draw
 # the same slices, flips and affine warps as the uninterrupted run, which only the saved random states give.
@@ -91,9 +91,9 @@ class KillAtEpoch(L.Callback):
 def killed_run(train_config, small_synthetic_root, tmp_path, monkeypatch):
     """A run folder of 8 planned steps (2 per epoch) killed after epochs 0-2; validation ran after epoch 1."""
     run_dir = tmp_path / "killed"
-    build = medseg.train.build_callbacks
+    build = medseg.workflows.training.build_callbacks
     with monkeypatch.context() as patch:
-        patch.setattr(medseg.train, "build_callbacks", lambda cfg: [*build(cfg), KillAtEpoch(3)])
+        patch.setattr(medseg.workflows.training, "build_callbacks", lambda cfg: [*build(cfg), KillAtEpoch(3)])
         with pytest.raises(Killed):
             _run(train_config, small_synthetic_root, run_dir, 8, VALIDATED)
     return run_dir

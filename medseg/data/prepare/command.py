@@ -14,24 +14,22 @@ from pathlib import Path
 from rich.console import Console
 
 from medseg.console import wide_console
+from medseg.data.classification import check_classification_folder
+from medseg.data.cls_datamodule import TABLE_NAMES
+from medseg.data.fingerprint import load_or_compute_fingerprint, print_dataset_summary
+from medseg.data.formats import load_dataset_info
 from medseg.data.prepare.writing import check_writable_folder
+from medseg.data.validate import validate_dataset
 from medseg.errors import MedsegError
-from medseg.paths import ENV_DATA, data_root, find_dataset
+from medseg.paths import DEMO_DATASETS, ENV_DATA, data_root, find_dataset
 
-__all__ = ["BUILDERS", "build_dataset", "run_prepare"]
-
-# Short name -> module with `DATASET_NAME` and `build(root, seed) -> Path`.
-BUILDERS = {
-    "synthetic": "medseg.data.prepare.synthetic",
-    "mni-tissue": "medseg.data.prepare.mni_tissue",
-    "mni-slices": "medseg.data.prepare.mni_slices",
-}
+__all__ = ["build_dataset", "run_prepare"]
 
 
 def build_dataset(name: str, root: Path, seed: int = 0, force: bool = False, console: Console | None = None) -> Path:
     """Build the named demo dataset under ``root`` unless it is already there (``force`` rebuilds it)."""
     console = console or wide_console(stderr=True)
-    module = importlib.import_module(BUILDERS[name])
+    module = importlib.import_module(DEMO_DATASETS[name])
     target = root / module.DATASET_NAME
     if target.is_dir() and not force:
         console.print(f"prepare: {name}: {target} exists, skipping the build (use --force to rebuild)")
@@ -44,16 +42,11 @@ def build_dataset(name: str, root: Path, seed: int = 0, force: bool = False, con
 
 
 def _is_classification(path: Path) -> bool:
-    from medseg.data.cls_datamodule import TABLE_NAMES
-
     return not (path / "dataset.json").is_file() and any((path / n).is_file() for n in TABLE_NAMES)
 
 
 def _check_classification(path: Path, console: Console) -> int:
     """Check and summarise a classification dataset (a table of images and labels); 1 if it has problems."""
-    from medseg.data.classification import check_classification_folder
-    from medseg.data.cls_datamodule import TABLE_NAMES
-
     problems, summary = check_classification_folder(path, TABLE_NAMES)
     if problems:
         console.print(f"[bold red]{path.name}: {len(problems)} problem(s)[/]")
@@ -78,19 +71,15 @@ def run_prepare(
         ConfigError: a dataset is to be built (it is missing, or ``force``) but the destination (``output`` or
             ``$MEDSEG_DATA``) is a file or cannot be written; checked before any work starts.
     """
-    from medseg.data.fingerprint import load_or_compute_fingerprint, print_dataset_summary
-    from medseg.data.formats import load_dataset_info
-    from medseg.data.validate import validate_dataset
-
     console = wide_console()
     root = Path(output).expanduser().resolve() if output else data_root()
-    builds = [n for n in names if n in BUILDERS and not only_check]
-    if any(force or not (root / importlib.import_module(BUILDERS[n]).DATASET_NAME).is_dir() for n in builds):
+    builds = [n for n in names if n in DEMO_DATASETS and not only_check]
+    if any(force or not (root / importlib.import_module(DEMO_DATASETS[n]).DATASET_NAME).is_dir() for n in builds):
         source = "--output" if output else f"${ENV_DATA}" if os.environ.get(ENV_DATA) else "the default ./data"
         check_writable_folder(root, source)  # before any build: a read-only or file destination fails in one line
     failed = 0
     for name in names:
-        if name in BUILDERS and not only_check:
+        if name in DEMO_DATASETS and not only_check:
             path = build_dataset(name, root, seed=seed, force=force)
         else:
             path = find_dataset(name, root)

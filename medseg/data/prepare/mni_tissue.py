@@ -64,6 +64,7 @@ def load_template(resolution_mm: int = 2) -> tuple[np.ndarray, np.ndarray, np.nd
         ``(t1, gm, wm, affine)``: float32 arrays (T1 in nilearn's 0-1 scale; probabilities in [0, 1]) and the 4x4
         voxel-to-MNI affine (RAS+ mm).
     """
+    # lazy: nilearn (with its scikit-learn and pandas imports) is needed only while the demo dataset is built
     from nilearn.datasets import load_mni152_gm_template, load_mni152_template, load_mni152_wm_template
 
     if resolution_mm not in (1, 2):

@@ -30,9 +30,9 @@ from medseg.evaluation.classification.summary import build_classification_summar
 from medseg.inference.classified import CONFIG_FILE, WEIGHTS_FILE
 from medseg.inference.precision import inference_precision
 from medseg.models.knn import KNNHead
-from medseg.train import build_callbacks, build_loggers, resolve_precision
 from medseg.workflows.classification.features import FeatureCache
 from medseg.workflows.classification.protocols import FROZEN_PROTOCOLS, PROTOCOLS, fit_knn, fit_linear_probe
+from medseg.workflows.training import build_callbacks, build_loggers, resolve_precision
 
 __all__ = ["build_model", "predict_split", "save_classifier", "train_classifier"]
 
