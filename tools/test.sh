@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command of the README: set up the environment if needed, check style, run the test suite, then the napari
-# widget tests (marker qt) on a virtual display. Extra arguments go to pytest, e.g. `bash tools/test.sh -k geometry`.
+# The test command of the README: set up the environment if needed, check style and the import layers (lint-imports,
+# see the README's "Architecture"), run the test suite, then the napari widget tests (marker qt) on a virtual display.
+# Extra arguments go to pytest, e.g. `bash tools/test.sh -k geometry`.
 # The qt tests need xvfb and Qt's X libraries (tools/qt_deps.sh installs them as root); without them they are skipped
 # with a hint, unless MEDSEG_REQUIRE_QT=1 (CI), which installs them or fails.
 set -euo pipefail
@@ -9,6 +10,7 @@ source "$repo/tools/setup_env.sh"
 cd "$repo"
 ruff check medseg tests tools
 ruff format --check medseg tests tools
+lint-imports
 python -m pytest "$@"
 
 if [ "${MEDSEG_REQUIRE_QT:-0}" = "1" ]; then
