@@ -80,10 +80,7 @@ def evaluate_model(
     datamodule.setup("test")
     dataset = datamodule.dataset_for("test")
     cases = _test_cases(datamodule, max_cases)
-    predictions = run_dir / "predictions"
-    predictions.mkdir(parents=True, exist_ok=True)
-    for stale in predictions.glob("*.nii.gz"):
-        stale.unlink()
+    predictions = _fresh_predictions(run_dir)
     model = task.model
     suffix = datamodule.info.file_ending
     for index, case in enumerate(cases):
@@ -92,14 +89,8 @@ def evaluate_model(
         native = native_label_map(logits, item, datamodule.deterministic_transform)
         write_label_map(native, case.images[0], predictions / f"{case.case_id}{suffix}")
         log.info("Predicted test case %d/%d: %s", index + 1, len(cases), case.case_id)
-    facts = dict(extras or {})
-    facts["eval_wall_time_s"] = round(time.perf_counter() - eval_started, 1)
-    if started is not None:
-        facts["wall_time_s"] = round(time.perf_counter() - started, 1)
-    summary = evaluate_folder(
-        predictions, _reference_labels(datamodule), datamodule.label_names, nsd_tolerance_mm=nsd_tolerance_mm,
-        suffix=suffix, output=run_dir / SUMMARY, extras=facts,
-    )  # fmt: skip
+    facts = _timed(dict(extras or {}), eval_started, started)
+    summary = _score(predictions, _reference_labels(datamodule), datamodule, run_dir, facts, nsd_tolerance_mm)
     log.info("Test foreground mean Dice %.4f -> %s", summary["foreground_mean"]["dice"] or 0.0, run_dir / SUMMARY)
     return summary
 
@@ -107,6 +98,35 @@ def evaluate_model(
 def _test_cases(datamodule: Any, max_cases: int | None) -> list[Any]:
     cases = [c for c in datamodule.info.test if c.case_id in set(datamodule.test_ids)]
     return cases if max_cases is None else cases[:max_cases]
+
+
+def _fresh_predictions(run_dir: Path) -> Path:
+    """``run_dir/predictions/``, emptied of an earlier evaluation's label maps."""
+    predictions = run_dir / "predictions"
+    predictions.mkdir(parents=True, exist_ok=True)
+    for stale in predictions.glob("*.nii.gz"):
+        stale.unlink()
+    return predictions
+
+
+def _timed(facts: dict[str, Any], eval_started: float, started: float | None) -> dict[str, Any]:
+    """``facts`` (the run's, for the summary) with the evaluation's wall time, and the run's when ``started`` is
+    given."""
+    facts["eval_wall_time_s"] = round(time.perf_counter() - eval_started, 1)
+    if started is not None:
+        facts["wall_time_s"] = round(time.perf_counter() - started, 1)
+    return facts
+
+
+def _score(
+    predictions: Path, reference_dir: Path, datamodule: Any, run_dir: Path, facts: dict[str, Any], nsd_mm: float
+) -> dict[str, Any]:
+    """Score the label maps against the references on the native grid and write ``run_dir/summary.json``."""
+    suffix = datamodule.info.file_ending
+    return evaluate_folder(
+        predictions, reference_dir, datamodule.label_names, nsd_tolerance_mm=nsd_mm, suffix=suffix,
+        output=run_dir / SUMMARY, extras=facts,
+    )  # fmt: skip
 
 
 def evaluate_promptable_model(
@@ -140,10 +160,7 @@ def evaluate_promptable_model(
     datamodule.setup("test")
     reference_dir = _reference_labels(datamodule)
     cases = _test_cases(datamodule, settings.max_cases if max_cases is None else max_cases)
-    predictions = run_dir / "predictions"
-    predictions.mkdir(parents=True, exist_ok=True)
-    for stale in predictions.glob("*.nii.gz"):
-        stale.unlink()
+    predictions = _fresh_predictions(run_dir)
     intensity = intensity_transforms(datamodule.deterministic_transform)
     model = task.model.eval()
     suffix = datamodule.info.file_ending
@@ -163,15 +180,11 @@ def evaluate_promptable_model(
         per_case[case.case_id] = objects
         write_label_map(native.native(label_map), case.images[0], predictions / f"{case.case_id}{suffix}")
         log.info("Interactive test case %d/%d: %s (%d objects)", index + 1, len(cases), case.case_id, len(objects))
-    facts = dict(extras or {})
-    facts["interactive"] = summarize_interactive(per_case, settings.max_clicks)
-    facts["eval_wall_time_s"] = round(time.perf_counter() - eval_started, 1)
-    if started is not None:
-        facts["wall_time_s"] = round(time.perf_counter() - started, 1)
-    summary = evaluate_folder(
-        predictions, reference_dir, datamodule.label_names, nsd_tolerance_mm=nsd_tolerance_mm, suffix=suffix,
-        output=run_dir / SUMMARY, extras=facts,
-    )  # fmt: skip
+    facts = {
+        **_timed(extras, eval_started, started),
+        "interactive": summarize_interactive(per_case, settings.max_clicks),
+    }
+    summary = _score(predictions, reference_dir, datamodule, run_dir, facts, nsd_tolerance_mm)
     dices = summary["interactive"]["foreground_mean"].get("dice_at_k") or [0.0]
     log.info("Test interactive Dice@1 %.4f, Dice@%d %.4f -> %s", dices[0], len(dices), dices[-1], run_dir / SUMMARY)
     return summary
