@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -86,6 +87,9 @@ def table(result: dict) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for record in result["configurations"]:
+        if "error" in record:
+            lines.append(f"| `{record['name']}` | failed: {record['error']} |")
+            continue
         shape = ((record.get("model") or {}).get("batch_shapes") or {}).get("image")
         ratio = record.get("loop_over_model")
         lines.append(
@@ -123,15 +127,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     jobs = {name: [*CONFIGURATIONS[name], *args.override] for name in args.configs}
     for overrides in jobs.values():  # every config and dataset checked before minutes of measuring
         check_configuration(overrides, device, args.precision)
-    records = []
-    for name, overrides in jobs.items():
-        print(f"[bench_train] {name}: {' '.join(overrides)}", flush=True)
-
-        def progress(mode: str, name: str = name) -> None:
-            print(f"[bench_train] {name}: measuring {mode}", flush=True)
-
-        settings = {"precision": args.precision, "modes": args.modes, "progress": progress}
-        records.append(measure_configuration(name, overrides, device, args.steps, args.warmup, **settings))
+    records = [_measure(name, overrides, device, args) for name, overrides in jobs.items()]
     result = {
         "machine": machine_facts(),
         "command": "python tools/bench_train.py " + " ".join(argv),
@@ -145,7 +141,29 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"[bench_train] wrote {output}")
     if args.table:
         print(table(result))
-    return 0
+    failed = [r["name"] for r in records if "error" in r]
+    if failed:
+        print(f"bench_train.py: error: {', '.join(failed)} failed (see above and in {output})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _measure(name: str, overrides: list[str], device: torch.device, args: argparse.Namespace) -> dict:
+    """One configuration's record; a failure becomes ``{"name", "overrides", "error"}`` so that it does not discard
+    the minutes already spent measuring the others (a bug's traceback is printed, a user error's message only)."""
+    print(f"[bench_train] {name}: {' '.join(overrides)}", flush=True)
+
+    def progress(mode: str) -> None:
+        print(f"[bench_train] {name}: measuring {mode}", flush=True)
+
+    settings = {"precision": args.precision, "modes": args.modes, "progress": progress}
+    try:
+        return measure_configuration(name, overrides, device, args.steps, args.warmup, **settings)
+    except Exception as error:
+        if not isinstance(error, MedsegError):
+            traceback.print_exc()
+        message = " ".join(str(error).split())
+        print(f"bench_train.py: error: {name}: {message}", file=sys.stderr, flush=True)
+        return {"name": name, "overrides": overrides, "error": f"{type(error).__name__}: {message}"}
 
 
 def _positive(text: str) -> int:

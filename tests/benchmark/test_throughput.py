@@ -120,3 +120,23 @@ def test_cuda_without_a_gpu_is_refused(bench_train, bench_env, tmp_path, capsys,
 def test_output_that_is_a_folder_is_refused(bench_train, bench_env, tmp_path, capsys):
     assert bench_train.main(["--configs", "synthetic_unet", "--output", str(tmp_path)]) == 2
     assert f"--output {tmp_path} is a folder" in capsys.readouterr().err
+
+
+def test_a_failed_configuration_keeps_the_others(bench_train, bench_env, tmp_path, capsys, monkeypatch):
+    def measure(name, overrides, device, steps, warmup, **settings):
+        if name == "promptable_synthetic":
+            raise RuntimeError("decode broke")
+        return {"name": name, "overrides": overrides, "task": "SegmentationTask", "precision": "32-true",
+                "num_workers": 0, "loop": {"steps_per_s": 2.0}}  # fmt: skip
+
+    monkeypatch.setattr(bench_train, "measure_configuration", measure)
+    output = tmp_path / "throughput.json"
+    argv = ["--configs", "synthetic_unet", "promptable_synthetic", "--output", str(output), "--table"]
+    assert bench_train.main(argv) == 1
+    unet, failed = json.loads(output.read_text())["configurations"]
+    assert unet["loop"]["steps_per_s"] == 2.0
+    assert failed == {"name": "promptable_synthetic", "overrides": ["experiment=promptable_synthetic"],
+                      "error": "RuntimeError: decode broke"}  # fmt: skip
+    captured = capsys.readouterr()
+    assert "promptable_synthetic failed" in captured.err and "decode broke" in captured.err
+    assert "| `promptable_synthetic` | failed: RuntimeError: decode broke |" in captured.out
