@@ -87,7 +87,7 @@ class SegmentationSession:
         compile: bool = False,
     ) -> None:
         """Args:
-        model: a :class:`LoadedModel` of kind ``promptable`` (``medseg.inference.sources.load_model``) or the
+        model: a :class:`LoadedModel` of kind ``promptable`` (``medseg.workflows.models.load_model``) or the
             model itself.
         volume: raw intensities (HU for CT, scanner units for MR, 0-255 with ``intensity="none"``).
         axis: slicing axis.
