@@ -173,14 +173,17 @@ class PromptableSegmenter(nn.Module):
         kept while that matrix is the same tensor, unchanged in place, and the grad, inference and autocast modes are
         those it was made under (an inference-mode tensor must not reach autograd; an autocast one is bfloat16).
         """
-        from medseg.inference.precision import numerics_signature
-
         matrix = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
         try:
             version = matrix._version
         except RuntimeError:  # an inference-mode buffer has no version counter: compute it every time
             return self.prompt_encoder.get_dense_pe()
-        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), numerics_signature())
+        autocast = tuple(
+            (device, torch.get_autocast_dtype(device))
+            for device in ("cpu", "cuda")
+            if torch.is_autocast_enabled(device)
+        )  # the state medseg.inference.precision.numerics_signature names (models sit below inference)
+        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
         key = (id(matrix), matrix.data_ptr(), version, matrix.device, matrix.dtype, modes)
         if self._dense_pe is None or self._dense_pe[0] != key:
             self._dense_pe = (key, self.prompt_encoder.get_dense_pe())
