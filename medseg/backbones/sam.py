@@ -190,11 +190,11 @@ def build_sam_components(
     """SAM's image encoder, prompt encoder and mask decoder, with their pretrained weights loaded strictly.
 
     The checkpoint is found as for :func:`~medseg.backbones.registry.create_backbone` (explicit path, then
-    ``$MEDSEG_WEIGHTS/<official file name>``), and all three modules must match it exactly. ``name="litemedsam"``
-    gives LiteMedSAM's TinyViT, prompt encoder and mask decoder (see :mod:`medseg.backbones.litemedsam`).
+    ``$MEDSEG_WEIGHTS/<official file name>``), and all three modules must match it exactly. For LiteMedSAM's
+    TinyViT, prompt encoder and mask decoder use :func:`medseg.backbones.components.build_components`.
 
     Args:
-        name: ``sam_vit_b``, ``sam_vit_l``, ``sam_vit_h`` or ``litemedsam``.
+        name: ``sam_vit_b``, ``sam_vit_l`` or ``sam_vit_h``.
         pretrained: ``False`` gives the same modules with standard initialisation (the scratch twin).
         checkpoint: explicit path of the official full-SAM file.
         img_size: side length in pixels the modules are built for (SAM: a multiple of 16, default 1024; LiteMedSAM:
@@ -205,12 +205,11 @@ def build_sam_components(
     """
     check_attention_mode(attention)
     entry = get_entry(name)
-    if entry.family == "litemedsam":
-        from medseg.backbones.litemedsam import LITEMEDSAM_IMAGE_SIZE, build_litemedsam_components
-
-        if arch or img_size not in (None, LITEMEDSAM_IMAGE_SIZE):
-            raise ValueError(f"LiteMedSAM has one architecture at {LITEMEDSAM_IMAGE_SIZE} px: no img_size or arch")
-        return build_litemedsam_components(pretrained, checkpoint, attention=attention)
+    if entry.family != "sam":
+        raise ValueError(
+            f"{name!r} is a {entry.family} backbone; build_sam_components builds sam_vit_b/l/h (LiteMedSAM and SAM "
+            f"alike: medseg.backbones.components.build_components)."
+        )
     components = _build_modules(name, img_size or SAM_IMAGE_SIZE, arch)
     set_attention(components.image_encoder, attention)
     if pretrained:

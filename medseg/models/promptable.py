@@ -32,6 +32,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from medseg.backbones.base import Backbone
+from medseg.backbones.components import build_components
 from medseg.backbones.registry import create_backbone, get_entry
 from medseg.errors import ConfigError, InputShapeError
 from medseg.prompts.contract import Prompts
@@ -305,7 +306,7 @@ def build_promptable(
     Raises:
         ConfigError: an image size the backbone cannot take or a bad ``decoder_from``.
     """
-    from medseg.backbones.sam import SamBackbone, build_sam_components
+    from medseg.backbones.sam import SamBackbone
     from medseg.models.segmenter import apply_adapter_config
 
     family = get_entry(backbone).family
@@ -315,11 +316,11 @@ def build_promptable(
 
         if img_size not in (None, LITEMEDSAM_IMAGE_SIZE):
             raise ConfigError(f"LiteMedSAM runs at 256 x 256 pixels only; set img_size=256 (got {img_size}).")
-        parts = build_sam_components(backbone, pretrained, checkpoint)
+        parts = build_components(backbone, pretrained, checkpoint)
         net: Backbone = LiteMedSAMBackbone(parts.image_encoder, in_channels=in_channels, channel_mode=channel_mode)
         size, prompt_encoder, mask_decoder = LITEMEDSAM_IMAGE_SIZE, parts.prompt_encoder, parts.mask_decoder
     elif family == "sam":
-        parts = build_sam_components(backbone, pretrained, checkpoint, img_size=img_size, arch=arch)
+        parts = build_components(backbone, pretrained, checkpoint, img_size=img_size, arch=arch)
         net = SamBackbone(parts.image_encoder, name=backbone, in_channels=in_channels, channel_mode=channel_mode)
         size, prompt_encoder, mask_decoder = parts.image_encoder.img_size, parts.prompt_encoder, parts.mask_decoder
     else:
@@ -335,7 +336,7 @@ def build_promptable(
         if size % net.patch_size:
             raise ConfigError(f"img_size {size} is not a multiple of {backbone}'s patch size {net.patch_size} px.")
         grid = (size // net.patch_size,) * 2
-        source = build_sam_components(decoder_from, pretrained)
+        source = build_components(decoder_from, pretrained)
         prompt_encoder = _rebuilt_prompt_encoder(source.prompt_encoder, grid, size)
         mask_decoder = source.mask_decoder
         neck = ProjectionNeck(net.embed_dim)

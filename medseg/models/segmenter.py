@@ -26,9 +26,10 @@ from medseg.adapters.apply import apply_adapters
 from medseg.adapters.report import parameter_report
 from medseg.adapters.targets import is_adapter_name
 from medseg.backbones.base import Backbone
+from medseg.backbones.components import build_components
 from medseg.backbones.litemedsam import LiteMedSAMBackbone
 from medseg.backbones.registry import create_backbone, get_entry
-from medseg.backbones.sam import SamBackbone, build_sam_components
+from medseg.backbones.sam import SamBackbone
 from medseg.errors import ConfigError, InputShapeError
 from medseg.models.dense import LinearDecoder, UNETRDecoder
 from medseg.models.param_groups import make_param_groups
@@ -174,10 +175,10 @@ def _sam_family_backbone(
     """Backbone and ``sam_mask`` decoder from one SAM / LiteMedSAM checkpoint read (encoder and decoder together)."""
     family = get_entry(name).family
     if family == "litemedsam":
-        components = build_sam_components(name, pretrained, checkpoint, img_size=img_size, arch=arch)
+        components = build_components(name, pretrained, checkpoint, img_size=img_size, arch=arch)
         backbone = LiteMedSAMBackbone(components.image_encoder, in_channels=in_channels, channel_mode=channel_mode)
     elif family == "sam":
-        components = build_sam_components(name, pretrained, checkpoint, img_size=img_size, arch=arch)
+        components = build_components(name, pretrained, checkpoint, img_size=img_size, arch=arch)
         backbone = SamBackbone(components.image_encoder, name=name, in_channels=in_channels, channel_mode=channel_mode)
     else:
         raise ConfigError(

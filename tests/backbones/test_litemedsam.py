@@ -13,7 +13,8 @@ from pydicom.data import get_testdata_file
 
 from medseg.backbones import create_backbone
 from medseg.backbones import litemedsam as lm
-from medseg.backbones.sam import build_sam_components, decode_masks
+from medseg.backbones.components import build_components
+from medseg.backbones.sam import decode_masks
 from medseg.errors import WeightsError
 
 SIZE = 256
@@ -63,7 +64,7 @@ def parity(tmp_path_factory):
     boxes = torch.from_numpy(np.stack([c[1] for c in cases]))
 
     backbone = create_backbone("litemedsam").eval()
-    _, prompt_encoder, mask_decoder = build_sam_components("litemedsam")
+    _, prompt_encoder, mask_decoder = build_components("litemedsam")
     x = backbone.normalise(torch.from_numpy(images).float()[:, None] / 255.0)  # 1 channel, [0, 1]
     reference = model(pretrained=True, root=str(tmp_path_factory.mktemp("lite")))
     captured = {}
@@ -137,7 +138,7 @@ def test_only_256_inputs_are_accepted():
 
 
 def test_components_have_one_architecture():
-    components = build_sam_components("litemedsam", pretrained=False)
+    components = build_components("litemedsam", pretrained=False)
     assert components.prompt_encoder.image_embedding_size == (64, 64)
     with pytest.raises(ValueError, match="one architecture"):
-        build_sam_components("litemedsam", pretrained=False, img_size=512)
+        build_components("litemedsam", pretrained=False, img_size=512)

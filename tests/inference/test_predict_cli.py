@@ -67,7 +67,7 @@ def test_an_all_zero_or_constant_mri_is_refused_before_its_inference(
 ):
     """MRI normalisation divides by the foreground's spread: it used to fail after the inference as "unexpected
     RuntimeError: applying transform ForegroundZScored"; now each such case is one line naming its file."""
-    import medseg.inference.dense as dense
+    import medseg.inference.predictor as predictor
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
@@ -75,9 +75,9 @@ def test_an_all_zero_or_constant_mri_is_refused_before_its_inference(
     for name, value in (("zero", 0.0), ("flat", 7.0)):
         nib.save(nib.Nifti1Image(np.full((16, 16, 6), value, np.float32), np.eye(4)), inputs / f"{name}.nii.gz")
     inferred = []
-    real = dense.predict_dense
+    real = predictor.predict_dense  # patched where predict calls it, whatever was imported before
     monkeypatch.setattr(
-        dense, "predict_dense", lambda loaded, image, *a, **k: inferred.append(1) or real(loaded, image, *a, **k)
+        predictor, "predict_dense", lambda loaded, image, *a, **k: inferred.append(1) or real(loaded, image, *a, **k)
     )
     code = main(["predict", "-i", str(inputs), "-o", str(out), "-m", str(mri_run), "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err
