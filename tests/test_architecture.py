@@ -27,10 +27,12 @@ def _lint_imports(cwd: Path) -> subprocess.CompletedProcess:
         if found is None:
             pytest.fail("lint-imports is not installed: pip install -c constraints.txt -e '.[dev]'")
         executable = Path(found)
-    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    # CI runs under an ASCII locale; lint-imports draws its banner with box characters, so ask for UTF-8 both ways.
+    env = {**os.environ, "PYTHONPATH": str(cwd), "PYTHONIOENCODING": "utf-8"}
     return subprocess.run(
-        [str(executable), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
+        [str(executable), "--no-cache"], cwd=cwd, env=env, capture_output=True, encoding="utf-8", errors="replace",
+        timeout=120,
+    )  # fmt: skip
 
 
 def test_the_package_keeps_its_import_contracts():
