@@ -20,6 +20,7 @@ and tasks are built with :func:`medseg.config.instantiate` from the composed con
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import time
@@ -162,7 +163,10 @@ def measure_loop(
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, max_steps=warmup + steps,
         max_epochs=-1, precision=precision, strategy="auto", default_root_dir=cfg.run_dir, **_accelerator(device),
     )  # fmt: skip
-    trainer.fit(task, datamodule=datamodule)
+    try:
+        trainer.fit(task, datamodule=datamodule)
+    finally:
+        datamodule.trainer = None  # the shared datamodule would keep trainer, task and activations alive
     if clock.start is None or clock.end is None:
         raise RuntimeError(f"the trainer stopped at step {trainer.global_step} of {warmup + steps}")
     return _rate(steps, clock.end - clock.start)
@@ -309,6 +313,14 @@ def check_configuration(overrides: Sequence[str], device: torch.device, precisio
         instantiate(cfg.data)
 
 
+def _release(device: torch.device) -> None:
+    """Free one mode's model, optimiser state and activations before the next mode builds its own (a promptable
+    LiteMedSAM step holds gigabytes; two at once do not fit a small machine)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
@@ -357,6 +369,7 @@ def measure_configuration(
                 if progress is not None:
                     progress(mode)
                 record[mode] = measures[mode]()
+                _release(device)
         if "model" in record and record["task"] == "PromptableTask":
             record["model"]["note"] = "training_step includes the task's click-simulation rounds"
         record["load_after"] = _load()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
+from medseg.benchmark import throughput
 from medseg.benchmark.throughput import NullPromptable, measure_configuration
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_train.py"
@@ -72,6 +74,29 @@ def test_data_mode_of_the_3d_task_sizes_its_null_model_from_the_patches(bench_en
     _rates(record, ["data"])
     assert record["data"]["prompt_path"] is True
     assert "loop" not in record and "loop_over_model" not in record
+
+
+def test_each_mode_frees_the_previous_modes_model(bench_env, monkeypatch, one_thread):
+    """A promptable LiteMedSAM step holds gigabytes: the loop's trainer (kept by the shared datamodule) used to keep
+    its task alive while the model-only mode built a second one, and the benchmark was killed for memory."""
+    built, alive_when_model_starts = [], []
+    build = throughput._build_task
+
+    def spy(*args, **kwargs):
+        task = build(*args, **kwargs)
+        built.append(weakref.ref(task))
+        return task
+
+    def model_mode(*args, **kwargs):
+        alive_when_model_starts.extend(ref() is not None for ref in built)
+        return {"steps": 1, "seconds": 1.0, "steps_per_s": 1.0}
+
+    monkeypatch.setattr(throughput, "_build_task", spy)
+    monkeypatch.setattr(throughput, "measure_model", model_mode)
+    overrides = ["experiment=synthetic_unet", "model.channels=[8,16,32]", "model.strides=[2,2]"]
+    record = measure_configuration("unet", overrides, torch.device("cpu"), steps=2, warmup=1, modes=["loop", "model"])
+    assert record["loop"]["steps_per_s"] > 0
+    assert alive_when_model_starts == [False]
 
 
 def test_null_model_echoes_the_previous_mask():
