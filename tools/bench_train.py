@@ -12,10 +12,12 @@ second, each after ``--warmup`` untimed steps (:mod:`medseg.benchmark.throughput
 ``loop / model`` is the headline ratio (issue 17 aims at >= 0.8 on a CUDA machine), and ``data`` should reach 20
 steps/s on a 2-core CPU for ``quickstart`` and ``promptable_litemedsam`` so that the data path can feed a GPU. The JSON
 records the machine (:func:`medseg.benchmark.machine.machine_facts`) and the load average before and after each
-configuration: on a shared machine the numbers are indicative only. Datasets come from ``$MEDSEG_DATA`` (``medseg
-prepare synthetic mni-tissue``). Usage::
+configuration: on a shared machine the numbers are indicative only, and ``--threads 1`` keeps two intra-op threads
+from thrashing against other processes (measured 5-10x slower). Datasets come from ``$MEDSEG_DATA`` (``medseg prepare
+synthetic mni-tissue``). ``promptable_litemedsam`` holds about 13 GB on a CPU (8 slices of 256 px, 4 click rounds).
+A configuration that fails is recorded with its error and the others are kept (exit status 1). Usage::
 
-    python tools/bench_train.py --steps 10 --warmup 2 --table                  # CPU, every configuration
+    python tools/bench_train.py --steps 10 --warmup 2 --threads 1 --table      # CPU, every configuration
     python tools/bench_train.py --device cuda --steps 50 --warmup 5 --table    # CUDA; precision from the config,
                                                                                # auto = bf16-mixed on a bf16 GPU
     python tools/bench_train.py --configs quickstart --override data.num_workers=4 --precision bf16-mixed
