@@ -40,6 +40,7 @@ from medseg.benchmark.machine import machine_facts
 from medseg.benchmark.throughput import PRECISIONS, check_configuration, measure_configuration
 from medseg.console import quiet_third_party
 from medseg.errors import ConfigError, MedsegError
+from medseg.inference.sources import resolve_device
 from medseg.paths import check_output_folder
 
 __all__ = ["CONFIGURATIONS", "main", "table"]
@@ -102,24 +103,12 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r}: only cpu and cuda are benchmarked.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu.")
-    return device
-
-
 def _default_output(device: str) -> Path:
     return DEFAULT_FOLDER / f"train_throughput_{device}.json"
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    device = _device(args.device)
+    device = resolve_device(args.device)
     output = args.output or _default_output(device.type)
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a .json file path.")

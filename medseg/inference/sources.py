@@ -62,7 +62,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError):
         raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from None
     if resolved.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: medseg predict runs on cpu or cuda.")
+        raise ConfigError(f"--device {device!r}: medseg runs on cpu or cuda.")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device} was asked for, but no CUDA GPU is visible here; use --device cpu.")
     return resolved
