@@ -32,6 +32,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from medseg.adapters.adapter3d import apply_adapter3d
@@ -66,10 +67,6 @@ METHODS: dict[str, Callable[..., list[str]]] = {
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers (from Hydra) as plain lists and dicts."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a core dependency
-        return value
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value

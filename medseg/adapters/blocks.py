@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from segment_anything.modeling.image_encoder import Block as SamBlock
 from torch import nn
 
 from medseg.errors import ConfigError
@@ -74,14 +75,6 @@ class BlockSite:
     owner: nn.Module | None = None
 
 
-def _sam_block_type() -> type | None:
-    try:
-        from segment_anything.modeling.image_encoder import Block
-    except ImportError:  # pragma: no cover - segment_anything is a core dependency
-        return None
-    return Block
-
-
 def _tracker_for(vit: nn.Module) -> GridTracker:
     tracker = getattr(vit, "_medseg_grid_tracker", None)
     if tracker is None:
@@ -97,14 +90,14 @@ def find_blocks(model: nn.Module, method: str = "adapter") -> list[BlockSite]:
     Raises:
         ConfigError: the model has no block of a supported family (SAM, timm ViT, TinyViT attention stage).
     """
+    # lazy (both): timm costs ~2 s to import; `import medseg` and SAM-only runs do not load it
     from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer
 
-    sam_block = _sam_block_type()
     vits = {id(b): m for _, m in model.named_modules() if isinstance(m, VisionTransformer) for b in m.blocks}
     sites = []
     for name, module in model.named_modules():
-        if sam_block is not None and isinstance(module, sam_block):
+        if isinstance(module, SamBlock):
             sites.append(BlockSite(name, module, "nhwc", module.norm1.normalized_shape[0]))
         elif isinstance(module, TimmBlock) and id(module) in vits:
             vit = vits[id(module)]

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medseg.adapters.blocks import late_sites
+
 __all__ = ["apply_frozen", "apply_full", "freeze_all", "freeze_batchnorm_statistics"]
 
 
@@ -74,8 +76,6 @@ def apply_full(model: nn.Module, last_k_blocks: int | None = None) -> list[str]:
             the final norm) train; the patch embedding and the blocks below stay frozen and keep no activations.
             "After" is module registration order, which is forward order in every supported family.
     """
-    from medseg.adapters.blocks import late_sites
-
     late = late_sites(model, last_k_blocks, "full")
     names = [name for name, _ in model.named_parameters()]
     start = 0

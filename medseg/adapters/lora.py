@@ -58,7 +58,7 @@ def apply_lora(
     Returns:
         The names of the parameters made trainable.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: peft costs ~3 s to import; only LoRA/DoRA need it
 
     if rank < 1:
         raise ConfigError(f"lora: rank must be a positive integer, got {rank}.")

@@ -20,8 +20,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medseg.adapters.apply import AdapterConfig, apply_adapters
 from medseg.adapters.ssf import merge_ssf, unmerge_ssf
 from medseg.adapters.targets import is_adapter_name
 from medseg.errors import WeightsError
@@ -40,7 +43,7 @@ ADAPTER_FORMAT = "medseg-adapter/1"
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # lazy: peft costs ~3 s to import; only LoRA/DoRA models need it
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
@@ -96,8 +99,6 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
         path: the ``.safetensors`` file to write.
         metadata: extra string entries for the file header (e.g. the base backbone name).
     """
-    from safetensors.torch import save_file
-
     unmerge_adapters(model)
     config = getattr(model, "_medseg_adapter_config", None)
     header = {"format": ADAPTER_FORMAT, **(metadata or {})}
@@ -119,8 +120,6 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
 
 def read_adapter_metadata(path: str | Path) -> dict[str, str]:
     """The header metadata of an adapter file (``format``, ``adapter_config`` as JSON, ...)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 
@@ -132,10 +131,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         WeightsError: the file is not a medseg adapter file, or its tensors do not fit the model exactly (missing,
             unexpected or differently shaped tensors are all listed).
     """
-    from safetensors.torch import load_file
-
-    from medseg.adapters.apply import AdapterConfig, apply_adapters
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"Adapter file {path} does not exist.")

