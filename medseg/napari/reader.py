@@ -1,4 +1,8 @@
-"""napari reader: NIfTI files and DICOM series folders as image layers in world millimetres.
+"""napari reader: NIfTI files, DICOM files and DICOM series folders as image layers in world millimetres.
+
+The manifest claims ``*.nii``, ``*.nii.gz``, ``*.dcm`` and folders; :func:`napari_get_reader` then declines (returns
+``None``) every path it cannot read (a folder without DICOM files, a ``.dcm`` without the DICOM preamble), so napari
+offers it to other readers instead of failing or asking which plugin to use.
 
 The volume is read by :func:`medseg.data.io.load_image`, the one reader every medseg stage uses, so napari shows
 exactly the array ``medseg predict`` and training see (array order ``(X, Y, Z)``, RAS+ affine; a DICOM series' LPS
@@ -35,16 +39,25 @@ def case_name(path: PathLike) -> str:
     return name
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """A ``.dcm`` file with the DICOM preamble (``DICM`` at byte 128), the test :func:`is_dicom_series` applies."""
+    if path.suffix.lower() != ".dcm":
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
 def _readable(path: PathLike) -> bool:
     path = Path(path)
     if path.is_file():
-        return path.name.lower().endswith(NIFTI_SUFFIXES)
+        return path.name.lower().endswith(NIFTI_SUFFIXES) or _is_dicom_file(path)
     return is_dicom_series(path)
 
 
 def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[[Any], list[LayerData]] | None:
-    """npe2 reader hook: :func:`read_volume` for NIfTI files and DICOM series folders, ``None`` for anything else
-    (so napari offers the path to other readers)."""
+    """npe2 reader hook: :func:`read_volume` for NIfTI files, DICOM files and DICOM series folders, ``None`` for
+    anything else (so napari offers the path to other readers)."""
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     if not paths or not all(_readable(p) for p in paths):
         return None
@@ -55,12 +68,13 @@ def read_volume(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     """Read volumes as napari image layer data, one layer per channel.
 
     Args:
-        path: a ``.nii``/``.nii.gz`` file or DICOM series folder, or a list of them.
+        path: a ``.nii``/``.nii.gz`` file, a ``.dcm`` file or a DICOM series folder, or a list of them.
 
     Returns:
         ``[(array (X, Y, Z) float32, layer kwargs, "image"), ...]`` with ``scale`` = voxel spacing (mm),
         ``translate`` = origin (mm), ``rotate`` = direction cosines, and ``metadata`` holding ``affine`` (4x4, RAS+
-        mm), ``source`` (the path) and ``spacing``.
+        mm), ``source`` (the path) and ``spacing``. A 2-D image (one DICOM slice) gets ``Z = 1``: its affine is
+        4x4 like a volume's, so it lines up with the volumes of the same patient.
 
     Raises:
         medseg.errors.ReaderError: unreadable, truncated or empty files (the message names the file).
@@ -72,6 +86,8 @@ def read_volume(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
         affine = np.asarray(image.affine, dtype=np.float64)
         transform = layer_transform(affine)
         data = np.asarray(image.detach().cpu().numpy(), dtype=np.float32)
+        if data.ndim == 3:  # (C, X, Y): a 2-D image
+            data = data[..., None]
         name = case_name(item)
         for channel in range(data.shape[0]):
             metadata = {

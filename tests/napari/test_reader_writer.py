@@ -108,3 +108,70 @@ def test_labels_without_metadata_use_the_layer_transform(tmp_path):
 def test_writer_refuses_a_2d_layer(tmp_path):
     with pytest.raises(ConfigError, match="3-D label volumes"):
         write_labels(tmp_path / "flat.nii.gz", np.zeros((4, 4), np.uint8), {})
+
+
+def test_a_single_dicom_file_reads_as_one_slice_at_its_position(tmp_path):
+    volume = np.arange(6 * 5 * 3, dtype=np.float32).reshape(6, 5, 3)
+    folder = write_dicom_series(volume, AXIS_ALIGNED, tmp_path / "series")
+    first = sorted(folder.glob("*.dcm"))[0]
+    assert napari_get_reader(str(first)) is read_volume
+    (layer_data,) = read_volume(first)
+    layer = image_layer(layer_data)
+    assert layer.data.shape[2] == 1 and layer.data.size == 6 * 5
+    whole = image_layer(read_volume(folder)[0])
+    for voxel in [(0, 0, 0), (5, 4, 0), (2, 3, 0)]:  # the slice's voxels are where the series puts them
+        world = layer.data_to_world(voxel)
+        assert whole.data[tuple(np.rint(whole.world_to_data(world)).astype(int))] == layer.data[voxel]
+
+
+def test_a_dcm_without_the_dicom_preamble_is_declined(tmp_path):
+    fake = tmp_path / "fake.dcm"
+    fake.write_bytes(b"\0" * 200)
+    assert napari_get_reader(str(fake)) is None
+
+
+@pytest.fixture
+def napari_settings(monkeypatch):
+    """napari's settings for this test only (kept in memory: the user's settings file is neither read nor written),
+    with the installed plugins discovered as napari discovers them at start-up."""
+    import napari.settings
+    from napari.settings import NapariSettings
+    from npe2 import PluginManager
+
+    settings = NapariSettings(config_path=None)
+    monkeypatch.setattr(napari.settings, "_SETTINGS", settings)
+    PluginManager.instance().discover()
+    return settings
+
+
+def test_viewer_opens_a_nifti_without_naming_the_plugin(nifti_case, napari_settings):
+    """napari's own open path (``ViewerModel.open``, what ``viewer.open`` runs, without Qt). ``viewer.open(path)``
+    defaults to ``plugin="napari"`` (napari's builtin reader); ``plugin=None`` picks the reader by the preferences
+    (``extension2reader``, the README's one-time setting, or the GUI's "remember" choice), asking while napari's
+    builtin reader also claims ``.nii.gz``. With medseg preferred, the layer is medseg's, in mm."""
+    from napari.components import ViewerModel
+    from napari.errors import MultipleReaderError
+    from napari.plugins._npe2 import get_readers
+
+    path, affine = nifti_case
+    readers = get_readers(str(path))
+    assert "medseg" in readers
+    viewer = ViewerModel()
+    if len(readers) > 1:
+        with pytest.raises(MultipleReaderError, match="medseg"):
+            viewer.open(str(path), plugin=None)
+    napari_settings.plugins.extension2reader = {"*.nii.gz": "medseg"}
+    (layer,) = viewer.open(str(path), plugin=None)
+    assert layer.name == "case_07" and np.allclose(layer.metadata["affine"], affine)
+    assert np.allclose(layer.scale, np.linalg.norm(affine[:3, :3], axis=0))
+    (named,) = viewer.open(str(path), plugin="medseg")
+    assert np.array_equal(named.data, layer.data)
+
+
+def test_npe2_reads_a_dicom_folder_through_the_plugin(tmp_path, napari_settings):
+    from npe2 import read
+
+    volume = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)
+    folder = write_dicom_series(volume, AXIS_ALIGNED, tmp_path / "scan")
+    ((data, kwargs, kind),) = read([str(folder)], stack=False, plugin_name="medseg")
+    assert kind == "image" and kwargs["name"] == "scan" and data.shape == (6, 5, 4)
