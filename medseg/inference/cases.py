@@ -2,9 +2,12 @@
 
 INPUT is one NIfTI file, a DICOM series folder, or a folder of NIfTI files (and of DICOM series sub-folders). Each
 case's name is the file name without ``.nii.gz`` / ``.nii``, or the DICOM folder's name, so the output is
-``OUTPUT_DIR/<case>.nii.gz``. A case is read through :func:`medseg.data.io.load_image` (the one reader of medseg)
-and then checked for what a model cannot take: no finite voxels, NaN or infinite values, a spatial dimensionality
-other than 3, or a number of channels the model was not trained with. Every problem is a
+``OUTPUT_DIR/<case>.nii.gz``. Files named the nnU-Net way (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``: one file per
+channel) are one case named ``CASE``, as nnU-Net names its predictions, so that ``nnUNetv2_evaluate_folder`` and
+nnU-Net's ``imagesTs`` layout work on medseg's files unchanged. A case is read through
+:func:`medseg.data.io.load_image` (the one reader of medseg) and then checked for what a model cannot take: no finite
+voxels, NaN or infinite values, a spatial dimensionality other than 3, or a number of channels the model was not
+trained with. Every problem is a
 :class:`~medseg.errors.ReaderError` or :class:`~medseg.errors.InputShapeError` naming the file and the fix.
 :func:`check_contrast` adds what MR intensity normalisation needs, for the models that normalise so.
 """
@@ -12,6 +15,8 @@ other than 3, or a number of channels the model was not trained with. Every prob
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +36,7 @@ class Case:
 
     Attributes:
         name: the output's stem (``<name>.nii.gz``).
-        path: a NIfTI file or a DICOM series folder.
+        path: a NIfTI file (the first channel's, for a case of one file per channel) or a DICOM series folder.
         is_dicom: whether ``path`` is a DICOM series (written back as NIfTI with its RAS affine).
         series: for a DICOM folder holding several series, the one to read (SeriesInstanceUID or its unique
             SeriesDescription: ``medseg predict --series``); ``None`` when the folder must hold exactly one.
@@ -41,6 +46,15 @@ class Case:
     path: Path
     is_dicom: bool
     series: str | None = None
+    channel_files: tuple[Path, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """Every file or folder read for this case, in channel order (nnU-Net's ``CASE_0000``, ``CASE_0001``...)."""
+        return self.channel_files or (self.path,)
+
+
+_NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 def case_name(path: str | os.PathLike[str]) -> str:
@@ -76,7 +90,9 @@ def discover_cases(source: str | os.PathLike[str], series: str | None = None) ->
                 f"input {source} is not a NIfTI file (.nii, .nii.gz). For DICOM give the series folder; convert "
                 f"other formats first."
             )
-        cases = [Case(case_name(source), source, False)]
+        name = case_name(source)
+        channel = _NNUNET_CHANNEL.match(name)
+        cases = [Case(channel["case"] if channel and channel["channel"] == "0000" else name, source, False)]
     elif is_dicom_series(source):
         cases = [Case(source.name, source, True, series)]
     else:
@@ -86,15 +102,38 @@ def discover_cases(source: str | os.PathLike[str], series: str | None = None) ->
     return cases
 
 
+def _nnunet_cases(files: list[Path]) -> list[Case] | None:
+    """The NIfTI files as nnU-Net cases (one file per channel, ``CASE_XXXX``), or ``None`` if they are not named so.
+
+    Every file must carry a 4-digit channel suffix and every case the channels ``0000`` to ``n - 1`` with the same
+    ``n``: files such as ``scan_2019`` and ``scan_2020`` are two scans, not the channels of one.
+    """
+    groups: dict[str, dict[int, Path]] = {}
+    for file in files:
+        match = _NNUNET_CHANNEL.match(case_name(file))
+        if match is None:
+            return None
+        groups.setdefault(match["case"], {})[int(match["channel"])] = file
+    counts = {len(channels) for channels in groups.values()}
+    if len(counts) != 1 or any(sorted(channels) != list(range(len(channels))) for channels in groups.values()):
+        return None
+    return [
+        Case(name, channels[0], False, channel_files=tuple(channels[i] for i in range(len(channels))))
+        for name, channels in sorted(groups.items())
+    ]
+
+
 def _folder_cases(source: Path, series: str | None) -> list[Case]:
-    cases = []
+    files, cases = [], []
     for child in sorted(source.iterdir()):
         if child.name.startswith("."):
             continue
         if _is_nifti(child):
-            cases.append(Case(case_name(child), child, False))
+            files.append(child)
         elif child.is_dir() and is_dicom_series(child):
             cases.append(Case(child.name, child, True, series))
+    cases += _nnunet_cases(files) or [Case(case_name(f), f, False) for f in files]
+    cases.sort(key=lambda case: case.name)
     if not cases:
         raise ReaderError(f"input folder {source} holds no NIfTI files (.nii, .nii.gz) and no DICOM series.")
     names = [c.name for c in cases]
@@ -107,11 +146,15 @@ def _folder_cases(source: Path, series: str | None) -> list[Case]:
     return cases
 
 
-def read_case(path: str | os.PathLike[str], channels: int | None = None, series: str | None = None) -> MetaTensor:
+def read_case(
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    channels: int | None = None,
+    series: str | None = None,
+) -> MetaTensor:
     """Read one case as a ``(C, X, Y, Z)`` MetaTensor (RAS+ affine) and check that a model can take it.
 
     Args:
-        path: a NIfTI file or a DICOM series folder.
+        path: a NIfTI file or a DICOM series folder, or the files of a case's channels (:attr:`Case.inputs`).
         channels: the number of image channels the model takes (``None``: any).
         series: the series to read from a DICOM folder holding several (:attr:`Case.series`).
 
@@ -119,8 +162,12 @@ def read_case(path: str | os.PathLike[str], channels: int | None = None, series:
         ReaderError: unreadable, truncated or empty file; non-finite (NaN or infinite) voxels.
         InputShapeError: not 3 spatial dimensions, or another number of channels than ``channels``.
     """
-    path = Path(path)
-    image = load_image(path, series=series)
+    if not isinstance(path, (str, os.PathLike)):
+        files = [Path(p) for p in path]
+        image, path = _stack_channels(files, series), files[0]
+    else:
+        path = Path(path)
+        image = load_image(path, series=series)
     spatial = tuple(int(s) for s in image.shape[1:])
     if len(spatial) != 3:
         raise InputShapeError(
@@ -146,6 +193,23 @@ def read_case(path: str | os.PathLike[str], channels: int | None = None, series:
             f"split the 4D file into 3D volumes."
         )
     return image
+
+
+def _stack_channels(files: list[Path], series: str | None) -> MetaTensor:
+    """One case from one file per channel, refused unless every channel lies on the first one's grid."""
+    images = [load_image(file, series=series) for file in files]
+    first = images[0]
+    for file, image in zip(files[1:], images[1:], strict=True):
+        if image.shape[1:] != first.shape[1:] or not np.allclose(
+            np.asarray(image.affine), np.asarray(first.affine), atol=1e-4
+        ):
+            raise InputShapeError(
+                f"{file} is not on the grid of {files[0]} (shape {tuple(image.shape[1:])} vs {tuple(first.shape[1:])}"
+                f", or another affine): the channels of one case must share one grid. Resample it onto the first "
+                f"channel first."
+            )
+    stacked = torch.cat([torch.as_tensor(image) for image in images])
+    return MetaTensor(stacked, affine=first.affine, meta=dict(first.meta))
 
 
 def check_contrast(

@@ -89,7 +89,7 @@ def _input_files(cases: Iterable[Case], prompts: str | os.PathLike[str] | None) 
     """Every file the run reads, by device and inode: NIfTI files, DICOM slices, prompts files."""
     files: list[Path] = []
     for case in cases:
-        files.extend(sorted(p for p in case.path.iterdir() if p.is_file()) if case.is_dicom else [case.path])
+        files.extend(sorted(p for p in case.path.iterdir() if p.is_file()) if case.is_dicom else case.inputs)
     if prompts is not None:
         prompts = Path(prompts)
         files.extend(sorted(prompts.glob("*.json")) if prompts.is_dir() else [prompts])

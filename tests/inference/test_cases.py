@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medseg.data.dicom import write_dicom_series
-from medseg.errors import ReaderError
+from medseg.errors import InputShapeError, ReaderError
 from medseg.inference.cases import case_name, discover_cases, read_case
 
 
@@ -55,3 +55,41 @@ def test_read_case_gives_channels_first_with_the_affine(tmp_path):
     image = read_case(nifti(tmp_path / "a.nii.gz"), channels=1)
     assert tuple(image.shape) == (1, 6, 5, 4)
     np.testing.assert_array_equal(np.asarray(image.affine), np.eye(4))
+
+
+def test_nnunet_channel_files_are_one_case_named_without_the_suffix(tmp_path):
+    for case in ("liver_001", "liver_002"):
+        for channel in (0, 1):
+            nifti(tmp_path / f"{case}_{channel:04d}.nii.gz")
+    cases = discover_cases(tmp_path)
+    assert [(c.name, [p.name for p in c.inputs]) for c in cases] == [
+        ("liver_001", ["liver_001_0000.nii.gz", "liver_001_0001.nii.gz"]),
+        ("liver_002", ["liver_002_0000.nii.gz", "liver_002_0001.nii.gz"]),
+    ]
+    image = read_case(cases[0].inputs, channels=2)
+    assert tuple(image.shape) == (2, 6, 5, 4)
+    np.testing.assert_array_equal(np.asarray(image.affine), np.eye(4))
+    assert [c.name for c in discover_cases(tmp_path / "liver_001_0000.nii.gz")] == ["liver_001"]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["scan_2019", "scan_2020"],  # years, not channels 0000..n-1
+        ["a_0000", "a_0001", "b_0000"],  # cases with different channel counts
+        ["a_0000", "notes"],  # not every file is named the nnU-Net way
+    ],
+)
+def test_files_not_named_the_nnunet_way_stay_one_case_each(tmp_path, names):
+    for name in names:
+        nifti(tmp_path / f"{name}.nii.gz")
+    assert [c.name for c in discover_cases(tmp_path)] == sorted(names)
+    assert all(c.inputs == (c.path,) for c in discover_cases(tmp_path))
+
+
+def test_channels_on_different_grids_are_refused_naming_the_file(tmp_path):
+    nifti(tmp_path / "a_0000.nii.gz")
+    nifti(tmp_path / "a_0001.nii.gz", shape=(6, 5, 3))
+    (case,) = discover_cases(tmp_path)
+    with pytest.raises(InputShapeError, match="a_0001.nii.gz is not on the grid of"):
+        read_case(case.inputs)

@@ -164,3 +164,15 @@ def test_outputs_never_land_inside_a_dicom_series_being_read(phantom_scan, tmp_p
         tmp_path / "out" / "series_01.npz",
         tmp_path / "out" / "series_01.nii.gz",
     ]
+
+
+def test_every_channel_file_of_an_nnunet_case_is_an_input(phantom_scan, tmp_path):
+    scans, out = tmp_path / "imagesTs", tmp_path / "out"
+    scans.mkdir()
+    out.mkdir()
+    for channel in ("0000", "0001"):
+        shutil.copy(phantom_scan["path"], scans / f"liver_{channel}.nii.gz")
+    os.link(scans / "liver_0001.nii.gz", out / "liver.nii.gz")  # the label map would be written over channel 1
+    with pytest.raises(OutputError, match="liver_0001.nii.gz"):
+        check_outputs(discover_cases(scans), out)
+    assert check_outputs(discover_cases(scans), tmp_path / "elsewhere") == [tmp_path / "elsewhere" / "liver.nii.gz"]
