@@ -16,7 +16,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing medseg and its tested dependencies (constraints.txt); first time takes a few minutes"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -c "$repo/constraints.txt" -e "$repo[dev,napari]"
+  "$venv/bin/python" -m pip install --quiet -c "$repo/constraints.txt" -e "$repo[dev,napari,nnunet]"
   echo "$want" > "$stamp"
 else
   echo "[setup] environment up to date ($venv)"

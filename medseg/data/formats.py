@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.atomic import atomic_write_json
+from medseg.data.nnunet_reader import nnunet_reader_fields
 from medseg.errors import DatasetError
 from medseg.paths import find_dataset
 
@@ -258,7 +259,8 @@ def write_dataset_json(
         labels: Label name -> value, e.g. ``{"background": 0, "liver": 1}``.
         num_training: Number of training cases.
         file_ending: Ending of every image and label file.
-        **extra: Other fields to store (``name``, ``description``, ``reference``, ``licence``...).
+        **extra: Other fields to store (``name``, ``description``, ``reference``, ``licence``...). Unless given,
+            nnU-Net's reader key is added when cases are not all RAS (:mod:`medseg.data.nnunet_reader`).
 
     Returns:
         The path of the written file.
@@ -272,6 +274,7 @@ def write_dataset_json(
         "labels": dict(labels),
         "numTraining": num_training,
         "file_ending": file_ending,
+        **nnunet_reader_fields(root, file_ending),
         **extra,
     }
     issues = check_dataset_json(data)
