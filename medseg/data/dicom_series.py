@@ -16,6 +16,9 @@ in one folder become one volume with an invented spacing. :func:`scan_series` re
 
 The result lists the series' files, so that the reader reads exactly those (other series, DICOMDIR, reports and
 sub-folders stay out), and the affine that the headers imply, which the reader's result is checked against.
+
+A single slice (a one-file series, or one ``.dcm`` file given to :func:`scan_file`) is a one-slice volume whose
+affine :mod:`medseg.data.dicom_slice` builds from the slice normal and thickness.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ import pydicom
 from pydicom import config as pydicom_config
 from pydicom.misc import is_dicom
 
+from medseg.data.dicom_slice import RAS_FROM_LPS, in_plane_affine, slice_affine
 from medseg.data.headers import check_declared_size
 from medseg.errors import ReaderError
 
-__all__ = ["DicomSeries", "lenient_dicom_values", "read_dicom_header", "scan_series"]
+__all__ = ["DicomSeries", "lenient_dicom_values", "read_dicom_header", "scan_file", "scan_series"]
 
 _TAGS = [
     "SeriesInstanceUID",
@@ -50,11 +54,12 @@ _TAGS = [
     "NumberOfFrames",
     "BitsAllocated",
     "SamplesPerPixel",
+    "SliceThickness",
+    "SpacingBetweenSlices",
 ]
 _GRID_TOLERANCE = 1e-3  # relative, for orientation cosines and pixel spacing
 _POSITION_RELATIVE = 0.01  # of the slice spacing
 _POSITION_ABSOLUTE_MM = 0.01
-_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _PYDICOM_SETTINGS = threading.Lock()
 
@@ -92,6 +97,8 @@ class _Slice:
     frames: int
     bits: int
     samples: int
+    thickness: float | None = None  # SliceThickness (mm)
+    between: float | None = None  # SpacingBetweenSlices (mm)
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,15 @@ class DicomSeries:
         uid: Its SeriesInstanceUID.
         description: Its SeriesDescription ("" when absent).
         files: The series' files in stacking (InstanceNumber) order.
-        shape: ``(columns, rows, slices)``, the array order medseg reads (MONAI swaps DICOM's rows and columns).
-        affine: The voxel-to-RAS+ mm affine that the headers imply (``None`` for a single file).
+        shape: ``(columns, rows, slices)``, the array order medseg reads (MONAI swaps DICOM's rows and columns);
+            the frames of a multi-frame file count as slices.
+        affine: The voxel-to-RAS+ mm affine that the headers imply for the stacked series, which MONAI's read must
+            have; ``None`` for a single file, which MONAI reads as it is (a 2-D image for a single slice).
+        slice_affine: For a single slice, the affine of the one-slice volume ``(columns, rows, 1)`` that
+            :func:`medseg.data.dicom_slice.one_slice_volume` makes of MONAI's 2-D read; ``None`` for a series, a
+            multi-frame file, or a slice without geometry tags.
+        slice_spacing: Where that volume's spacing along the slice normal comes from (``SpacingBetweenSlices``,
+            ``SliceThickness`` or :data:`medseg.data.dicom_slice.ASSUMED_SPACING`); ``None`` with ``slice_affine``.
     """
 
     folder: Path
@@ -113,6 +127,8 @@ class DicomSeries:
     files: tuple[Path, ...]
     shape: tuple[int, int, int]
     affine: np.ndarray | None
+    slice_affine: np.ndarray | None = None
+    slice_spacing: str | None = None
 
 
 def _floats(value, count: int) -> np.ndarray | None:
@@ -121,6 +137,15 @@ def _floats(value, count: int) -> np.ndarray | None:
     except (TypeError, ValueError):
         return None
     return array if array.shape == (count,) else None
+
+
+def _length(value) -> float | None:
+    """A positive finite length in mm, or ``None`` (absent, empty, zero or not a number)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
 
 
 def read_dicom_header(path: Path):
@@ -136,12 +161,12 @@ def read_dicom_header(path: Path):
         ) from err
 
 
-def _slice(path: Path) -> _Slice | None:
+def _slice(path: Path, need_uid: bool = True) -> _Slice | None:
     """One image file's geometry; ``None`` for DICOM objects without pixels (DICOMDIR, reports, RT structures)."""
     ds = read_dicom_header(path)
     uid = str(ds.get("SeriesInstanceUID", "") or "")
     rows, columns = ds.get("Rows"), ds.get("Columns")
-    if not uid or rows is None or columns is None:
+    if (need_uid and not uid) or rows is None or columns is None:
         return None
     instance = ds.get("InstanceNumber")
     try:
@@ -168,6 +193,8 @@ def _slice(path: Path) -> _Slice | None:
         frames=frames,
         bits=bits,
         samples=samples,
+        thickness=_length(ds.get("SliceThickness")),
+        between=_length(ds.get("SpacingBetweenSlices")),
     )
 
 
@@ -331,14 +358,24 @@ def _affine(slices: Sequence[_Slice]) -> np.ndarray:
     """Voxel-to-RAS+ affine of the stack in InstanceNumber order, array axes (columns, rows, slices) as MONAI."""
     ordered = sorted(slices, key=lambda s: s.instance)
     first, last = ordered[0], ordered[-1]
-    row_direction, column_direction = first.orientation[:3], first.orientation[3:]
-    between_rows, between_columns = first.spacing
-    affine = np.eye(4)
-    affine[:3, 0] = row_direction * between_columns
-    affine[:3, 1] = column_direction * between_rows
+    affine = in_plane_affine(first.position, first.orientation, first.spacing)
     affine[:3, 2] = (last.position - first.position) / (len(ordered) - 1)
-    affine[:3, 3] = first.position
-    return _RAS_FROM_LPS @ affine
+    return RAS_FROM_LPS @ affine
+
+
+def _check_size(where: Path, first: _Slice, frames: int) -> None:
+    shape = (first.columns, first.rows, frames) + ((first.samples,) if first.samples > 1 else ())
+    itemsize = next(n for n in (1, 2, 4, 8) if first.bits <= 8 * n or n == 8)
+    check_declared_size(where, shape, f"u{itemsize}")
+
+
+def _single(folder: Path, only: _Slice) -> DicomSeries:
+    """The series of one file: a multi-frame file as MONAI places it, a single frame as a one-slice volume."""
+    shape = (only.columns, only.rows, only.frames)
+    if only.frames > 1:
+        return DicomSeries(folder, only.uid, only.description, (only.path,), shape, None)
+    affine, source = slice_affine(only.position, only.orientation, only.spacing, only.between, only.thickness)
+    return DicomSeries(folder, only.uid, only.description, (only.path,), shape, None, affine, source)
 
 
 def scan_series(folder: str | os.PathLike[str], series: str | None = None) -> DicomSeries:
@@ -366,12 +403,9 @@ def scan_series(folder: str | os.PathLike[str], series: str | None = None) -> Di
         groups[s.uid].append(s)
     chosen = _select(folder, dict(groups), series)
     first = chosen[0]
-    frames = first.frames if len(chosen) == 1 else len(chosen)
-    shape = (first.columns, first.rows, frames) + ((first.samples,) if first.samples > 1 else ())
-    itemsize = next(n for n in (1, 2, 4, 8) if first.bits <= 8 * n or n == 8)
-    check_declared_size(folder, shape, f"u{itemsize}")
+    _check_size(folder, first, first.frames if len(chosen) == 1 else len(chosen))
     if len(chosen) == 1:
-        return DicomSeries(folder, first.uid, first.description, (first.path,), (first.columns, first.rows, 1), None)
+        return _single(folder, first)
     _consistent(folder, chosen)
     _positions(folder, chosen)
     ordered = sorted(chosen, key=lambda s: s.instance)
@@ -383,3 +417,21 @@ def scan_series(folder: str | os.PathLike[str], series: str | None = None) -> Di
         (first.columns, first.rows, len(ordered)),
         _affine(ordered),
     )
+
+
+def scan_file(path: str | os.PathLike[str]) -> DicomSeries:
+    """Check one DICOM file from its header: an image within the memory limit; its geometry as :func:`scan_series`.
+
+    Raises:
+        ReaderError: an unreadable header, no image (no Rows and Columns: a report, RT structure or DICOMDIR), or
+            a declared size above the memory limit.
+    """
+    path = Path(path)
+    only = _slice(path, need_uid=False)
+    if only is None:
+        raise ReaderError(
+            f"{path} is a DICOM object without an image (no Rows and Columns: a report, structure set or DICOMDIR). "
+            f"Give an image file, or the folder of an image series."
+        )
+    _check_size(path, only, only.frames)
+    return _single(path.parent, only)
