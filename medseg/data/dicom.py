@@ -61,6 +61,7 @@ def write_dicom_series(
             "0008|103e": series_description,
             "0020|000d": series_uid + ".1",
             "0020|000e": series_uid,
+            "0020|0052": series_uid + ".2",  # FrameOfReferenceUID: one world frame for the series (DICOM SEG needs it)
             "0020|0013": str(k + 1),
             "0020|0032": "\\".join(f"{v:.10f}" for v in position),
             "0020|0037": orientation,
