@@ -48,6 +48,7 @@ __all__ = [
     "LAST",
     "LOCK_FILE",
     "RESUMABLE_KEYS",
+    "RUN_DATA",
     "STATE_FILE",
     "SUMMARY",
     "RunLock",
@@ -84,7 +85,10 @@ RESUMABLE_KEYS = (
     "callbacks.weights_digest", "callbacks.last_checkpoint", "logger",
 )  # fmt: skip
 # What `overwrite=true` removes: everything a training command wrote (the lock, train.log and .hydra/ stay).
-_OUTPUTS = ("checkpoints", "logs", "predictions", "weights_digest", SUMMARY, STATE_FILE)
+#: What prediction needs from the training data (labels, channels, resolved preprocessing), written at training time
+#: so that a run folder predicts without its dataset (:mod:`medseg.inference.run_data`).
+RUN_DATA = "run_data.json"
+_OUTPUTS = ("checkpoints", "logs", "predictions", "weights_digest", SUMMARY, STATE_FILE, RUN_DATA)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:

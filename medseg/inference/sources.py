@@ -9,9 +9,9 @@ it dispatches on (:func:`is_run_folder`, :func:`is_classifier_folder`, :func:`is
   used with the official recipe (:mod:`medseg.inference.recipe`); its ``config`` is empty.
 - a run folder of ``medseg train`` (``.hydra/config.yaml`` + ``checkpoints/``): the model is rebuilt from the saved
   config exactly as ``medseg evaluate`` rebuilds it and loaded strictly from the checkpoint (``best`` by default,
-  falling back to ``last``). The run's dataset must be reachable (``$MEDSEG_DATA`` or ``data.data_root``): it gives
-  the label names, the number of classes and channels, and the median spacing of ``spacing: median``, which is
-  resolved here so that ``config.data.preprocess`` is a plain list of transform configs.
+  falling back to ``last``). The label names, the number of classes and channels and the resolved preprocessing
+  come from the run's ``run_data.json`` (:mod:`medseg.inference.run_data`), so the dataset is not needed; runs
+  written before it fall back to the dataset (``$MEDSEG_DATA`` or ``data.data_root``).
 - a run folder of ``medseg classify``: :func:`medseg.inference.classified.load_classifier`.
 - a release folder (``metadata.json`` + ``model.safetensors``) or any other name: :mod:`medseg.release.load`.
 """
@@ -33,6 +33,7 @@ from medseg.errors import ConfigError, DatasetError, WeightsError
 from medseg.inference.cache import weights_hash
 from medseg.inference.classified import CONFIG_FILE, WEIGHTS_FILE
 from medseg.inference.loaded import LoadedModel
+from medseg.inference.run_data import RunData, read_run_data
 from medseg.models.promptable import build_promptable
 from medseg.runs import select_checkpoint
 
@@ -108,6 +109,20 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def _data_from_dataset(run_cfg: Any) -> RunData:
+    """A run written before ``run_data.json``: the same facts from its dataset, which must then be reachable."""
+    try:
+        datamodule = instantiate(run_cfg.data)
+    except DatasetError as err:
+        raise ConfigError(
+            f"{err} This run predates run_data.json, so its dataset gives its label names and preprocessing: make it "
+            f"reachable (set MEDSEG_DATA), or predict with a release of the run (`medseg export`), which needs none."
+        ) from None
+    preprocess, _ = resolve_median_spacing(datamodule.deterministic_config, datamodule.info)
+    labels = {int(v): str(k) for k, v in datamodule.label_names.items()}
+    return RunData(datamodule.info.root.name, labels, datamodule.num_channels, list(preprocess))
+
+
 def load_run(
     run_dir: str | os.PathLike[str], device: str | torch.device | None = None, ckpt: str = "best"
 ) -> LoadedModel:
@@ -130,15 +145,8 @@ def load_run(
     checkpoint = select_checkpoint(run_dir, ckpt)
     if checkpoint is None:
         raise ConfigError(f"{run_dir}/checkpoints holds no checkpoint ({ckpt}); train the run first.")
-    try:
-        datamodule = instantiate(run_cfg.data)
-    except DatasetError as err:
-        raise ConfigError(
-            f"{err} The run's dataset gives its label names and preprocessing: make it reachable (set MEDSEG_DATA), "
-            f"or predict with a release of the run (`medseg export`), which needs no dataset."
-        ) from None
-    preprocess, _ = resolve_median_spacing(datamodule.deterministic_config, datamodule.info)
-    model = instantiate(run_cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
+    data = read_run_data(run_dir) or _data_from_dataset(run_cfg)
+    model = instantiate(run_cfg.model, num_classes=data.num_classes, in_channels=data.num_channels)
     try:
         model.load_state_dict(_model_state(checkpoint), strict=True)
     except RuntimeError as err:
@@ -153,7 +161,7 @@ def load_run(
     config = OmegaConf.create(
         {
             "model": _plain(run_cfg.model),
-            "data": {"preprocess": [_plain(c) for c in preprocess], "num_channels": datamodule.num_channels},
+            "data": {"preprocess": [_plain(c) for c in data.preprocess], "num_channels": data.num_channels},
             "task": {
                 "inference": _plain(run_cfg.task.get("inference", {})),
                 "evaluation": _plain(run_cfg.task.get("evaluation", {})),  # promptable: propagation rules
@@ -165,7 +173,7 @@ def load_run(
         model=model,
         kind=kind,
         config=config,
-        label_names={int(v): str(k) for k, v in datamodule.label_names.items()},
+        label_names=dict(data.label_names),
         source=f"run {run_dir} ({checkpoint.name})",
         weights_id=weights_hash(model),
         extras={"checkpoint": str(checkpoint)},

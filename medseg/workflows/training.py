@@ -22,6 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.config import instantiate
+from medseg.data.datamodule import resolve_median_spacing
+from medseg.inference.run_data import write_run_data
 from medseg.runs import (
     RunLock,
     check_train_config,
@@ -172,6 +174,8 @@ def _train(cfg: DictConfig, run_dir: Path, leader: bool) -> dict[str, float]:
         if overwrite and (removed := discard_run(run_dir)):
             log.info("overwrite=true: removed %s", ", ".join(p.name for p in removed))
         save_run_config(run_dir, cfg)
+        preprocess, _ = resolve_median_spacing(datamodule.deterministic_config, datamodule.info)
+        write_run_data(run_dir, datamodule.info.root.name, datamodule.label_names, datamodule.num_channels, preprocess)
         if cfg.get("fit", True) and not trainer.fast_dev_run:
             write_state(run_dir, "training")
     facts = _overview(cfg, datamodule, task)

@@ -1,0 +1,96 @@
+"""What prediction needs from a run's training data, kept in the run folder so that it predicts without the dataset.
+
+A model alone does not say what its output labels are called, how many channels it reads, or how its inputs were
+preprocessed (``spacing: median`` is the training set's median spacing). Reading that from the dataset at prediction
+time made a run folder useless where the data is not (another machine, a container) and wrote the fingerprint cache
+into the dataset (failing on read-only data). ``medseg train`` therefore writes ``run_data.json`` next to the
+checkpoints, the same way nnU-Net keeps ``plans.json`` and ``dataset.json`` with a trained model; runs of older
+versions without it still fall back to the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from medseg.atomic import atomic_write_json
+from medseg.errors import ConfigError
+from medseg.runs import RUN_DATA
+
+__all__ = ["RunData", "read_run_data", "write_run_data"]
+
+_FORMAT = "medseg-run-data/1"
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The training data's facts a run's model needs at prediction time.
+
+    Attributes:
+        dataset: the dataset's folder name, for the record.
+        label_names: label value -> name, background included.
+        num_channels: image channels the model reads.
+        preprocess: the deterministic transform configs with ``spacing: median`` resolved (plain lists and dicts).
+    """
+
+    dataset: str
+    label_names: dict[int, str]
+    num_channels: int
+    preprocess: list[Any]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def write_run_data(
+    run_dir: str | os.PathLike[str],
+    dataset: str,
+    label_names: Mapping[str, int],
+    num_channels: int,
+    preprocess: Sequence[Any],
+) -> Path:
+    """Write ``<run_dir>/run_data.json`` atomically (labels as nnU-Net's name -> value, preprocessing resolved)."""
+    data = {
+        "format": _FORMAT,
+        "dataset": str(dataset),
+        "labels": {str(name): int(value) for name, value in label_names.items()},
+        "num_channels": int(num_channels),
+        "preprocess": [_plain(config) for config in preprocess],
+    }
+    return atomic_write_json(Path(run_dir) / RUN_DATA, data)
+
+
+def read_run_data(run_dir: str | os.PathLike[str]) -> RunData | None:
+    """The run's ``run_data.json``, or ``None`` for a run written before medseg kept it.
+
+    Raises:
+        ConfigError: the file exists but is not readable as run data (naming the file and the fix).
+    """
+    path = Path(run_dir) / RUN_DATA
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != _FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {_FORMAT!r}")
+        return RunData(
+            dataset=str(data["dataset"]),
+            label_names={int(value): str(name) for name, value in data["labels"].items()},
+            num_channels=int(data["num_channels"]),
+            preprocess=list(data["preprocess"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(
+            f"{path} is not readable run data ({err}). Delete it to fall back to the run's dataset, or retrain."
+        ) from None

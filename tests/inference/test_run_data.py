@@ -1,0 +1,59 @@
+"""A run folder predicts without its training dataset: ``run_data.json`` keeps what prediction needs from it."""
+
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from medseg.cli import main
+from medseg.errors import ConfigError
+from medseg.inference.run_data import read_run_data
+from medseg.inference.sources import _data_from_dataset, load_run
+from medseg.runs import RUN_DATA
+
+
+def predict(run, scan, out) -> np.ndarray:
+    code = main(["predict", "-m", str(run), "-i", str(scan), "-o", str(out), "--device", "cpu", "--no-progress"])
+    assert code == 0
+    return np.asarray(nib.load(out / scan.name).dataobj)
+
+
+@pytest.fixture
+def run_without_dataset(dense_run, tmp_path, monkeypatch):
+    """A copy of the run whose config points at a dataset folder that does not exist (another machine)."""
+    copy = shutil.copytree(dense_run, tmp_path / "run")
+    config = OmegaConf.load(copy / ".hydra" / "config.yaml")
+    config.paths.data_dir = str(tmp_path / "gone")
+    config.data.data_root = str(tmp_path / "gone")
+    OmegaConf.save(config, copy / ".hydra" / "config.yaml")
+    monkeypatch.setenv("MEDSEG_DATA", str(tmp_path / "also_gone"))
+    return copy
+
+
+def test_training_keeps_what_the_dataset_would_give(dense_run):
+    stored = read_run_data(dense_run)
+    assert stored is not None
+    assert stored == _data_from_dataset(OmegaConf.load(dense_run / ".hydra" / "config.yaml"))
+
+
+def test_a_run_predicts_the_same_without_its_dataset(dense_run, run_without_dataset, phantom_scan, tmp_path):
+    with_data = predict(dense_run, phantom_scan["path"], tmp_path / "a")
+    without = predict(run_without_dataset, phantom_scan["path"], tmp_path / "b")
+    np.testing.assert_array_equal(with_data, without)
+    assert load_run(run_without_dataset, "cpu").label_names == load_run(dense_run, "cpu").label_names
+
+
+def test_an_older_run_without_run_data_still_needs_its_dataset(run_without_dataset):
+    (run_without_dataset / RUN_DATA).unlink()
+    with pytest.raises(ConfigError, match="predates run_data.json.*MEDSEG_DATA"):
+        load_run(run_without_dataset, "cpu")
+
+
+def test_damaged_run_data_is_named_with_the_fix(run_without_dataset):
+    (run_without_dataset / RUN_DATA).write_text("{not json")
+    with pytest.raises(ConfigError, match=f"{RUN_DATA} is not readable run data .* Delete it"):
+        load_run(run_without_dataset, "cpu")
