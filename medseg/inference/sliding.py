@@ -9,6 +9,13 @@ pair :func:`to_model_input` / :func:`from_model_output`.
 
 The result is always ``(K, X, Y, Z)`` float32 logits on the preprocessed grid, on the input's device; map them to the
 native grid with :func:`medseg.inference.to_native`.
+
+Batches. ``sw_batch_size`` slices or windows go through the model per forward pass; a batch only groups inputs that
+the model treats independently (eval mode), so it changes the speed and never the prediction beyond float rounding
+(``tests/inference/test_sliding.py`` checks that labels are identical). On CUDA a 2-D model takes a whole volume's
+slices at once, up to :data:`CUDA_SLICE_BATCH` (:func:`slice_batch_size`): a GPU is fed by large batches, while on a
+CPU a larger batch only costs memory. Either way a batch that runs out of GPU memory is halved and retried
+(down to one slice or window) instead of failing the evaluation.
 """
 
 from __future__ import annotations
@@ -20,19 +27,23 @@ from typing import Literal
 import torch
 from monai.inferers import sliding_window_inference
 from monai.transforms import Resize, SpatialPad
-from rich.progress import track
 
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.precision import inference_precision
+from medseg.inference.progress import progress_bar
 from medseg.prompts.geometry import SliceGeometry  # the 2-D model-input geometry, defined with its coordinate maps
 
 __all__ = [
+    "CUDA_SLICE_BATCH",
     "InferenceError",
     "SliceGeometry",
     "from_model_output",
     "predict_logits",
+    "slice_batch_size",
     "to_model_input",
 ]
+
+CUDA_SLICE_BATCH = 32  # slices per forward pass of a 2-D model on CUDA: a 13-slice quickstart slab in one pass
 
 
 class InferenceError(MedsegError):
@@ -105,6 +116,25 @@ def _check_output(output: object, what: str) -> torch.Tensor:
     return output
 
 
+def slice_batch_size(device: torch.device, requested: int, count: int) -> int:
+    """Slices per forward pass of a 2-D model over a volume of ``count`` slices.
+
+    ``requested`` (the run's ``sw_batch_size``) on a CPU, where a larger batch is no faster. On CUDA every slice of
+    the volume in one pass, or :data:`CUDA_SLICE_BATCH` slices of a larger volume, and never fewer than ``requested``.
+    """
+    if device.type != "cuda":
+        return requested
+    return max(requested, min(count, CUDA_SLICE_BATCH))
+
+
+def _halved(batch_size: int, error: torch.cuda.OutOfMemoryError) -> int:
+    """The next batch size after ``error``; re-raises it when a single slice or window did not fit."""
+    if batch_size <= 1:
+        raise error
+    torch.cuda.empty_cache()
+    return batch_size // 2
+
+
 def _predict_slices(
     model: Callable[[torch.Tensor], torch.Tensor],
     volume: torch.Tensor,
@@ -115,16 +145,22 @@ def _predict_slices(
     precision: str,
     progress: bool,
 ) -> torch.Tensor:
-    slices = volume.movedim(slice_axis + 1, 0)  # (D, C, H, W)
-    starts = range(0, slices.shape[0], batch_size)
-    if progress:
-        starts = track(starts, description="slices")
-    outputs = []
-    for start in starts:
-        batch, geometry = to_model_input(slices[start : start + batch_size].to(device), size)
-        with inference_precision(precision, device):
-            logits = _check_output(model(batch), "2D")
-        outputs.append(from_model_output(logits.float(), geometry).to(volume.device))
+    slices = volume.movedim(slice_axis + 1, 0).to(device)  # (D, C, H, W), sent to the model's device once
+    batch_size = slice_batch_size(device, batch_size, slices.shape[0])
+    outputs, start = [], 0
+    with progress_bar(progress, slices.shape[0], "slices") as advance:
+        while start < slices.shape[0]:
+            try:
+                batch, geometry = to_model_input(slices[start : start + batch_size], size)
+                with inference_precision(precision, device):
+                    logits = _check_output(model(batch), "2D")
+            except torch.cuda.OutOfMemoryError as error:
+                batch_size = _halved(batch_size, error)
+                continue
+            outputs.append(from_model_output(logits.float(), geometry).to(volume.device))
+            start += batch.shape[0]
+            for _ in range(batch.shape[0]):
+                advance(None)
     return torch.cat(outputs).movedim(0, slice_axis + 1)
 
 
@@ -149,7 +185,8 @@ def predict_logits(
         spatial_dims: 3 for a volumetric model, 2 for a slice model.
         roi_size: 3D window in voxels (``[x, y, z]``; a volume smaller than it is padded by MONAI), or the 2D
             model's square input size in pixels (``size`` of ``slices_2d.yaml``; an int or ``[S, S]``).
-        sw_batch_size: windows (3D) or slices (2D) per forward pass.
+        sw_batch_size: windows (3D) or slices (2D) per forward pass; on CUDA a 2D model takes more slices at once
+            (:func:`slice_batch_size`), and a batch that runs out of GPU memory is halved.
         overlap: fraction of a window shared with its neighbour (3D).
         slice_axis: spatial axis the 2D model slices along (2 = axial after ``Orientationd("RAS")``).
         mode: blending of overlapping windows (3D): ``gaussian`` weighs window centres more, ``constant`` averages.
@@ -193,8 +230,13 @@ def predict_logits(
             with inference_precision(precision, device):
                 return _check_output(model(window), "3D").float()
 
-        logits = sliding_window_inference(
-            volume[None], roi, sw_batch_size, predictor, overlap=overlap, mode=mode,
-            sw_device=device, device=volume.device, progress=progress,
-        )  # fmt: skip
+        while True:  # a window batch that runs out of GPU memory is halved and the volume run again
+            try:
+                logits = sliding_window_inference(
+                    volume[None], roi, sw_batch_size, predictor, overlap=overlap, mode=mode,
+                    sw_device=device, device=volume.device, progress=progress,
+                )  # fmt: skip
+                break
+            except torch.cuda.OutOfMemoryError as error:
+                sw_batch_size = _halved(sw_batch_size, error)
     return _plain(logits)[0].float()

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from medseg.data.transforms import build_transforms
 from medseg.errors import ConfigError
 from medseg.inference import InferenceError, from_model_output, predict_logits, to_model_input
+from medseg.inference.sliding import CUDA_SLICE_BATCH, slice_batch_size
 
 SLICES_2D = Path(__file__).resolve().parents[2] / "conf" / "data" / "sampling" / "slices_2d.yaml"
 
@@ -157,3 +158,69 @@ def test_cuda_in_bf16_matches_cpu(spatial_dims):
     logits = predict_logits(model.cuda(), image, spatial_dims, roi, overlap=0.5, precision="bf16")
     assert logits.device == image.device and logits.dtype == torch.float32
     torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.05)
+
+
+def small_unet(spatial_dims: int) -> torch.nn.Module:
+    """A real (untrained, seeded) MONAI UNet with batch norm, in eval mode as at test time."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    return UNet(spatial_dims, 1, 3, channels=(8, 16), strides=(2,), num_res_units=1, norm="batch").eval()
+
+
+@pytest.mark.parametrize("slice_axis", [0, 2])
+def test_batched_slices_predict_what_one_slice_at_a_time_predicts(one_thread, slice_axis):
+    image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 20, 18, 13)).astype(np.float32))
+    model = small_unet(2)
+    one = predict_logits(model, image, spatial_dims=2, roi_size=32, sw_batch_size=1, slice_axis=slice_axis)
+    every = image.shape[slice_axis + 1]
+    batched = predict_logits(model, image, spatial_dims=2, roi_size=32, sw_batch_size=every, slice_axis=slice_axis)
+    torch.testing.assert_close(batched, one, rtol=1e-4, atol=1e-4)
+    assert torch.equal(batched.argmax(0), one.argmax(0)), "identical labels"
+
+
+def test_batched_windows_predict_what_one_window_at_a_time_predicts(one_thread):
+    image = torch.from_numpy(np.random.default_rng(2).normal(size=(1, 20, 18, 13)).astype(np.float32))
+    model = small_unet(3)
+    one = predict_logits(model, image, spatial_dims=3, roi_size=(8, 8, 8), sw_batch_size=1)
+    batched = predict_logits(model, image, spatial_dims=3, roi_size=(8, 8, 8), sw_batch_size=64)
+    torch.testing.assert_close(batched, one, rtol=1e-4, atol=1e-4)
+    assert torch.equal(batched.argmax(0), one.argmax(0))
+
+
+def test_slice_batch_follows_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert slice_batch_size(cpu, 8, 13) == 8  # a CPU keeps the run's setting
+    assert slice_batch_size(cuda, 8, 13) == 13  # a GPU takes the whole quickstart slab at once
+    assert slice_batch_size(cuda, 8, 500) == CUDA_SLICE_BATCH
+    assert slice_batch_size(cuda, 64, 500) == 64  # never fewer than asked
+    assert slice_batch_size(cuda, 4, 2) == 4
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    """Raises CUDA's out-of-memory error for batches larger than ``fits``; otherwise a 1x1 convolution."""
+
+    def __init__(self, fits: int, conv: type = torch.nn.Conv2d) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fits, self.conv, self.batches = fits, conv(1, 2, 1), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_batch_out_of_gpu_memory_is_halved(spatial_dims):
+    conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+    image = torch.randn(1, 16, 16, 12)
+    roi = 16 if spatial_dims == 2 else (8, 8, 6)
+    model = RunsOutOfMemory(fits=3, conv=conv)
+    logits = predict_logits(model, image, spatial_dims, roi, sw_batch_size=8, overlap=0.0)
+    assert 8 in model.batches and max(b for b in model.batches[model.batches.index(2) :]) <= 3
+    expected = predict_logits(RunsOutOfMemory(fits=99, conv=conv), image, spatial_dims, roi, 1, overlap=0.0)
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        predict_logits(RunsOutOfMemory(fits=0, conv=conv), image, spatial_dims, roi, sw_batch_size=4)
