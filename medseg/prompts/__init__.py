@@ -1,7 +1,9 @@
 """Prompts for promptable segmentation: the tensor contract, simulated clicks and boxes, coordinates and files.
 
 - :mod:`medseg.prompts.contract`: :class:`Prompts`, the VISTA3D-style batch of points, boxes, classes, previous masks.
-- :mod:`medseg.prompts.simulate`: clicks (SAM / DeepEdit rules, in mm) and boxes from reference masks.
+- :mod:`medseg.prompts.simulate`: clicks (SAM / DeepEdit rules, in mm) and boxes from reference masks (the reference);
+  :mod:`~medseg.prompts.host_clicks` and :mod:`~medseg.prompts.device_clicks` give its correction clicks for a whole
+  batch at once, with scipy on the host or as torch operations on the masks' device.
 - :mod:`medseg.prompts.geometry`: every coordinate map: file voxel <-> world (RAS+ mm) <-> RAS-oriented grid <-> model
   input (a slice, the LiteMedSAM recipe's resized slice, a 3-D model's zoomed grid).
 - :mod:`medseg.prompts.files`: the prompts JSON file of ``medseg predict --prompts``.
