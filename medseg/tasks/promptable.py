@@ -17,12 +17,13 @@ experiments do). Like the dense task's ``val/dice_resampled`` these are on the p
 checkpoints; the reported interactive metrics come from :mod:`medseg.evaluation.interactive_run` on the native grid of
 the test cases.
 
-The training rounds' correction clicks are simulated where ``clicks_on_device`` says: ``auto`` (the default) on the
-model's device when it is a CUDA GPU, as batched torch operations for the whole batch
-(:func:`medseg.prompts.device_clicks.correction_clicks`, no mask or click copied to the host), and on a CPU with the
-scipy reference (:class:`medseg.prompts.ClickSimulator`), which is the faster of the two there. Both give the same
-clicks, so the choice changes speed, not results. Validation and test-time evaluation click with the reference
-(:func:`medseg.prompts.interactive_loop`, one object at a time).
+The training rounds' correction clicks are simulated for the whole batch at once, where ``clicks_on_device`` says:
+``auto`` (the default) on the model's device when it is a CUDA GPU, as batched torch operations
+(:func:`medseg.prompts.device_clicks.correction_clicks`, no mask or click copied to the host), and on a CPU with scipy
+on the host (:func:`medseg.prompts.host_clicks.correction_clicks`: one labelling for the batch, distance transforms on
+the error regions' boxes), the faster of the two there. Both give the clicks of the reference
+(:class:`medseg.prompts.ClickSimulator`), so the choice changes speed, not results. Validation and test-time
+evaluation click with the reference (:func:`medseg.prompts.interactive_loop`, one object at a time).
 
 Images are min-max scaled to [0, 1] per slice (per volume for 3-D models) before the encoder, as the LiteMedSAM
 recipe that evaluation and propagation use does, so training and evaluation inputs follow one convention.
@@ -217,7 +218,8 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         return chosen, mask_loss, iou_loss
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        image, label = batch["image"], batch["label"]
+        # plain tensors: a MetaTensor's metadata handling costs more than the prompt path's small operations
+        image, label = (torch.Tensor.as_subclass(batch[key], torch.Tensor) for key in ("image", "label"))
         self._check_batch(image)
         prompts, target = sample_prompts(
             label, self._rng(), self.prompt_mix, self.max_points, self.object_mode, jitter_fraction=self.box_jitter

@@ -1,4 +1,4 @@
-"""ClickState on the device: the same prompts, round after round, as the scipy reference, and the same training loss."""
+"""ClickState on the host and on the device: the reference's clicks, round after round, and the same training loss."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from medseg.config import instantiate
 from medseg.errors import ConfigError
 from medseg.prompts import ClickSimulator, Prompts, pad_points
 from medseg.prompts.device_clicks import DeviceClickSimulator
+from medseg.prompts.host_clicks import correction_clicks as host_correction_clicks
+from medseg.tasks import prompt_sampling
 from medseg.tasks.prompt_sampling import ClickState
 from medseg.tasks.promptable import PromptableTask
 
@@ -68,11 +70,19 @@ def first_prompts(gt: np.ndarray, kind: str) -> Prompts:
 
 
 def assert_same_rounds(gt: np.ndarray, prompts: Prompts, simulator: ClickSimulator, rounds: int, perfect: int) -> None:
+    """The host and device states give, round after round, the clicks of ClickSimulator.next_click item by item."""
     reference = ClickState(prompts, simulator)
     device = ClickState(prompts, simulator, on_device=True)
+    given = [[(tuple(int(v) for v in c), lab) for c, lab in zip(coords, labels)]
+             for coords, labels in zip(reference.coords, reference.labels)]  # fmt: skip
     prev = torch.zeros(gt.shape[0], 1, *gt.shape[1:])
     for index, pred in enumerate(predictions(gt, rounds, perfect, seed=gt.ndim)):
+        for clicks, g, p in zip(given, gt, pred):  # the reference, object after object
+            click = simulator.next_click(g, p, clicks)
+            clicks += [] if click is None else [click]
         added = reference.add_corrections(gt, pred)
+        assert reference.coords == [[tuple(float(v) for v in c) for c, _ in clicks] for clicks in given]
+        assert reference.labels == [[lab for _, lab in clicks] for clicks in given]
         assert device.add_corrections(torch.from_numpy(gt), torch.from_numpy(pred)) == added
         assert added < gt.shape[0]  # the perfectly predicted item got no click
         want, got = reference.prompts(prev, "cpu"), device.prompts(prev, "cpu")
@@ -139,7 +149,7 @@ def training_batch(shape: tuple[int, ...], seed: int) -> dict[str, torch.Tensor]
 
 def recorded_training_step(task: PromptableTask, batch: dict, monkeypatch) -> tuple[torch.Tensor, list, dict]:
     """The loss and gradients of one training step, the prompts of every decoding round, and which simulator ran."""
-    rounds, calls = [], {"reference": 0, "device": 0}
+    rounds, calls = [], {"host": 0, "device": 0}
     decode = task.model.decode
 
     def recording_decode(embeddings, prompts, multimask):
@@ -154,7 +164,7 @@ def recorded_training_step(task: PromptableTask, batch: dict, monkeypatch) -> tu
         return wrapper
 
     monkeypatch.setattr(task.model, "decode", recording_decode)
-    monkeypatch.setattr(ClickSimulator, "next_click", counting("reference", ClickSimulator.next_click))
+    monkeypatch.setattr(prompt_sampling, "host_correction_clicks", counting("host", host_correction_clicks))
     monkeypatch.setattr(
         DeviceClickSimulator, "correction_clicks", counting("device", DeviceClickSimulator.correction_clicks)
     )
@@ -184,8 +194,8 @@ def test_training_step_gives_the_same_loss_with_clicks_on_the_device(
             task = instantiate(cfg.task, model=model, seed=seed, clicks_on_device=on_device)
             results[on_device] = recorded_training_step(task, batch, monkeypatch)
         (ref_loss, ref_rounds, ref), (dev_loss, dev_rounds, dev) = results[False], results[True]
-        assert ref["calls"] == {"reference": 2 * 2, "device": 0}  # 2 items x 2 correction rounds
-        assert dev["calls"] == {"reference": 0, "device": 2}  # one batched call per correction round
+        assert ref["calls"] == {"host": 2, "device": 0}  # one batched call per correction round
+        assert dev["calls"] == {"host": 0, "device": 2}
         assert torch.equal(dev_loss, ref_loss), (seed, dev_loss, ref_loss)
         assert ref["grads"].keys() == dev["grads"].keys()
         assert all(torch.equal(dev["grads"][n], g) for n, g in ref["grads"].items())
