@@ -9,8 +9,10 @@ the deterministic configuration changes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import weakref
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -19,7 +21,7 @@ import monai
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform, Randomizable, ScaleIntensityRanged, Spacingd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -152,7 +154,9 @@ class RandSliced(Randomizable, MapTransform):
     are seen often without never seeing empty slices.
 
     Each output is a dict with ``(C, H, W)`` tensors and ``slice_axis``/``slice_index`` (into the resampled volume).
-    The 2D affine keeps the in-plane rows and columns of the 3D affine, so in-plane spacing stays meaningful.
+    The 2D affine keeps the in-plane rows and columns of the 3D affine, so in-plane spacing stays meaningful; with
+    MONAI's metadata tracking off (training samples, :class:`medseg.data.sampling.SeededSamples`) the slices are plain
+    tensors. Only the drawn slices are copied, never the volume, which is left untouched.
 
     Args:
         keys: keys to slice (image and label).
@@ -178,6 +182,14 @@ class RandSliced(Randomizable, MapTransform):
             raise ConfigError(f"RandSliced pos_fraction must be in [0, 1], got {pos_fraction}.")
         self.label_key, self.axis, self.num_samples, self.pos_fraction = label_key, axis, num_samples, pos_fraction
         self._indices: list[int] = []
+        self._foreground_of: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (spawned workers, copies) without the memo of foreground slices: weak references do not pickle,
+        and the tensors they point to are not the copy's."""
+        state = dict(self.__dict__)
+        state["_foreground_of"] = {}
+        return state
 
     def randomize(self, depth: int, foreground: np.ndarray) -> None:
         self._indices = []
@@ -187,9 +199,26 @@ class RandSliced(Randomizable, MapTransform):
             else:
                 self._indices.append(int(self.R.randint(depth)))
 
+    def _foreground(self, label: Any) -> np.ndarray:
+        """Indices of the slices along :attr:`axis` that hold foreground, computed once per label tensor object: the
+        same cached label comes back every time its case is drawn, and this is a pass over the whole volume."""
+        key = id(label)
+        entry = self._foreground_of.get(key)
+        if entry is not None and entry[0]() is label:
+            return entry[1]
+        volume = label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)
+        other = [a + 1 for a in range(3) if a != self.axis] + [0]
+        found = torch.nonzero(volume.ne(0).any(dim=tuple(other))).flatten().numpy()
+        with contextlib.suppress(TypeError):  # e.g. a NumPy array takes no weak reference: computed every time
+            forget = self._foreground_of.pop
+            self._foreground_of[key] = (weakref.ref(label, lambda _, key=key: forget(key, None)), found)
+        return found
+
     def _slice(self, value: torch.Tensor, index: int) -> torch.Tensor:
-        tensor = torch.as_tensor(value).select(self.axis + 1, index).clone()
-        if not isinstance(value, MetaTensor):
+        """One slice, copied (a view would keep the whole volume alive, and move it whole to another process)."""
+        plain = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+        tensor = plain.select(self.axis + 1, index).clone()
+        if not isinstance(value, MetaTensor) or not get_track_meta():  # training samples carry no metadata
             return tensor
         keep = [a for a in range(3) if a != self.axis]
         affine3d = torch.as_tensor(value.affine, dtype=torch.float64)
@@ -205,9 +234,7 @@ class RandSliced(Randomizable, MapTransform):
         depth = d[first].shape[self.axis + 1]
         foreground = np.array([], dtype=int)
         if self.label_key is not None and self.label_key in d:
-            label = torch.as_tensor(d[self.label_key])
-            other = [a + 1 for a in range(3) if a != self.axis] + [0]
-            foreground = torch.nonzero(label.ne(0).any(dim=tuple(other))).flatten().numpy()
+            foreground = self._foreground(d[self.label_key])
         self.randomize(depth, foreground)
         samples = []
         for index in self._indices:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
+from monai.data import MetaTensor, set_track_meta
 
 from medseg.data.transforms import (
     CT_WINDOWS,
@@ -120,6 +122,34 @@ def test_rand_slice_is_reproducible_with_a_seed():
 
     assert draw(7) == draw(7)
     assert draw(7) != draw(8)
+
+
+def test_rand_slice_copies_slices_only_and_finds_foreground_once_per_volume(monkeypatch):
+    volume = _volume_with_organ()
+
+    def plain(value):
+        return value.as_tensor() if isinstance(value, MetaTensor) else value
+
+    before = {k: plain(v).clone() for k, v in volume.items()}
+    sampler = RandSliced(keys=["image", "label"], num_samples=4, pos_fraction=1.0)
+    sampler.set_random_state(0)
+    with torch.no_grad():
+        set_track_meta(False)
+        try:
+            first = sampler(volume)
+            calls = []
+            original = torch.Tensor.ne
+            monkeypatch.setattr(torch.Tensor, "ne", lambda self, *a: calls.append(1) or original(self, *a))
+            second = sampler(volume)  # the same cached label again: its foreground slices are remembered
+        finally:
+            set_track_meta(True)
+    assert calls == []
+    assert all(type(s["image"]) is torch.Tensor and 20 <= s["slice_index"] < 24 for s in first + second)
+    for sample in first + second:
+        assert sample["image"].untyped_storage().nbytes() == sample["image"].numel() * 4  # a copy of one slice
+        sample["image"].add_(1.0)  # writing into a sample ...
+    assert all(torch.equal(plain(volume[k]), before[k]) for k in volume)  # ... leaves the volume as it was
+    assert pickle.loads(pickle.dumps(sampler))._foreground_of == {}  # the memo of weak references does not travel
 
 
 def test_build_transforms_instantiates_configs_and_reports_missing_target():
