@@ -190,3 +190,64 @@ def test_sample_prompts_mix_proportions_and_errors():
         sample_prompts(labels, rng, mix={"scribble": 1.0})
     with pytest.raises(PromptError, match=r"\[B, 1, \*spatial\]"):
         sample_prompts(labels[0], rng)
+
+
+def plain_sample_prompts(labels: np.ndarray, rng: np.random.Generator, max_points: int) -> list:
+    """The clicks-only rule written plainly (np.unique classes, voxels listed over the whole array): the oracle of
+    sample_prompts' faster box-restricted draws, which must use the generator the same way."""
+    out = []
+    assert rng.choice(1, p=[1.0]) == 0  # the prompt type draw (one type in the mix)
+    for item in labels[:, 0]:
+        present = [int(v) for v in np.unique(item) if v != 0]
+        if not present:
+            out.append(None)
+            continue
+        class_id = int(rng.choice(present))
+        target = item == class_id
+        n = int(rng.integers(1, max_points + 1))
+        n_pos = 1 + int(rng.binomial(n - 1, 0.5))
+        inside = np.argwhere(target)
+        positive = inside[rng.choice(len(inside), size=min(n_pos, len(inside)), replace=False)]
+        nonzero = np.nonzero(target)
+        lo, hi = np.array([a.min() for a in nonzero]), np.array([a.max() for a in nonzero])
+        grow = np.maximum(2, (hi - lo) // 4)
+        near = np.zeros_like(target)
+        near[tuple(slice(a, b) for a, b in zip(np.maximum(lo - grow, 0), hi + grow + 1))] = True
+        candidates = np.argwhere(~target & near if (~target & near).any() else ~target)
+        count = n - len(positive)
+        negative = candidates[rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)]
+        out.append((class_id, np.concatenate([positive, negative if count > 0 else negative[:0]]).tolist()))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.uint8])
+def test_sample_prompts_draws_what_the_plain_rule_draws(dtype):
+    rng = np.random.default_rng(8)
+    labels = np.zeros((6, 1, 30, 26), dtype=dtype)
+    for b in range(4):
+        for value in rng.choice([1, 2, 3, 7], size=2, replace=False):
+            lo = rng.integers(0, 20, size=2)
+            labels[b, 0, lo[0] : lo[0] + rng.integers(1, 10), lo[1] : lo[1] + rng.integers(1, 10)] = value
+    labels[4, 0] = 3  # the object fills the array but one corner voxel: the only negative there is
+    labels[4, 0, 0, 0] = 0
+    labels[5, 0] = 2  # the object is the whole array: no negative at all
+    for seed in range(5):
+        prompts, _ = sample_prompts(labels, np.random.default_rng(seed), mix={"points": 1.0}, max_points=5)
+        expected = plain_sample_prompts(labels, np.random.default_rng(seed), max_points=5)
+        for b, want in enumerate(expected):
+            if want is None:
+                continue
+            real = prompts.point_labels[b] >= 0
+            assert prompts.class_vector[b, 0] == want[0]
+            assert prompts.point_coords[b][real].long().tolist() == want[1]
+
+
+def test_sample_object_reads_classes_stored_as_floats_or_beyond_a_byte():
+    label = np.zeros((6, 6), dtype=np.float32)
+    label[1:3, 1:3], label[4:, 4:] = 2.0, 9.0
+    assert {sample_object(label, np.random.default_rng(s))[1] for s in range(20)} == {2, 9}
+    wide = np.zeros((6, 6), dtype=np.int32)
+    wide[0, 0], wide[5, 5] = 300, 1
+    assert {sample_object(wide, np.random.default_rng(s))[1] for s in range(20)} == {1, 300}
+    halves = label / 4  # 0.5 and 2.25: not integers, so np.unique's values are truncated as before
+    assert {sample_object(halves, np.random.default_rng(s))[1] for s in range(20)} == {0, 2}
