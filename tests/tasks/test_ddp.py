@@ -1,4 +1,5 @@
-"""DDP with two processes on CPU (gloo): the run trains and both ranks end with the same weights."""
+"""DDP with two processes on CPU (gloo): the run trains and both ranks end with the same weights, each rank's samples
+drawn by a persistent worker process (Lightning's distributed sampler passes the (case, epoch) keys through)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def test_ddp_two_cpu_processes_agree(small_synthetic_root, tmp_path):
         "trainer.precision=32-true", "trainer.sync_batchnorm=false", "trainer.max_steps=3",
         "trainer.check_val_every_n_epoch=1000", "evaluate=false", "resume=false",
         "model.channels=[8,16,32]", "model.strides=[2,2]", "model.num_res_units=1",
-        "data.sampling.size=32", "data.batch_size=1", "logger=csv",
+        "data.sampling.size=32", "data.batch_size=1", "data.num_workers=1", "logger=csv",
         "callbacks.rich_progress_bar=null", "callbacks.model_summary=null",
         "+callbacks.weights_digest._target_=medseg.tasks.callbacks.WeightsDigest",
         f"+callbacks.weights_digest.output_dir={digests}",

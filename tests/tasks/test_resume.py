@@ -61,6 +61,21 @@ def test_resumed_run_ends_with_identical_weights(train_config, small_synthetic_r
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_a_run_resumed_with_a_worker_ends_with_the_weights_of_a_run_without(
+    train_config, small_synthetic_root, tmp_path
+):
+    # Each sample is seeded from (seed, epoch, case): a persistent worker process draws what the training process
+    # would have drawn, and a resumed run's worker starts at the resumed epoch.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(train_config, small_synthetic_root, straight, 8, ["data.num_workers=0"])
+    workers = ["data.num_workers=1", "data.persistent_workers=true"]
+    _run(train_config, small_synthetic_root, resumed, 4, workers)
+    _run(train_config, small_synthetic_root, resumed, 8, [*workers, "resume=true"])
+    a, b = _weights(straight), _weights(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_state_digest_sees_one_changed_value():
     model = torch.nn.Linear(3, 2)
     before = state_digest(model)
