@@ -7,7 +7,11 @@ second, each after ``--warmup`` untimed steps (:mod:`medseg.benchmark.throughput
 * ``model`` (b): the task's training step on one batch already on the device (the promptable task's click rounds
   included), backward and optimiser step, same shapes and precision;
 * ``data`` (c): the train dataloader with the configured workers, the copy to the device and, for the promptable
-  task, its prompt sampling and click simulation around a null model.
+  task, its prompt sampling and click simulation around a null model; its wall time per step is split into the data
+  part and the prompt part (``parts_ms_per_step``).
+
+Every rate also records the main process's CPU milliseconds per step (``cpu_ms_per_step``), which a shared machine's
+load moves much less than the wall rate.
 
 ``loop / model`` is the headline ratio (issue 17 aims at >= 0.8 on a CUDA machine), and ``data`` should reach 20
 steps/s on a 2-core CPU for ``quickstart`` and ``promptable_litemedsam`` so that the data path can feed a GPU. The JSON
@@ -21,6 +25,7 @@ A configuration that fails is recorded with its error and the others are kept (e
     python tools/bench_train.py --device cuda --steps 50 --warmup 5 --table    # CUDA; precision from the config,
                                                                                # auto = bf16-mixed on a bf16 GPU
     python tools/bench_train.py --configs quickstart --override data.num_workers=4 --precision bf16-mixed
+    python tools/bench_train.py --configs promptable_litemedsam promptable_synthetic --modes data --threads 1
 """
 
 from __future__ import annotations
@@ -80,14 +85,19 @@ def _rate(record: dict, mode: str) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _parts(record: dict) -> str:
+    parts = (record.get("data") or {}).get("parts_ms_per_step")
+    return "-" if not parts else f"{parts['data']:.1f} + {parts['prompts']:.1f}"
+
+
 def table(result: dict) -> str:
     """The markdown table of a result: one row per configuration."""
     lines = [
         f"device {result['device']}, {result['steps']} timed steps after {result['warmup']} warm-up steps",
         "",
         "| configuration | task | batch (image) | precision | workers | (a) loop steps/s | (b) model steps/s "
-        "| (c) data + prompts steps/s | (a)/(b) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| (c) data + prompts steps/s | (c) ms/step: data + prompts | (a)/(b) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for record in result["configurations"]:
         if "error" in record:
@@ -98,7 +108,7 @@ def table(result: dict) -> str:
         lines.append(
             f"| `{record['name']}` | {record['task']} | {' x '.join(map(str, shape)) if shape else '-'} | "
             f"{record['precision']} | {record['num_workers']} | {_rate(record, 'loop')} | {_rate(record, 'model')} | "
-            f"{_rate(record, 'data')} | {'-' if ratio is None else f'{ratio:.2f}'} |"
+            f"{_rate(record, 'data')} | {_parts(record)} | {'-' if ratio is None else f'{ratio:.2f}'} |"
         )
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ after ``warmup`` untimed steps, so that the numbers can be set side by side:
 * ``data`` (c): the data and prompt path alone: the train dataloader with the configured workers, the copy to the
   device, and for the promptable task its ``training_step`` with a null model (:class:`NullPromptable`: its mask is
   the previous round's, no network) and a null loss, so that prompt sampling and click simulation run exactly as in
-  training.
+  training; its wall time is split into the data and the prompt parts.
 
 ``loop / model`` is the headline: near 1 the model is the bottleneck, far below 1 the GPU waits for the CPU. Models
 and tasks are built with :func:`medseg.config.instantiate` from the composed config, the way training wires them.
@@ -123,8 +123,13 @@ def _batches(loader: Any) -> Iterator[Any]:
         yield from loader
 
 
-def _rate(steps: int, seconds: float) -> dict[str, float]:
-    return {"steps": steps, "seconds": round(seconds, 4), "steps_per_s": round(steps / max(seconds, 1e-9), 4)}
+def _rate(steps: int, seconds: float, cpu_seconds: float) -> dict[str, float]:
+    """Wall rate, and the main process's CPU time per step: on a shared machine the wall rate follows the load, the
+    CPU time much less (it leaves out dataloader workers, and counts a CUDA synchronise's spin)."""
+    return {
+        "steps": steps, "seconds": round(seconds, 4), "steps_per_s": round(steps / max(seconds, 1e-9), 4),
+        "cpu_ms_per_step": round(cpu_seconds / steps * 1e3, 3),
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------- (a) the real training loop
@@ -133,13 +138,13 @@ class _StepClock(L.Callback):
 
     def __init__(self, warmup: int, steps: int, device: torch.device) -> None:
         self.warmup, self.steps, self.device = warmup, steps, device
-        self.start: float | None = None
-        self.end: float | None = None
+        self.start: tuple[float, float] | None = None  # (wall, CPU) seconds
+        self.end: tuple[float, float] | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step in (self.warmup, self.warmup + self.steps):
             _sync(self.device)
-            now = time.perf_counter()
+            now = (time.perf_counter(), time.process_time())
             if trainer.global_step == self.warmup:
                 self.start = now
             else:
@@ -169,7 +174,7 @@ def measure_loop(
         datamodule.trainer = None  # the shared datamodule would keep trainer, task and activations alive
     if clock.start is None or clock.end is None:
         raise RuntimeError(f"the trainer stopped at step {trainer.global_step} of {warmup + steps}")
-    return _rate(steps, clock.end - clock.start)
+    return _rate(steps, clock.end[0] - clock.start[0], clock.end[1] - clock.start[1])
 
 
 # --------------------------------------------------------------------------- (b) the model alone
@@ -231,11 +236,11 @@ def _timed(step: Callable[[int], None], steps: int, warmup: int, device: torch.d
     for index in range(warmup):
         step(index)
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for index in range(warmup, warmup + steps):
         step(index)
     _sync(device)
-    return _rate(steps, time.perf_counter() - start)
+    return _rate(steps, time.perf_counter() - start, time.process_time() - cpu)
 
 
 # --------------------------------------------------------------------------- (c) data and prompts, no network
@@ -277,7 +282,12 @@ class NullLoss(nn.Module):
 
 def measure_data(cfg: DictConfig, datamodule: Any, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     """(c) Steps per second of the train dataloader (configured workers), the copy to the device and, for the
-    promptable task, its training step around :class:`NullPromptable` (prompt sampling and click simulation)."""
+    promptable task, its training step around :class:`NullPromptable` (prompt sampling and click simulation).
+
+    ``parts_ms_per_step`` splits each timed step's wall time into ``data`` (the next batch and its copy to the
+    device) and ``prompts`` (the promptable training step; 0 for other tasks), with a device synchronise between them,
+    so that a slow (c) says which side to work on.
+    """
     if warmup < 1:
         raise ConfigError("the data loop needs at least one warm-up step (it sizes the null model from a batch).")
     batches = _batches(datamodule.train_dataloader())
@@ -288,14 +298,25 @@ def measure_data(cfg: DictConfig, datamodule: Any, device: torch.device, steps: 
         task.to(device).train()
         _quiet_log(task)
 
+    parts = {"data": 0.0, "prompts": 0.0}
+
     def step(index: int) -> None:
+        start = time.perf_counter()
         batch = first if index == 0 else move_data_to_device(next(batches), device)
+        _sync(device)
+        middle = time.perf_counter()
+        if index >= warmup:
+            parts["data"] += middle - start
         if task is not None:
             with torch.no_grad():
                 task.training_step(batch, index)
+            _sync(device)
+            if index >= warmup:
+                parts["prompts"] += time.perf_counter() - middle
 
     result = _timed(step, steps, warmup, device)
     result["prompt_path"] = task is not None
+    result["parts_ms_per_step"] = {name: round(value / steps * 1e3, 3) for name, value in parts.items()}
     return result
 
 

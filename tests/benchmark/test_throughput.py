@@ -33,6 +33,12 @@ def _rates(record: dict, modes=("loop", "model", "data")) -> None:
         assert record[mode]["steps"] >= 1, mode
         assert record[mode]["seconds"] > 0, mode
         assert record[mode]["steps_per_s"] > 0, mode
+        assert record[mode]["cpu_ms_per_step"] > 0, mode
+    if "data" in modes:  # the data mode's wall time, split into its two parts
+        parts = record["data"]["parts_ms_per_step"]
+        assert set(parts) == {"data", "prompts"} and parts["data"] > 0
+        assert (parts["prompts"] > 0) == record["data"]["prompt_path"]
+        assert sum(parts.values()) <= record["data"]["seconds"] / record["data"]["steps"] * 1e3 + 1e-3
 
 
 def test_tool_writes_every_mode_of_the_unet(bench_train, bench_env, tmp_path, capsys, one_thread):
@@ -55,6 +61,8 @@ def test_tool_writes_every_mode_of_the_unet(bench_train, bench_env, tmp_path, ca
     assert len(record["load_before"]) == 3 and len(record["load_after"]) == 3
     printed = capsys.readouterr().out
     assert "| `synthetic_unet` | SegmentationTask | 8 x 1 x 64 x 64 |" in printed
+    parts = record["data"]["parts_ms_per_step"]
+    assert f"| {parts['data']:.1f} + 0.0 |" in printed  # (c) split: data + prompts (none for the dense task)
 
 
 def test_promptable_modes_run_the_click_rounds(bench_env, one_thread):
@@ -89,7 +97,7 @@ def test_each_mode_frees_the_previous_modes_model(bench_env, monkeypatch, one_th
 
     def model_mode(*args, **kwargs):
         alive_when_model_starts.extend(ref() is not None for ref in built)
-        return {"steps": 1, "seconds": 1.0, "steps_per_s": 1.0}
+        return {"steps": 1, "seconds": 1.0, "steps_per_s": 1.0, "cpu_ms_per_step": 1.0}
 
     monkeypatch.setattr(throughput, "_build_task", spy)
     monkeypatch.setattr(throughput, "measure_model", model_mode)
