@@ -22,8 +22,9 @@ from monai.data import MetaTensor, NibabelReader, PydicomReader
 from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform
 
 from medseg.data.checks import geometry_difference
-from medseg.data.dicom_series import DicomSeries, lenient_dicom_values, read_dicom_header, scan_series
-from medseg.data.headers import check_declared_size, read_nifti_header
+from medseg.data.dicom_series import DicomSeries, lenient_dicom_values, scan_file, scan_series
+from medseg.data.dicom_slice import one_slice_volume
+from medseg.data.headers import read_nifti_header
 from medseg.errors import ConfigError, ReaderError
 
 __all__ = [
@@ -70,21 +71,6 @@ def _reader_for(path: Path):
     )
 
 
-def _read_dicom_file_header(path: Path) -> None:
-    """Refuse a single DICOM file whose declared pixels exceed the memory limit, before MONAI reads them."""
-    ds = read_dicom_header(path)
-    rows, columns = ds.get("Rows"), ds.get("Columns")
-    if rows is None or columns is None:
-        return  # no image: MONAI's error names the missing pixel data
-    try:
-        frames = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
-    except (TypeError, ValueError):
-        frames = 1
-    bits, samples = int(ds.get("BitsAllocated", 16) or 16), int(ds.get("SamplesPerPixel", 1) or 1)
-    itemsize = next(n for n in (1, 2, 4, 8) if bits <= 8 * n or n == 8)
-    check_declared_size(path, (int(columns), int(rows), frames) + ((samples,) if samples > 1 else ()), f"u{itemsize}")
-
-
 def _series_reader(path: Path, series: str | None) -> tuple[PydicomReader, DicomSeries]:
     """A reader restricted to the files of the checked series (MONAI globs ``folder/*`` and matches this regex)."""
     if glob.has_magic(str(path)):
@@ -123,7 +109,10 @@ def _check_read_geometry(path: Path, image: MetaTensor, expected: np.ndarray | N
 
 
 def _checked_reader(path: Path, series: str | None):
-    """The reader for ``path`` and the affine its header states (``None``: not known), after the header checks."""
+    """The reader for ``path``, the affine its header states (``None``: not known) and, for DICOM, the checked series.
+
+    Raises the header checks' errors.
+    """
     if not path.exists():
         raise ReaderError(f"{path} does not exist.")
     reader = _reader_for(path)
@@ -132,12 +121,12 @@ def _checked_reader(path: Path, series: str | None):
             f"series={series!r} selects a series of a DICOM folder, but {path} is a single file; leave it out."
         )
     if isinstance(reader, NibabelReader):
-        return reader, read_nifti_header(path).affine
+        return reader, read_nifti_header(path).affine, None
     if path.is_dir():
         reader, checked = _series_reader(path, series)
-        return reader, checked.affine
-    _read_dicom_file_header(path)
-    return reader, None
+        return reader, checked.affine, checked
+    checked = scan_file(path)
+    return reader, checked.affine, checked
 
 
 def check_header(path: str | os.PathLike[str], *, series: str | None = None) -> None:
@@ -169,7 +158,8 @@ def load_image(path: str | os.PathLike[str], *, series: str | None = None) -> Me
 
     Returns:
         ``(C, X, Y, Z)`` float tensor whose ``affine`` maps voxel indices to RAS+ world coordinates in mm. A 3D file
-        gives one channel; a 4D NIfTI (MSD multi-modal) gives one channel per volume.
+        gives one channel; a 4D NIfTI (MSD multi-modal) gives one channel per volume. A single DICOM slice (one file,
+        or a one-file series) is the one-slice volume ``(C, X, Y, 1)`` (:mod:`medseg.data.dicom_slice`).
 
     Raises:
         ReaderError: missing, unreadable or truncated file, unsupported format, an empty array, a declared size
@@ -178,7 +168,7 @@ def load_image(path: str | os.PathLike[str], *, series: str | None = None) -> Me
         ConfigError: ``series`` given for a single file, or an invalid ``$MEDSEG_MAX_INPUT_GB``.
     """
     path = Path(path)
-    reader, expected = _checked_reader(path, series)
+    reader, expected, checked = _checked_reader(path, series)
     try:
         with lenient_dicom_values() if isinstance(reader, PydicomReader) else contextlib.nullcontext():
             image = LoadImage(reader=reader, image_only=True)(str(path))
@@ -193,6 +183,9 @@ def load_image(path: str | os.PathLike[str], *, series: str | None = None) -> Me
         ) from err
     if image.numel() == 0:
         raise ReaderError(f"{path} holds an empty array (shape {tuple(image.shape)}).")
+    if checked is not None and checked.slice_affine is not None:  # a single slice: the one-slice volume
+        image = one_slice_volume(image, checked.slice_affine, checked.slice_spacing, checked.files[0])
+        expected = checked.slice_affine
     _check_read_geometry(path, image, expected, nifti=isinstance(reader, NibabelReader))
     return image
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from pydicom.misc import is_dicom
 
 from medseg.data.io import NIFTI_SUFFIXES, is_dicom_series, load_image
 from medseg.errors import ConfigError, InputShapeError, ReaderError
@@ -58,9 +59,9 @@ _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 def case_name(path: str | os.PathLike[str]) -> str:
-    """``<name>`` of ``<name>.nii.gz`` / ``<name>.nii``, or the folder name of a DICOM series."""
+    """``<name>`` of ``<name>.nii.gz`` / ``<name>.nii`` / ``<name>.dcm``, or the folder name of a DICOM series."""
     path = Path(path)
-    for suffix in NIFTI_SUFFIXES:
+    for suffix in (*NIFTI_SUFFIXES, ".dcm"):
         if path.name.lower().endswith(suffix):
             return path.name[: -len(suffix)]
     return path.name
@@ -84,11 +85,13 @@ def discover_cases(source: str | os.PathLike[str], series: str | None = None) ->
     source = Path(source)
     if not source.exists():
         raise ReaderError(f"input {source} does not exist. Give a NIfTI file, a DICOM series folder, or a folder.")
-    if source.is_file():
+    if source.is_file() and not _is_nifti(source) and is_dicom(source):  # one DICOM file: a one-slice volume
+        cases = [Case(case_name(source), source, True)]
+    elif source.is_file():
         if not _is_nifti(source):
             raise ReaderError(
-                f"input {source} is not a NIfTI file (.nii, .nii.gz). For DICOM give the series folder; convert "
-                f"other formats first."
+                f"input {source} is neither a NIfTI file (.nii, .nii.gz) nor a DICOM file. For a DICOM series give "
+                f"its folder; convert other formats first."
             )
         name = case_name(source)
         channel = _NNUNET_CHANNEL.match(name)

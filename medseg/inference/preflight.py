@@ -89,7 +89,8 @@ def _input_files(cases: Iterable[Case], prompts: str | os.PathLike[str] | None) 
     """Every file the run reads, by device and inode: NIfTI files, DICOM slices, prompts files."""
     files: list[Path] = []
     for case in cases:
-        files.extend(sorted(p for p in case.path.iterdir() if p.is_file()) if case.is_dicom else case.inputs)
+        series = case.is_dicom and case.path.is_dir()  # a series folder; a single DICOM file is its own input
+        files.extend(sorted(p for p in case.path.iterdir() if p.is_file()) if series else case.inputs)
     if prompts is not None:
         prompts = Path(prompts)
         files.extend(sorted(prompts.glob("*.json")) if prompts.is_dir() else [prompts])
@@ -137,7 +138,7 @@ def check_outputs(
     fix = f"Give -o a folder that holds no inputs, e.g. {_elsewhere(output_dir)}."
     target = output_dir.resolve()
     for case in cases:
-        folder = case.path.resolve() if case.is_dicom else None
+        folder = case.path.resolve() if case.is_dicom and case.path.is_dir() else None
         if folder is not None and target.is_relative_to(folder):
             raise OutputError(f"-o {output_dir} lies inside the DICOM series {case.path} being read as input. {fix}")
         if table is None and case.path.parent.resolve() == target:

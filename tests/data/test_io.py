@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -72,6 +74,29 @@ def test_real_dicom_file_reads():
     image = load_image(path)
     assert image.shape[0] == 1 and image.shape[1:3] == (128, 128)
     assert float(image.max()) > 1000  # CT_small holds raw stored values well above zero
+
+
+def test_a_single_dicom_slice_reads_as_a_one_slice_volume_from_its_file_or_its_folder(tmp_path):
+    """Before: a 2-D image whose identity slice column made a sagittal slice's affine singular; predict refused it."""
+    import shutil
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from medseg.data.dicom_series import scan_file
+
+    sagittal = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT2N" / "6293"
+    for source in (get_testdata_file("CT_small.dcm"), sagittal):
+        folder = tmp_path / Path(source).name
+        folder.mkdir()
+        shutil.copy(source, folder / "only.dcm")
+        from_file, from_folder = load_image(folder / "only.dcm"), load_image(folder)
+        checked = scan_file(source)
+        assert tuple(from_file.shape) == (1, *checked.shape) and checked.shape[2] == 1
+        np.testing.assert_allclose(np.asarray(from_file.affine), checked.slice_affine)
+        np.testing.assert_array_equal(np.asarray(from_folder), np.asarray(from_file))
+        np.testing.assert_array_equal(np.asarray(from_folder.affine), np.asarray(from_file.affine))
+        assert abs(np.linalg.det(np.asarray(from_file.affine)[:3, :3])) > 1e-6
 
 
 def test_check_header_refuses_without_reading_voxels(tmp_path, nifti_header_editor, no_voxel_reads):

@@ -20,6 +20,19 @@ def test_names_drop_nifti_suffixes_only():
     assert case_name("/a/liver_007.nii.gz") == "liver_007"
     assert case_name("b.NII") == "b"
     assert case_name("/data/CT_series.1") == "CT_series.1"
+    assert case_name("/data/slice.dcm") == "slice"
+
+
+def test_a_single_dicom_file_is_a_dicom_case_read_as_a_one_slice_volume(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")
+    (case,) = discover_cases(path)
+    assert (case.name, case.is_dicom) == ("CT_small", True)
+    assert tuple(read_case(case.path).shape) == (1, 128, 128, 1)
+    (tmp_path / "scan.png").write_bytes(b"not an image")
+    with pytest.raises(ReaderError, match="neither a NIfTI file .* nor a DICOM file"):
+        discover_cases(tmp_path / "scan.png")
 
 
 def test_a_folder_holds_nifti_files_and_dicom_series_sorted(tmp_path):
@@ -41,7 +54,7 @@ def test_a_folder_holds_nifti_files_and_dicom_series_sorted(tmp_path):
     ("make", "message"),
     [
         (lambda p: p / "missing.nii.gz", "does not exist"),
-        (lambda p: (p / "scan.mha").write_text("x") and p / "scan.mha", "not a NIfTI file"),
+        (lambda p: (p / "scan.mha").write_text("x") and p / "scan.mha", "neither a NIfTI file"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "holds no NIfTI files"),
         (lambda p: nifti(p / "x.nii") and nifti(p / "x.nii.gz") and p, "several inputs named"),
     ],

@@ -240,3 +240,18 @@ def test_write_seg_for_case_is_what_predict_calls(tmp_path):
     _same_points(_world_by_segment_from_pydicom(path)[4], _world_by_label_from_nifti(nifti)[5])
     with pytest.raises(ConfigError, match="not a DICOM input"):
         write_seg_for_case(Case("x", tmp_path / "x.nii.gz", False), labels, algorithm, tmp_path / "out")
+
+
+def test_a_single_dicom_slice_is_predicted_and_written_as_seg_and_nifti(litemedsam_model, tmp_path):
+    """One .dcm file through predict (LiteMedSAM, a box) to a SEG and a NIfTI that agree voxel for voxel."""
+    from medseg.inference.predictor import PredictOptions, predict_case
+
+    path = get_testdata_file("CT_small.dcm")
+    prompts = tmp_path / "box.json"
+    prompts.write_text('{"space": "voxel", "objects": [{"label": 1, "boxes": [[30, 30, 0, 90, 90, 0]]}]}')
+    (nifti,) = predict_case(litemedsam_model, path, tmp_path / "out", prompts, PredictOptions(window="40:400"))
+    labels = np.asarray(nib.load(str(nifti)).dataobj)
+    assert labels.shape == (128, 128, 1) and (labels == 1).any()
+    (case,) = discover_cases(path)
+    seg = write_seg_for_case(case, labels, seg_algorithm(litemedsam_model, prompted=True), tmp_path / "out")
+    _same_points(_world_by_segment_from_pydicom(seg)[1], _world_by_label_from_nifti(nifti)[1])
