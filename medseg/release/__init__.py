@@ -1,7 +1,9 @@
 """Releases of trained models: export, checksums, verification, and loading by folder or by name.
 
-A release is a folder with ``model.safetensors``, ``config.yaml``, ``metadata.json``, ``model_card.md``,
-``sha256sums.txt`` and ``example/`` (see :mod:`medseg.release.spec`). ``medseg export`` writes one from a run
+A release is a folder with ``model.safetensors``, ``config.yaml``, ``metadata.json``, ``model_card.md`` (and the same
+card as ``README.md`` for the Hub, :mod:`medseg.release.hub`), ``sha256sums.txt``, ``example/`` and, for adapter-only
+LoRA/DoRA releases, PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
+(:mod:`medseg.release.peft_adapter`); see :mod:`medseg.release.spec`. ``medseg export`` writes one from a run
 (:func:`export_release`), ``medseg verify`` checks one (:func:`verify_release`), and :func:`load_pretrained` /
 :func:`load_release` rebuild its model offline, safetensors only, after checking every checksum. Names are looked up
 in ``registry.yaml`` (:mod:`medseg.release.registry`).

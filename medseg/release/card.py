@@ -3,7 +3,8 @@ it does (the test numbers of ``summary.json``, and its from-scratch twin when th
 
 Every number in the card comes from ``metadata.json`` (itself copied from the run's ``summary.json``), so the card
 and the metadata cannot disagree. The front matter follows the Hub's model card metadata: ``license``,
-``library_name``, ``tags``, ``base_model``, ``datasets``, ``metrics`` and a ``model-index`` with the test results.
+``library_name``, ``tags``, ``base_model`` (a Hub id, or left out), ``metrics`` and a ``model-index`` with the test
+results (:mod:`medseg.release.hub`). The same text is written as ``README.md``, the file the Hub shows.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 import yaml
 
 from medseg.errors import ConfigError
+from medseg.release.hub import hub_base_model, hub_licence, hub_relation
 
-__all__ = ["model_index", "read_front_matter", "render_model_card"]
+__all__ = ["front_matter", "loading_lines", "model_index", "read_front_matter", "render_model_card"]
 
 
 def _round(value: Any, digits: int = 4) -> float | None:
@@ -48,25 +50,32 @@ def model_index(metadata: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _front_matter(metadata: Mapping[str, Any]) -> dict[str, Any]:
+def front_matter(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Hub metadata: identifiers the Hub can link only where real ones exist (see :mod:`medseg.release.hub`)."""
     fmt = metadata["input_format"]
     training = metadata["training"]
     tags = ["medical-imaging", "segmentation", "medseg", "monai", fmt["modality"].lower()]
     backbone = _backbone(training)
     tags += [str(t) for t in (backbone, training.get("adapter")) if t]
+    if (metadata.get("peft") or {}).get("files"):
+        tags.append("peft")
     base = metadata["weights"].get("base") or {}
-    front = {
-        "license": str(metadata["licence"]).lower(),
+    front: dict[str, Any] = {
+        **hub_licence(metadata["licence"]),
         "library_name": "medseg",
         "pipeline_tag": "image-segmentation",
         "tags": tags,
-        "base_model": backbone,
-        "datasets": [metadata["training_data"]["dataset"]],
-        "metrics": ["dice", "hd95", "nsd"],
-        "model-index": model_index(metadata),
     }
-    if backbone is None:  # a from-scratch baseline has no base model
-        del front["base_model"]
+    # The Hub id names the official weights: an adapter-only release must sit on the official file (export records
+    # its URL only then), a merged one must have started from it (``training.pretrained_weights.official``).
+    started = training.get("pretrained_weights") or {}
+    official = base.get("url") is not None if base else bool(started.get("official"))
+    hub_id = hub_base_model(backbone) if official else None
+    if hub_id is not None:
+        front["base_model"] = hub_id
+        front["base_model_relation"] = hub_relation(metadata["weights"])
+    front["metrics"] = ["dice", "hd95", "nsd"]
+    front["model-index"] = model_index(metadata)
     if base:
         front["base_model_file"] = {"file": base["file"], "sha256": base["sha256"]}
     return front
@@ -76,6 +85,44 @@ def _backbone(training: Mapping[str, Any]) -> str | None:
     """The pretrained backbone's name, or ``None`` for a from-scratch baseline (recorded as ``none`` or missing)."""
     name = training.get("backbone")
     return None if name in (None, "none", "None") else str(name)
+
+
+def loading_lines(metadata: Mapping[str, Any]) -> list[str]:
+    """How to load the release without medseg's loader: ``peft`` (adapter-only LoRA/DoRA, or why it has no PEFT
+    files), or ``safetensors`` + the config's builder (merged)."""
+    peft = metadata.get("peft") or {}
+    name = metadata["name"]
+    if metadata["weights"].get("layout") is not None:  # merged: every tensor of the model config.yaml builds
+        return [
+            "Without medseg's loader: safetensors, and the builder that `config.yaml` names (checked first):",
+            "",
+            "```python",
+            "from hydra.utils import instantiate",
+            "from safetensors.torch import load_file",
+            "from medseg.release.spec import read_release_config",
+            f'model = instantiate(read_release_config("path/to/{name}").model)',
+            f'model.load_state_dict(load_file("path/to/{name}/model.safetensors"), strict=True)',
+            "```",
+            "",
+        ]
+    if peft.get("files"):
+        return [
+            "With `peft` (`adapter_config.json` + `adapter_model.safetensors`, the same LoRA tensors under peft's "
+            "names) on the base model medseg builds:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from medseg.release.peft_adapter import build_peft_base",
+            "from medseg.release.spec import read_release_config",
+            f'base = build_peft_base(read_release_config("path/to/{name}"), "path/to/'
+            f'{metadata["weights"]["base"]["file"]}")',
+            f'model = PeftModel.from_pretrained(base, "path/to/{name}").eval()',
+            "```",
+            "",
+        ]
+    if peft.get("omitted"):
+        return [f"No PEFT files: {peft['omitted']}; medseg's own format above holds the weights.", ""]
+    return []
 
 
 def _count(value: Any) -> str:
@@ -119,7 +166,7 @@ def render_model_card(metadata: Mapping[str, Any], twin: Mapping[str, Any] | Non
     labels = ", ".join(f"{v} = {k}" for k, v in metadata["labels"].items())
     lines = [
         "---",
-        yaml.safe_dump(_front_matter(metadata), sort_keys=False).rstrip(),
+        yaml.safe_dump(front_matter(metadata), sort_keys=False).rstrip(),
         "---",
         "",
         f"# {name} {version}",
@@ -138,6 +185,7 @@ def render_model_card(metadata: Mapping[str, Any], twin: Mapping[str, Any] | Non
         f'loaded = medseg.load_pretrained("{name}")   # LoadedModel: model, config, label_names',
         "```",
         "",
+        *loading_lines(metadata),
         "## Input",
         "",
         f"- Modality {fmt['modality']}, {fmt['num_channels']} channel(s): "

@@ -33,10 +33,12 @@ from medseg.paths import find_dataset
 from medseg.release.card import render_model_card
 from medseg.release.checksums import write_checksums
 from medseg.release.example import crop_example, write_expected
+from medseg.release.hub import HUB_CARD, hub_base_model
 from medseg.release.load import load_release
 from medseg.release.metadata import build_metadata, input_format
+from medseg.release.peft_adapter import peft_blocker, write_peft_adapter
 from medseg.release.spec import CONFIG, FORMAT, METADATA, MODEL_CARD, MODES, WEIGHTS, release_config
-from medseg.release.weights import base_weights_record, export_tensors, has_adapters
+from medseg.release.weights import base_weights_record, export_tensors, has_adapters, merged_layout, pretrained_file
 from medseg.tasks.checkpointing import load_weights
 
 __all__ = ["export_release", "run_export"]
@@ -109,8 +111,10 @@ def _run_facts(run_dir: Path, run_cfg: Any, model_cfg: Mapping[str, Any], datase
     }
 
 
-def _assert_same_weights(rebuilt: torch.nn.Module, trained: torch.nn.Module) -> None:
-    ours, theirs = rebuilt.state_dict(), trained.state_dict()
+def _assert_same_weights(rebuilt: torch.nn.Module, trained: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor of the rebuilt model equals the trained one (``trained``: its state, or for a ``plain`` merged
+    release the exported tensors, which are the trained model's merged into the architecture without adapters)."""
+    ours, theirs = rebuilt.state_dict(), trained
     differ = sorted(set(ours) ^ set(theirs))
     differ += [k for k in sorted(set(ours) & set(theirs)) if not torch.equal(ours[k].cpu(), theirs[k].cpu())]
     if differ:
@@ -228,10 +232,11 @@ def export_release(
     if mode is None:
         mode = "adapter-only" if has_adapters(model) and model_cfg.get("pretrained") else "merged"
     base = base_weights_record(model_cfg) if mode == "adapter-only" else None
+    layout = merged_layout(model) if mode == "merged" else None
     dataset = json.loads((info.root / "dataset.json").read_text(encoding="utf-8"))
     config = release_config(
         run_cfg, name=name, version=version, mode=mode, num_classes=info.num_classes, in_channels=info.num_channels,
-        labels=info.labels, channels=dataset.get("channel_names", {}), spacing=spacing, base=base,
+        labels=info.labels, channels=dataset.get("channel_names", {}), spacing=spacing, base=base, layout=layout,
     )  # fmt: skip
 
     staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.tmp"
@@ -239,12 +244,19 @@ def export_release(
     try:
         # One header entry: safetensors writes several in random order, and the file's hash must be reproducible.
         header = {"medseg_release": json.dumps({"format": FORMAT, "name": name, "version": version, "mode": mode})}
-        save_file(export_tensors(model, mode), str(staging / WEIGHTS), metadata=header)
+        tensors = export_tensors(model, mode)
+        save_file(tensors, str(staging / WEIGHTS), metadata=header)
         (staging / WEIGHTS).chmod(0o644)  # readable like the other files (safetensors creates it private)
         atomic_write_text(staging / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        peft = None
+        if mode == "adapter-only":
+            reason = peft_blocker(model, tensors)
+            hub_id = hub_base_model(model_cfg.get("backbone"))
+            files = write_peft_adapter(staging, model, tensors, hub_id) if reason is None else []
+            peft = {"files": files, "base_model": hub_id} if reason is None else {"omitted": reason}
         write_checksums(staging)
         loaded = load_release(staging, device=device)
-        _assert_same_weights(loaded.model, model)
+        _assert_same_weights(loaded.model, tensors if layout == "plain" else model.state_dict())
         cases = [c for c in info.test if c.label is not None] or list(info.test) or list(info.training)
         case = sorted(cases, key=lambda c: c.case_id)[0]
         slice_axis = config["task"]["inference"].get("slice_axis") if getattr(model, "spatial_dims", 2) == 2 else None
@@ -260,14 +272,19 @@ def export_release(
             "steps_trained": summary.get("steps_trained"), "seed": summary.get("seed"),
             "learning_rate": OmegaConf.select(run_cfg, "task.optimizer.lr", default=None),
             "train_wall_time_s": summary.get("train_wall_time_s"), "checkpoint": summary.get("checkpoint"),
+            "pretrained_weights": pretrained_file(model_cfg),
         }  # fmt: skip
         metadata = build_metadata(
             config, summary, dataset, changelog=changelog or {version: "First release."}, licence=licence,
             description=description or texts[0], intended_use=intended_use or texts[1],
             limitations=limitations if limitations is not None else texts[2], training=training, example=example,
         )  # fmt: skip
+        if peft is not None:
+            metadata["peft"] = peft
         atomic_write_json(staging / METADATA, metadata)
-        atomic_write_text(staging / MODEL_CARD, render_model_card(metadata, twin))
+        card = render_model_card(metadata, twin)
+        atomic_write_text(staging / MODEL_CARD, card)
+        atomic_write_text(staging / HUB_CARD, card)  # the Hub shows only README.md
         write_checksums(staging)
         if output.is_dir():
             output.rmdir()

@@ -6,6 +6,9 @@ A release is a folder::
     config.yaml         this module's format: builder arguments, preprocessing, inference settings, labels
     metadata.json       input format, labels, metrics, training data, licence (:mod:`medseg.release.metadata`)
     model_card.md       Hugging Face style card (:mod:`medseg.release.card`)
+    README.md           the same card, under the name the Hugging Face Hub shows (:mod:`medseg.release.hub`)
+    adapter_config.json, adapter_model.safetensors
+                        adapter-only LoRA/DoRA releases: the adapter in PEFT's layout (:mod:`.peft_adapter`)
     example/            a small input and the output the model must give for it
     sha256sums.txt      SHA-256 of every other file (:mod:`medseg.release.checksums`)
 
@@ -99,6 +102,7 @@ def release_config(
     channels: Mapping[str, str],
     spacing: tuple[float, ...] | None,
     base: Mapping[str, Any] | None,
+    layout: str | None = None,
 ) -> dict[str, Any]:
     """The ``config.yaml`` of a release, from a run's saved config.
 
@@ -111,6 +115,8 @@ def release_config(
         channels: ``{index: name}`` (``dataset.json`` ``channel_names``).
         spacing: the resolved target spacing (mm, RAS order) that replaces ``pixdim: median``, or ``None``.
         base: for ``adapter-only``: ``{backbone, file, sha256, url}`` of the base weights; else ``None``.
+        layout: for ``merged``: ``plain`` (adapters merged away: the config builds the model without them) or
+            ``adapters`` (:func:`medseg.release.weights.merged_layout`).
     """
     if mode not in MODES:
         raise ConfigError(f"release mode must be one of {MODES}, got {mode!r}.")
@@ -120,6 +126,10 @@ def release_config(
         model["checkpoint"] = None  # a path on the training machine means nothing elsewhere: see ``weights.base``
     if "pretrained" in model:
         model["pretrained"] = mode == "adapter-only"
+    if layout not in (None, "plain", "adapters"):
+        raise ConfigError(f"merged layout must be 'plain' or 'adapters', got {layout!r}.")
+    if mode == "merged" and layout == "plain" and "adapter" in model:
+        model["adapter"] = None  # merged into the base weights: the architecture has no adapter modules
     transforms = []
     for transform in _resolved(run_cfg.data.preprocess.transforms):
         if str(transform.get("pixdim", "")) == "median":
@@ -131,6 +141,8 @@ def release_config(
     weights: dict[str, Any] = {"file": WEIGHTS, "mode": mode}
     if base is not None:
         weights["base"] = dict(base)
+    if mode == "merged" and layout is not None:
+        weights["layout"] = layout
     config = {
         "format": FORMAT,
         "name": name,

@@ -4,7 +4,8 @@ Four checks, in order, each printed on one line:
 
 1. **checksums**: every file listed in ``sha256sums.txt`` has its SHA-256, and no unlisted file lies in the folder;
 2. **metadata**: ``config.yaml`` passes the release rules (safe YAML, no resolvers, allowed targets only) and
-   ``metadata.json`` is JSON whose facts (labels, classes, backbone, weights, spacing...) agree with it. Checksums
+   ``metadata.json`` is JSON whose facts (labels, classes, backbone, weights, spacing...) agree with it, ``README.md``
+   is ``model_card.md`` and the PEFT files it lists are there. Checksums
    only show that files are intact, not that they tell the truth: anyone who edits a release can recompute them;
 3. **rebuild**: the model is rebuilt from ``config.yaml`` and ``model.safetensors`` (and, for an adapter-only
    release, the base weights found and hash-checked), as :func:`medseg.release.load.load_release` does;
@@ -29,9 +30,10 @@ from omegaconf import OmegaConf
 from medseg.errors import MedsegError
 from medseg.release.checksums import verify_checksums
 from medseg.release.example import compare_label_maps, predict_label_map, read_example
+from medseg.release.hub import HUB_CARD
 from medseg.release.load import load_release
 from medseg.release.metadata import metadata_contradictions, read_metadata
-from medseg.release.spec import CONFIG, METADATA, WEIGHTS, read_release_config
+from medseg.release.spec import CONFIG, METADATA, MODEL_CARD, WEIGHTS, read_release_config
 
 __all__ = ["CHECKS", "Check", "VerifyReport", "run_verify", "verify_release"]
 
@@ -78,6 +80,18 @@ def _example_check(loaded, folder: Path) -> Check:
     return Check("example", bool(result["passed"]), detail)
 
 
+def _hub_file_problems(folder: Path, metadata: dict) -> list[str]:
+    """README.md (the Hub's card) must be model_card.md; the PEFT files metadata.json lists must be there."""
+    problems = []
+    card, readme = folder / MODEL_CARD, folder / HUB_CARD
+    if readme.is_file() and (not card.is_file() or readme.read_bytes() != card.read_bytes()):
+        problems.append(f"{HUB_CARD} differs from {MODEL_CARD} (the Hub would show another card than medseg's)")
+    for name in (metadata.get("peft") or {}).get("files") or []:
+        if not (folder / name).is_file():
+            problems.append(f"metadata.json lists the PEFT file {name}, which is missing")
+    return problems
+
+
 def _metadata_check(folder: Path) -> Check:
     try:
         config = OmegaConf.to_container(read_release_config(folder))
@@ -85,6 +99,7 @@ def _metadata_check(folder: Path) -> Check:
     except MedsegError as err:
         return Check("metadata", False, str(err))
     problems = metadata_contradictions(metadata, config)
+    problems += _hub_file_problems(folder, metadata)
     if problems:
         return Check(
             "metadata", False, f"{folder / METADATA} contradicts config.yaml: {'; '.join(problems)}. Re-export it."

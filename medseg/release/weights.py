@@ -2,9 +2,13 @@
 
 Two modes (:data:`medseg.release.spec.MODES`):
 
-- ``merged``: every tensor of the model, with LoRA/DoRA and SSF folded into the base weights
-  (:func:`medseg.adapters.merge_adapters`; the adapter tensors stay, so ``unmerge_adapters`` restores the trainable
-  form). The model is rebuilt with ``pretrained=False`` (no base file needed), merged, and loaded strictly.
+- ``merged``: every tensor of the model, loadable by ``safetensors`` + the builder named in ``config.yaml`` +
+  ``load_state_dict(strict=True)``, nothing else (no base file, no release code). Two layouts (``weights.layout``):
+  ``plain`` when every adapter method folds into the base weights (LoRA/DoRA, SSF, BitFit, norm, full): the
+  tensors are those of the architecture without adapters (``adapter: null`` in the config), with the updates
+  merged in; ``adapters`` otherwise (AdaptFormer, adapter3d, VPT add modules that do not fold): the config keeps the
+  adapter and the tensors are the adapted model's, unmerged. Releases exported before the layouts existed (no
+  ``weights.layout``) hold merged tensors on the adapted model and are rebuilt, merged, then loaded, as before.
 - ``adapter-only``: the tensors that differ from the pretrained base: everything outside the backbone (the decoder,
   buffers included) plus the backbone's adapter tensors and trained parameters
   (:func:`medseg.adapters.adapter_state_dict`). The base file is named by file name and SHA-256 in ``config.yaml``
@@ -24,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from medseg.adapters.merge import adapter_state_dict, merge_adapters, unmerge_adapters
+from medseg.adapters.targets import is_adapter_name
 from medseg.backbones.registry import get_entry
 from medseg.backbones.weights import resolve_checkpoint, sha256_file
 from medseg.config import instantiate
@@ -36,8 +41,13 @@ __all__ = [
     "build_release_model",
     "export_tensors",
     "has_adapters",
+    "merged_layout",
+    "pretrained_file",
     "resolve_base_weights",
 ]
+
+#: Adapter methods whose effect lives in the base weights once merged: a merged release drops their modules.
+MERGEABLE_METHODS = frozenset({"full", "frozen", "bitfit", "norm", "lora", "lora_bonly", "dora", "ssf"})
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -60,10 +70,29 @@ def adapter_only_keys(model: nn.Module) -> set[str]:
     return keys | {f"backbone.{k}" for k in adapter_state_dict(model.backbone)}
 
 
+def merged_layout(model: nn.Module) -> str:
+    """``plain`` if every adapter method of ``model`` merges into the base weights (or it has none), else
+    ``adapters`` (see the module docstring)."""
+    methods = getattr(getattr(model, "backbone", None), "_medseg_adapter_methods", None) or []
+    return "plain" if set(methods) <= MERGEABLE_METHODS else "adapters"
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The merged model's tensors under the names of the same architecture built without adapters."""
+    merge_adapters(model)
+    return {
+        name.replace(".base_layer.", "."): tensor
+        for name, tensor in model.state_dict().items()
+        if not is_adapter_name(name)
+    }
+
+
 def export_tensors(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
     """The tensors to write for ``mode`` (contiguous CPU copies, as safetensors needs; shared storage is split)."""
-    if mode == "merged":
-        merge_adapters(model)
+    if mode == "merged" and merged_layout(model) == "plain":
+        state = _plain_state(model)
+    elif mode == "merged":
+        unmerge_adapters(model)
         state = model.state_dict()
     else:
         unmerge_adapters(model)
@@ -97,6 +126,20 @@ def base_weights_record(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
         "bytes": path.stat().st_size,
         "url": entry.url if path.name == entry.filename else None,
     }
+
+
+def pretrained_file(model_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``{file, official}`` of the pretrained file a run started from (``official``: the registry's own file name,
+    so the Hub id of the official weights may be given), or ``None`` (no pretrained backbone, or the file is gone)."""
+    name = model_cfg.get("backbone")
+    if not name or not model_cfg.get("pretrained"):
+        return None
+    entry = get_entry(str(name))
+    try:
+        path = resolve_checkpoint(entry, model_cfg.get("checkpoint"))
+    except WeightsError:
+        return None
+    return {"file": path.name, "official": path.name == entry.filename}
 
 
 def resolve_base_weights(base: Mapping[str, Any], explicit: str | Path | None = None) -> Path:
@@ -159,7 +202,8 @@ def build_release_model(
         model_cfg["checkpoint"] = str(base_path)
     model = instantiate(OmegaConf.create(model_cfg))
     if mode == "merged":
-        merge_adapters(model)
+        if config.weights.get("layout") is None:  # exported before layouts: merged tensors on the adapted model
+            merge_adapters(model)
         expected = set(model.state_dict())
     else:
         expected = adapter_only_keys(model)

@@ -72,7 +72,8 @@ def test_metadata_and_card_carry_the_run_summary(tiny_run, tiny_releases):
     card = (folder / "model_card.md").read_text()
     front = read_front_matter(card)
     assert front["library_name"] == "medseg" and front["license"] == "apache-2.0"
-    assert front["base_model"] == "mae_vit_base"
+    assert "base_model" not in front and "datasets" not in front  # no Hub ids: a tiny base file, a local dataset
+    assert front["base_model_file"]["file"] == "tiny_mae.safetensors"
     metrics = front["model-index"][0]["results"][0]["metrics"]
     dice = next(m for m in metrics if m["name"] == "foreground mean Dice")
     assert dice["value"] == round(summary["foreground_mean"]["dice"], 4)
@@ -83,8 +84,10 @@ def test_merged_and_adapter_only_predict_the_same(tiny_releases, base_weights_en
     adapter = load_release(tiny_releases["adapter-only"])
     merged = load_release(tiny_releases["merged"])
     keys, header = _keys(tiny_releases["merged"])
-    assert header["mode"] == "merged" and any(".base_layer." in k for k in keys)
-    assert "base" not in yaml.safe_load((tiny_releases["merged"] / "config.yaml").read_text())["weights"]
+    assert header["mode"] == "merged" and not any(".base_layer." in k or "lora_" in k for k in keys)
+    config = yaml.safe_load((tiny_releases["merged"] / "config.yaml").read_text())
+    assert "base" not in config["weights"] and config["weights"]["layout"] == "plain"
+    assert config["model"]["adapter"] is None  # LoRA folded in: the plain architecture
     image = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = adapter.model(image)
