@@ -14,6 +14,7 @@ batches, and the loader settings default to what the machine supports (:mod:`med
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -289,9 +290,14 @@ class SegmentationDataModule(L.LightningDataModule):
             **self.loader_settings().loader_kwargs(),
         )  # fmt: skip
 
+    def _case_loader(self, split: str) -> DataLoader:
+        # Whole volumes of different shapes, one per batch as nnU-Net validates, carrying the MetaTensor trace that
+        # inverts predictions: not pinned (a rare copy, and the trace must come through unchanged).
+        settings = dataclasses.replace(self.loader_settings(), pin_memory=False)
+        return DataLoader(self.dataset_for(split), batch_size=1, **settings.loader_kwargs())
+
     def val_dataloader(self) -> DataLoader:
-        # Whole volumes of different shapes: one per batch, as nnU-Net validates.
-        return DataLoader(self.dataset_for("val"), batch_size=1, **self.loader_settings().loader_kwargs())
+        return self._case_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset_for("test"), batch_size=1, **self.loader_settings().loader_kwargs())
+        return self._case_loader("test")

@@ -16,7 +16,7 @@ from monai.transforms import Invertd
 import medseg.data.datamodule as datamodule_module
 from medseg.config import instantiate
 from medseg.data.prepare import synthetic
-from medseg.errors import DatasetError
+from medseg.errors import ConfigError, DatasetError
 
 CONF = str((__import__("pathlib").Path(__file__).parents[2] / "conf").resolve())
 
@@ -252,3 +252,12 @@ def test_cache_auto_keeps_small_datasets_in_memory_and_large_ones_on_disk(data_r
     tight.setup()
     assert tight.cache_mode == "disk" and isinstance(tight.dataset_for("val"), PersistentDataset)
     assert tight.cache_path is not None and tight.cache_path.parent == tmp_path
+
+
+def test_loader_settings_reach_the_loaders_and_whole_cases_are_not_pinned(data_root):
+    dm = make_datamodule(data_root, "data.cache=none", "data.num_workers=1", "data.pin_memory=true")
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert train.num_workers == val.num_workers == 1 and train.persistent_workers and val.persistent_workers
+    assert train.pin_memory and not val.pin_memory and not dm.test_dataloader().pin_memory
+    with pytest.raises(ConfigError, match="data.num_workers must be"):
+        make_datamodule(data_root, "data.num_workers=many")
