@@ -10,7 +10,14 @@ from medseg.evaluation.metrics import (
     foreground_classes,
     spacing_from_affine,
 )
-from medseg.evaluation.summary import build_summary, evaluate_folder, is_complete, read_summary, write_summary
+from medseg.evaluation.summary import (
+    build_summary,
+    evaluate_folder,
+    is_complete,
+    read_summary,
+    score_case,
+    write_summary,
+)
 
 __all__ = [
     "EMPTY_LABEL_POLICY",
@@ -22,6 +29,7 @@ __all__ = [
     "foreground_classes",
     "is_complete",
     "read_summary",
+    "score_case",
     "spacing_from_affine",
     "write_summary",
 ]

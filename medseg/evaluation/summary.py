@@ -2,8 +2,10 @@
 
 The layout follows nnU-Net v2's ``evaluate_predictions.py`` so that its users find their way (``metric_per_case``,
 ``mean``, ``foreground_mean``), with medseg's additions: the empty-label policy in words, ``hd95_n`` (how many cases
-the HD95 mean covers), and whatever the trainer passes (parameter counts, peak memory, wall time). Every number is
-finite or ``null``, never NaN, so the file is strict JSON that any tool can read.
+the HD95 mean covers), and whatever the trainer passes (parameter counts, peak memory, wall time). A test-time
+evaluation adds its cost (:mod:`medseg.evaluation.timing`): ``seconds_per_case``, the phase split ``eval_seconds``
+and each case's ``seconds``. Every number is finite or ``null``, never NaN, so the file is strict JSON that any tool
+can read.
 
 A promptable run adds an ``interactive`` section (:func:`medseg.evaluation.interactive.summarize_interactive`: Dice
 after k clicks, NoC, box and propagation Dice per object, case and class); :func:`interactive_per_case` reads its
@@ -41,6 +43,7 @@ __all__ = [
     "interactive_per_case",
     "is_complete",
     "read_summary",
+    "score_case",
     "write_summary",
 ]
 
@@ -242,27 +245,53 @@ def evaluate_folder(
     missing = sorted(set(predictions) - set(references))
     if missing:
         raise EvaluationError(f"no reference in {ref_dir} for predictions {missing[:5]} (expected same file names).")
-    per_case = []
-    for case_id, pred_path in predictions.items():
-        ref_path = references[case_id]
-        pred_image, ref_image = nib.load(pred_path), nib.load(ref_path)
-        if pred_image.shape[:3] != ref_image.shape[:3]:
-            raise EvaluationError(
-                f"{pred_path} has shape {pred_image.shape} but its reference {ref_path} has {ref_image.shape}; "
-                f"write predictions on the reference's native grid."
-            )
-        if not np.allclose(pred_image.affine, ref_image.affine, atol=atol_mm):
-            raise EvaluationError(
-                f"{pred_path} has a different affine from its reference {ref_path} (beyond {atol_mm} mm):\n"
-                f"{np.round(pred_image.affine, 4)}\nvs\n{np.round(ref_image.affine, 4)}"
-            )
-        prediction = np.rint(np.asanyarray(pred_image.dataobj)).astype(np.int64)
-        reference = np.rint(np.asanyarray(ref_image.dataobj)).astype(np.int64)
-        metrics = case_metrics(prediction, reference, spacing_from_affine(ref_image.affine), labels, nsd_tolerance_mm)
-        per_case.append(
-            {"case_id": case_id, "prediction_file": str(pred_path), "reference_file": str(ref_path), "metrics": metrics}
-        )
+    per_case = [
+        score_case(pred_path, references[case_id], labels, nsd_tolerance_mm, atol_mm, suffix)
+        for case_id, pred_path in predictions.items()
+    ]
     summary = build_summary(per_case, labels, extras)
     if output is not None:
         write_summary(output, summary)
     return summary
+
+
+def score_case(
+    pred_path: str | os.PathLike[str],
+    ref_path: str | os.PathLike[str],
+    labels: Mapping[str, int | Sequence[int]],
+    nsd_tolerance_mm: float | Mapping[str, float] = 2.0,
+    atol_mm: float = 1e-3,
+    suffix: str = ".nii.gz",
+) -> dict[str, Any]:
+    """Score one prediction file against its reference, in :func:`evaluate_folder`'s geometry rules.
+
+    One case at a time, so that an evaluation scores each case as soon as it is written and times it
+    (:mod:`medseg.evaluation.timing`).
+
+    Returns:
+        The ``metric_per_case`` entry: ``case_id`` (the file name without ``suffix``), ``prediction_file``,
+        ``reference_file`` and ``metrics``.
+
+    Raises:
+        EvaluationError: a file is missing, or the prediction's shape or affine differs from its reference's.
+    """
+    pred_path, ref_path = Path(pred_path), Path(ref_path)
+    for path in (pred_path, ref_path):
+        if not path.is_file():
+            raise EvaluationError(f"{path} does not exist; predictions and references must both be written.")
+    pred_image, ref_image = nib.load(pred_path), nib.load(ref_path)
+    if pred_image.shape[:3] != ref_image.shape[:3]:
+        raise EvaluationError(
+            f"{pred_path} has shape {pred_image.shape} but its reference {ref_path} has {ref_image.shape}; "
+            f"write predictions on the reference's native grid."
+        )
+    if not np.allclose(pred_image.affine, ref_image.affine, atol=atol_mm):
+        raise EvaluationError(
+            f"{pred_path} has a different affine from its reference {ref_path} (beyond {atol_mm} mm):\n"
+            f"{np.round(pred_image.affine, 4)}\nvs\n{np.round(ref_image.affine, 4)}"
+        )
+    prediction = np.rint(np.asanyarray(pred_image.dataobj)).astype(np.int64)
+    reference = np.rint(np.asanyarray(ref_image.dataobj)).astype(np.int64)
+    metrics = case_metrics(prediction, reference, spacing_from_affine(ref_image.affine), labels, nsd_tolerance_mm)
+    case_id = pred_path.name[: -len(suffix)] if pred_path.name.endswith(suffix) else pred_path.name
+    return {"case_id": case_id, "prediction_file": str(pred_path), "reference_file": str(ref_path), "metrics": metrics}

@@ -10,6 +10,14 @@ Validation cases never take part.
 Training (:func:`medseg.workflows.training.train`) calls :func:`evaluate_model` after training; ``medseg evaluate
 run_dir=...`` runs :func:`evaluate`, which re-evaluates a finished run from its saved config and checkpoint
 (``conf/evaluate.yaml``).
+
+Cost. The model is loaded once and sent to the evaluation device once (:func:`evaluation_device`: CUDA when there is
+one). That move matters after training: Lightning's teardown leaves a trained module on the CPU, so without it the
+test cases of a GPU run were predicted on the CPU. Each case is then read and preprocessed once, predicted in
+batches of slices or windows (:func:`medseg.inference.predict_logits`), inverted with the datamodule's own transform
+instance, written and scored at once (:func:`medseg.evaluation.score_case`); :class:`medseg.evaluation.timing.
+EvaluationClock` times each phase, and ``summary.json`` records ``seconds_per_case``, the phase split
+(``eval_seconds``) and each case's ``seconds``.
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from medseg.config import instantiate
 from medseg.data.transforms import target_spacing
 from medseg.errors import ConfigError
-from medseg.evaluation import evaluate_folder
+from medseg.evaluation import build_summary, score_case, write_summary
 from medseg.evaluation.interactive import summarize_interactive
 from medseg.evaluation.interactive_run import InteractiveSettings, evaluate_case, evaluate_case_3d, load_native_case
+from medseg.evaluation.timing import EvaluationClock, with_case_seconds
 from medseg.inference import native_label_map, predict_logits, write_label_map
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.prepared import intensity_transforms
@@ -35,19 +44,32 @@ from medseg.runs import SUMMARY, select_checkpoint
 from medseg.tasks.checkpointing import load_weights
 from medseg.workflows.memory import peak_memory_mb
 
-__all__ = ["evaluate", "evaluate_model", "evaluate_promptable_model"]
+__all__ = ["evaluate", "evaluate_model", "evaluate_promptable_model", "evaluation_device"]
 
 log = logging.getLogger("medseg.evaluate")
 
 
-def _reference_labels(datamodule: Any) -> Path:
-    labels = [c.label for c in datamodule.info.test if c.label is not None]
-    if len(labels) != len(datamodule.info.test):
+def _check_references(datamodule: Any) -> None:
+    """Refuse, before predicting anything, test cases without a reference label map."""
+    if any(c.label is None for c in datamodule.info.test):
         raise ConfigError(
             f"{datamodule.info.root} has test images without reference labels (labelsTs/); a run can only be "
             f"evaluated on labelled test cases."
         )
-    return Path(labels[0]).parent
+
+
+def evaluation_device(device: str | torch.device | None = None) -> torch.device:
+    """Where the test cases are predicted: ``device`` when given, else CUDA when available, else the CPU."""
+    if device is not None and str(device) != "":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on_device(task: Any, device: str | torch.device | None) -> torch.nn.Module:
+    """The task's model, moved (with the task) to the evaluation device, once for every case."""
+    target = evaluation_device(device)
+    (task if isinstance(task, torch.nn.Module) else task.model).to(target)
+    return task.model
 
 
 def evaluate_model(
@@ -58,6 +80,7 @@ def evaluate_model(
     started: float | None = None,
     max_cases: int | None = None,
     nsd_tolerance_mm: float = 2.0,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Predict every test case whole, write it on the native grid, score it, and write ``run_dir/summary.json``.
 
@@ -69,29 +92,44 @@ def evaluate_model(
         started: ``time.perf_counter()`` at the start of the run, for ``wall_time_s``.
         max_cases: evaluate only the first cases (debug runs); ``None``: all.
         nsd_tolerance_mm: NSD tolerance (mm).
+        device: where the model predicts (:func:`evaluation_device`; default CUDA when available). The task is
+            moved there and stays there.
 
     Returns:
-        The summary (see :func:`medseg.evaluation.build_summary`).
+        The summary (see :func:`medseg.evaluation.build_summary`), with ``seconds_per_case``, ``eval_seconds``
+        and per-case ``seconds`` (:mod:`medseg.evaluation.timing`).
     """
     if hasattr(task, "evaluation") and hasattr(task.model, "decode"):  # a promptable task: simulated users
-        return evaluate_promptable_model(task, datamodule, run_dir, extras, started, max_cases, nsd_tolerance_mm)
+        return evaluate_promptable_model(
+            task, datamodule, run_dir, extras, started, max_cases, nsd_tolerance_mm, device=device
+        )
     run_dir = Path(run_dir)
-    eval_started = time.perf_counter()
+    clock = EvaluationClock()
     datamodule.setup("test")
+    _check_references(datamodule)
     dataset = datamodule.dataset_for("test")
     cases = _test_cases(datamodule, max_cases)
     predictions = _fresh_predictions(run_dir)
-    model = task.model
+    model = _on_device(task, device)
     suffix = datamodule.info.file_ending
+    scored = []
     for index, case in enumerate(cases):
-        item = dataset[datamodule.test_ids.index(case.case_id)]
-        logits = predict_logits(model, item["image"], spatial_dims=int(model.spatial_dims), **task.inference)
-        native = native_label_map(logits, item, datamodule.deterministic_transform)
-        write_label_map(native, case.images[0], predictions / f"{case.case_id}{suffix}")
+        with clock.phase("load", case.case_id):
+            item = dataset[datamodule.test_ids.index(case.case_id)]
+        with clock.phase("predict", case.case_id):
+            logits = predict_logits(model, item["image"], spatial_dims=int(model.spatial_dims), **task.inference)
+        with clock.phase("invert", case.case_id):
+            native = native_label_map(logits, item, datamodule.deterministic_transform)
+        with clock.phase("write", case.case_id):
+            written = write_label_map(native, case.images[0], predictions / f"{case.case_id}{suffix}")
+        with clock.phase("metrics", case.case_id):
+            scored.append(score_case(written, case.label, datamodule.label_names, nsd_tolerance_mm, suffix=suffix))
         log.info("Predicted test case %d/%d: %s", index + 1, len(cases), case.case_id)
-    facts = _timed(dict(extras or {}), eval_started, started)
-    summary = _score(predictions, _reference_labels(datamodule), datamodule, run_dir, facts, nsd_tolerance_mm)
-    log.info("Test foreground mean Dice %.4f -> %s", summary["foreground_mean"]["dice"] or 0.0, run_dir / SUMMARY)
+    summary = _summarise(scored, clock, datamodule, run_dir, extras, started)
+    log.info(
+        "Test foreground mean Dice %.4f (%.2f s per case) -> %s",
+        summary["foreground_mean"]["dice"] or 0.0, summary["seconds_per_case"], run_dir / SUMMARY,
+    )  # fmt: skip
     return summary
 
 
@@ -109,24 +147,24 @@ def _fresh_predictions(run_dir: Path) -> Path:
     return predictions
 
 
-def _timed(facts: dict[str, Any], eval_started: float, started: float | None) -> dict[str, Any]:
-    """``facts`` (the run's, for the summary) with the evaluation's wall time, and the run's when ``started`` is
-    given."""
-    facts["eval_wall_time_s"] = round(time.perf_counter() - eval_started, 1)
+def _summarise(
+    scored: list[dict[str, Any]],
+    clock: EvaluationClock,
+    datamodule: Any,
+    run_dir: Path,
+    extras: dict[str, Any] | None,
+    started: float | None,
+    more: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build ``summary.json`` from the scored cases (in case order) with the run's facts and the clock's, and write
+    it to ``run_dir``. The clock stops here, so the summary's own writing is the only thing it leaves out."""
+    facts = {**(extras or {}), **clock.facts(), **(more or {})}
     if started is not None:
         facts["wall_time_s"] = round(time.perf_counter() - started, 1)
-    return facts
-
-
-def _score(
-    predictions: Path, reference_dir: Path, datamodule: Any, run_dir: Path, facts: dict[str, Any], nsd_mm: float
-) -> dict[str, Any]:
-    """Score the label maps against the references on the native grid and write ``run_dir/summary.json``."""
-    suffix = datamodule.info.file_ending
-    return evaluate_folder(
-        predictions, reference_dir, datamodule.label_names, nsd_tolerance_mm=nsd_mm, suffix=suffix,
-        output=run_dir / SUMMARY, extras=facts,
-    )  # fmt: skip
+    per_case = sorted(with_case_seconds(scored, clock.cases), key=lambda case: case["case_id"])
+    summary = build_summary(per_case, datamodule.label_names, facts)
+    write_summary(run_dir / SUMMARY, summary)
+    return summary
 
 
 def evaluate_promptable_model(
@@ -137,6 +175,7 @@ def evaluate_promptable_model(
     started: float | None = None,
     max_cases: int | None = None,
     nsd_tolerance_mm: float = 2.0,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Evaluate a promptable run with a simulated user on the test cases' native grid; write ``summary.json``.
 
@@ -155,19 +194,20 @@ def evaluate_promptable_model(
         Others: as :func:`evaluate_model`.
     """
     run_dir = Path(run_dir)
-    eval_started = time.perf_counter()
+    clock = EvaluationClock()
     settings = InteractiveSettings.from_mapping(task.evaluation)
     datamodule.setup("test")
-    reference_dir = _reference_labels(datamodule)
+    _check_references(datamodule)
     cases = _test_cases(datamodule, settings.max_cases if max_cases is None else max_cases)
     predictions = _fresh_predictions(run_dir)
     intensity = intensity_transforms(datamodule.deterministic_transform)
-    model = task.model.eval()
+    model = _on_device(task, device).eval()
     suffix = datamodule.info.file_ending
-    per_case = {}
+    per_case, scored = {}, []
     for index, case in enumerate(cases):
-        native = load_native_case(case.case_id, case.images, case.label, intensity)
-        with torch.no_grad():
+        with clock.phase("load", case.case_id):
+            native = load_native_case(case.case_id, case.images, case.label, intensity)
+        with clock.phase("predict", case.case_id), torch.no_grad():
             if int(model.spatial_dims) == 3:
                 objects, label_map = evaluate_case_3d(
                     model, native, datamodule.label_names, settings, target_spacing(datamodule),
@@ -178,13 +218,15 @@ def evaluate_promptable_model(
                     model, native, datamodule.label_names, settings, task.slice_axis, EmbeddingCache(max_items=4096)
                 )
         per_case[case.case_id] = objects
-        write_label_map(native.native(label_map), case.images[0], predictions / f"{case.case_id}{suffix}")
+        with clock.phase("invert", case.case_id):
+            label_map = native.native(label_map)
+        with clock.phase("write", case.case_id):
+            written = write_label_map(label_map, case.images[0], predictions / f"{case.case_id}{suffix}")
+        with clock.phase("metrics", case.case_id):
+            scored.append(score_case(written, case.label, datamodule.label_names, nsd_tolerance_mm, suffix=suffix))
         log.info("Interactive test case %d/%d: %s (%d objects)", index + 1, len(cases), case.case_id, len(objects))
-    facts = {
-        **_timed(extras, eval_started, started),
-        "interactive": summarize_interactive(per_case, settings.max_clicks),
-    }
-    summary = _score(predictions, reference_dir, datamodule, run_dir, facts, nsd_tolerance_mm)
+    interactive = {"interactive": summarize_interactive(per_case, settings.max_clicks)}
+    summary = _summarise(scored, clock, datamodule, run_dir, extras, started, interactive)
     dices = summary["interactive"]["foreground_mean"].get("dice_at_k") or [0.0]
     log.info("Test interactive Dice@1 %.4f, Dice@%d %.4f -> %s", dices[0], len(dices), dices[-1], run_dir / SUMMARY)
     return summary
@@ -212,12 +254,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(run_cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.num_channels)
     task = instantiate(run_cfg.task, model=model, label_names=datamodule.label_names)
     load_weights(task, checkpoint)
-    device = torch.device(cfg.device if cfg.get("device") else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = evaluation_device(cfg.get("device"))
     task.to(device)
     extras = {"checkpoint": checkpoint.name, **peak_memory_mb()}
     report = task.trainable_report()
     extras.update({"trainable_params": int(report.get("trainable", 0)), "total_params": int(report.get("total", 0))})
     return evaluate_model(
         task, datamodule, run_dir, extras=extras, started=started, max_cases=cfg.get("max_cases"),
-        nsd_tolerance_mm=float(cfg.nsd_tolerance_mm),
+        nsd_tolerance_mm=float(cfg.nsd_tolerance_mm), device=device,
     )  # fmt: skip
