@@ -5,6 +5,11 @@
 summary's ``foreground_mean`` (HD95 skips classes where it is undefined; NaN when it is undefined for all). When a
 summary has an ``interactive`` section (promptable runs), its per-case means are added too: ``dice_click1``...
 ``dice_click10``, ``noc85``, ``noc90``, ``box_dice``, ``propagation_dice``.
+
+Time is a per-case row too: ``seconds``, the evaluation time of the case (load, predict, invert, write, score;
+:mod:`medseg.evaluation.timing`), where the summary records it. ``cost.csv`` gives each arm's
+``eval_seconds_per_case``: the evaluation's wall time per test case, set-up included (the summary's
+``seconds_per_case``, or ``eval_wall_time_s / n_cases`` for summaries written before it existed).
 """
 
 from __future__ import annotations
@@ -21,15 +26,16 @@ from omegaconf import OmegaConf
 from medseg.evaluation.metrics import METRICS
 from medseg.evaluation.summary import interactive_per_case
 
-__all__ = ["COST_COLUMNS", "PER_CASE_COLUMNS", "cost_table", "per_case_rows"]
+__all__ = ["COST_COLUMNS", "PER_CASE_COLUMNS", "SECONDS", "cost_table", "per_case_rows"]
 
 PER_CASE_COLUMNS = ["arm", "dataset", "label_fraction", "seed", "case", "metric", "value"]
 COST_COLUMNS = [
     "arm", "trainable_params", "total_params", "trainable_percent", "peak_rss_mb", "peak_gpu_memory_mb",
-    "train_wall_time_s", "eval_wall_time_s", "steps", "samples_per_step", "train_steps_per_s",
+    "train_wall_time_s", "eval_wall_time_s", "eval_seconds_per_case", "steps", "samples_per_step", "train_steps_per_s",
     "train_samples_per_s", "n_runs", "lr", "search_wall_time_s",
 ]  # fmt: skip
 _INTERACTIVE = ("noc85", "noc90", "box_dice", "propagation_dice")
+SECONDS = "seconds"  # the per-case metric row of a case's evaluation time
 
 
 def _number(value: Any) -> float:
@@ -54,6 +60,8 @@ def per_case_rows(summary: Mapping[str, Any], arm: str, label_fraction: float, s
             rows.append(
                 {**base, "case": case_id, "metric": metric, "value": float(np.mean(finite)) if finite else math.nan}
             )
+        if math.isfinite(_number(case.get(SECONDS))):
+            rows.append({**base, "case": case_id, "metric": SECONDS, "value": float(case[SECONDS])})
     if summary.get("interactive") is not None:
         for case_id, means in interactive_per_case(summary).items():
             values = {f"dice_click{k}": dice for k, dice in enumerate(means.get("dice_at_k") or (), start=1)}
@@ -74,6 +82,15 @@ def _samples_per_step(run_dir: Path) -> float:
         return float(int(batch) * int(samples or 1))
     except (TypeError, ValueError):
         return math.nan
+
+
+def _seconds_per_case(summary: Mapping[str, Any]) -> float:
+    """Evaluation wall time per test case: the summary's ``seconds_per_case``, else wall time over ``n_cases``."""
+    recorded = _number(summary.get("seconds_per_case"))
+    if math.isfinite(recorded):
+        return recorded
+    wall, cases = _number(summary.get("eval_wall_time_s")), _number(summary.get("n_cases"))
+    return wall / cases if cases > 0 else math.nan
 
 
 def cost_table(runs: Iterable[Mapping[str, Any]], search_seconds: Mapping[str, float] | None = None) -> pd.DataFrame:
@@ -99,6 +116,7 @@ def cost_table(runs: Iterable[Mapping[str, Any]], search_seconds: Mapping[str, f
             "peak_rss_mb": peak if math.isfinite(peak) else _number(summary.get("peak_rss_mb")),
             "peak_gpu_memory_mb": _number(summary.get("peak_gpu_memory_mb")),
             "train_wall_time_s": train_s, "eval_wall_time_s": _number(summary.get("eval_wall_time_s")),
+            "eval_seconds_per_case": _seconds_per_case(summary),
             "steps": steps, "samples_per_step": per_step,
             "train_steps_per_s": steps / train_s if train_s > 0 else math.nan,
             "train_samples_per_s": steps * per_step / train_s if train_s > 0 else math.nan,
@@ -110,7 +128,8 @@ def cost_table(runs: Iterable[Mapping[str, Any]], search_seconds: Mapping[str, f
         trainable_params=("trainable_params", "first"), total_params=("total_params", "first"),
         trainable_percent=("trainable_percent", "first"), peak_rss_mb=("peak_rss_mb", "max"),
         peak_gpu_memory_mb=("peak_gpu_memory_mb", "max"), train_wall_time_s=("train_wall_time_s", "mean"),
-        eval_wall_time_s=("eval_wall_time_s", "mean"), steps=("steps", "first"),
+        eval_wall_time_s=("eval_wall_time_s", "mean"), eval_seconds_per_case=("eval_seconds_per_case", "mean"),
+        steps=("steps", "first"),
         samples_per_step=("samples_per_step", "first"), train_steps_per_s=("train_steps_per_s", "mean"),
         train_samples_per_s=("train_samples_per_s", "mean"), n_runs=("lr", "size"), lr=("lr", "first"),
     ).reset_index()  # fmt: skip

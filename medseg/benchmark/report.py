@@ -138,9 +138,11 @@ def render_report(
     out.append(markdown_table(win_tie_loss(comparisons), ["arm_a", "arm_b", "kind", "metric", "win", "tie", "loss"]))
     out.append("## Cost\n")
     out.append(markdown_table(cost, ["arm", "trainable_params", "trainable_percent", "peak_rss_mb",
-                                     "train_wall_time_s", "eval_wall_time_s", "train_samples_per_s",
-                                     "search_wall_time_s"], digits=2))  # fmt: skip
-    out.append("Wall times are seconds per run (mean over runs); peak memory is the resident set (MB) of one run.\n")
+                                     "train_wall_time_s", "eval_wall_time_s", "eval_seconds_per_case",
+                                     "train_samples_per_s", "search_wall_time_s"], digits=2))  # fmt: skip
+    out.append("Wall times are seconds per run (mean over runs); `eval_seconds_per_case` is the test evaluation's "
+               "wall time per case (set-up included; each case's own seconds are the `seconds` rows of "
+               "`per_case.csv`); peak memory is the resident set (MB) of one run.\n")  # fmt: skip
     out.append("## Plots\n")
     out.extend(f"![{name}]({name})\n" for name in PLOTS)
     if failures:

@@ -99,3 +99,26 @@ def test_promptable_runs_add_their_interactive_metrics_per_case():
     assert rows["dice_click1"] == 0.4 and rows["dice_click2"] == 0.7 and rows["noc85"] == 20.0
     assert rows["box_dice"] == 0.8 and "propagation_dice" not in rows and rows["dice"] == 0.5
     assert higher_is_better("dice_click2") and not higher_is_better("noc85")
+
+
+def test_seconds_per_case_reach_per_case_and_cost_tables(tmp_path):
+    from medseg.benchmark.collect import SECONDS, cost_table, per_case_rows
+    from medseg.benchmark.report import render_report
+
+    scores = {"liver": {"dice": 0.5, "nsd": 0.6, "hd95": 3.0}}
+    cases = [{"case_id": "c1", "metrics": scores, "seconds": 0.4}, {"case_id": "c2", "metrics": scores, "seconds": 0.6}]
+    summary = {"dataset": "D", "metric_per_case": cases, "n_cases": 2, "eval_wall_time_s": 1.5,
+               "seconds_per_case": 0.75}  # fmt: skip
+    rows = [r for r in per_case_rows(summary, "arm", 1.0, 0) if r["metric"] == SECONDS]
+    assert [(r["case"], r["value"]) for r in rows] == [("c1", 0.4), ("c2", 0.6)]
+    assert sum(r["value"] for r in rows) <= summary["eval_wall_time_s"]
+    older = {"dataset": "D", "metric_per_case": [{"case_id": "c1", "metrics": scores}], "n_cases": 4,
+             "eval_wall_time_s": 10.0}  # fmt: skip
+    assert not [r for r in per_case_rows(older, "old", 1.0, 0) if r["metric"] == SECONDS]  # not timed: no row
+    runs = [{"arm": "arm", "lr": 1e-3, "run_dir": tmp_path, "summary": summary, "job": None},
+            {"arm": "old", "lr": 1e-3, "run_dir": tmp_path, "summary": older, "job": None}]  # fmt: skip
+    cost = cost_table(runs).set_index("arm")
+    assert cost.loc["arm", "eval_seconds_per_case"] == 0.75
+    assert cost.loc["old", "eval_seconds_per_case"] == 2.5  # eval wall time over n_cases
+    report = render_report({"metrics": []}, pd.DataFrame(), pd.DataFrame(), cost.reset_index())
+    assert "eval_seconds_per_case" in report and "| 0.75 |" in report

@@ -45,6 +45,13 @@ def test_tiny_grid_writes_every_output_and_a_rerun_trains_nothing(bench_env, tin
     cost = pd.read_csv(bench_env / "cost.csv")
     assert {"trainable_params", "peak_rss_mb", "train_wall_time_s", "train_samples_per_s"} <= set(cost.columns)
     assert (cost["trainable_params"] > 0).all() and (cost["steps"] == 2).all()
+    assert (cost["eval_seconds_per_case"] > 0).all()
+    seconds = per_case[per_case["metric"] == "seconds"]
+    assert len(seconds) == 3 * 2 and (seconds["value"] > 0).all()  # every case of every run is timed
+    arms = cost.set_index("arm")
+    for arm, spent in seconds.groupby("arm")["value"].sum().items():  # one run per arm here
+        wall = arms.loc[arm, "eval_wall_time_s"]
+        assert spent <= wall and arms.loc[arm, "eval_seconds_per_case"] * 2 == pytest.approx(wall, abs=2e-3)
     report = (bench_env / "report.md").read_text()
     assert "## Limitations" in report and "pretrained_vs_scratch" in report
 
