@@ -81,13 +81,14 @@ RESUMABLE_KEYS = (
     "trainer.max_steps", "trainer.max_epochs", "trainer.check_val_every_n_epoch", "trainer.log_every_n_steps",
     "trainer.num_sanity_val_steps", "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "trainer.precision", "trainer.sync_batchnorm", "trainer.use_distributed_sampler", "trainer.default_root_dir",
-    "data.num_workers", "callbacks.rich_progress_bar", "callbacks.model_summary", "callbacks.lr_monitor",
+    "data.num_workers", "data.persistent_workers", "data.pin_memory", "data.prefetch_factor", "data.cache",
+    "callbacks.rich_progress_bar", "callbacks.model_summary", "callbacks.lr_monitor",
     "callbacks.weights_digest", "callbacks.last_checkpoint", "logger",
 )  # fmt: skip
-# What `overwrite=true` removes: everything a training command wrote (the lock, train.log and .hydra/ stay).
 #: What prediction needs from the training data (labels, channels, resolved preprocessing), written at training time
 #: so that a run folder predicts without its dataset (:mod:`medseg.inference.run_data`).
 RUN_DATA = "run_data.json"
+# What `overwrite=true` removes: everything a training command wrote (the lock, train.log and .hydra/ stay).
 _OUTPUTS = ("checkpoints", "logs", "predictions", "weights_digest", SUMMARY, STATE_FILE, RUN_DATA)
 
 

@@ -28,7 +28,7 @@ from medseg.data.fingerprint import load_or_compute_fingerprint
 from medseg.data.formats import CaseFiles, DatasetInfo, load_dataset_info
 from medseg.data.io import LoadCased
 from medseg.data.loader_settings import AUTO, LoaderSettings, cached_bytes, choose_cache, resolve_loader_settings
-from medseg.data.memory import _available_bytes
+from medseg.data.memory import available_bytes
 from medseg.data.sampling import EpochDataLoader, EpochSeededSampler, SeededSamples
 from medseg.data.splits import label_fraction_subset, load_or_create_splits
 from medseg.data.transforms import build_transforms, transform_cache_key
@@ -220,7 +220,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 [fingerprint.shapes[i] for i in cases], [fingerprint.spacings[i] for i in cases],
                 self.target_spacing, self.num_channels,
             )  # fmt: skip
-            self._cache_mode = choose_cache(estimate, _available_bytes(), self._processes())
+            self._cache_mode = choose_cache(estimate, available_bytes(), self._processes())
         return self._cache_mode
 
     def _dataset(self, items: list[dict[str, Any]], transform: Compose, cached: bool, *key_extra: Any) -> Dataset:

@@ -18,14 +18,14 @@ from collections.abc import Sequence
 
 from medseg.errors import ConfigError
 
-__all__ = ["ENV_MAX_INPUT_GB", "GB", "input_limit_bytes", "volume_bytes"]
+__all__ = ["ENV_MAX_INPUT_GB", "GB", "available_bytes", "input_limit_bytes", "volume_bytes"]
 
 ENV_MAX_INPUT_GB = "MEDSEG_MAX_INPUT_GB"
 _DEFAULT_CAP_BYTES = 16e9
 GB = 1e9
 
 
-def _available_bytes() -> float:
+def available_bytes() -> float:
     """Memory available to a new allocation: psutil's estimate when installed, else the free pages."""
     try:
         import psutil  # lazy: optional (not a dependency of medseg); the fallback below reads free pages
@@ -55,7 +55,7 @@ def input_limit_bytes() -> tuple[float, str]:
                 f"volume to accept, e.g. `export {ENV_MAX_INPUT_GB}=32`."
             )
         return value * GB, f"{ENV_MAX_INPUT_GB}={raw}"
-    half = _available_bytes() / 2
+    half = available_bytes() / 2
     if half < _DEFAULT_CAP_BYTES:
         return half, "the default: half of the memory available now"
     return _DEFAULT_CAP_BYTES, "the default: 16 GB"

@@ -241,13 +241,13 @@ def test_the_training_disk_cache_follows_the_cached_sampling_transforms(data_roo
 
 
 def test_cache_auto_keeps_small_datasets_in_memory_and_large_ones_on_disk(data_root, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(datamodule_module, "_available_bytes", lambda: 64e9)
+    monkeypatch.setattr(datamodule_module, "available_bytes", lambda: 64e9)
     with caplog.at_level(logging.INFO, logger="medseg.data.loader_settings"):
         roomy = make_datamodule(data_root, "data.cache=auto", f"data.cache_dir={tmp_path}")
         roomy.setup()
     assert roomy.cache_mode == "memory" and isinstance(roomy.dataset_for("val"), CacheDataset)
     assert "data.cache=auto: memory" in caplog.text
-    monkeypatch.setattr(datamodule_module, "_available_bytes", lambda: 1e5)  # a few cases exceed half of 100 kB
+    monkeypatch.setattr(datamodule_module, "available_bytes", lambda: 1e5)  # a few cases exceed half of 100 kB
     tight = make_datamodule(data_root, "data.cache=auto", f"data.cache_dir={tmp_path}")
     tight.setup()
     assert tight.cache_mode == "disk" and isinstance(tight.dataset_for("val"), PersistentDataset)
