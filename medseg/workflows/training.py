@@ -37,6 +37,7 @@ from medseg.runs import (
 from medseg.tasks.checkpointing import SafeCheckpointIO, load_weights
 from medseg.workflows.evaluation import evaluate_model
 from medseg.workflows.memory import peak_memory_mb
+from medseg.workflows.nnunet.workflow import train_nnunet
 from medseg.workflows.run_folder import check_run_folder
 
 __all__ = ["build_callbacks", "build_loggers", "resolve_precision", "train"]
@@ -140,6 +141,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ConfigError: an invalid value (:func:`medseg.runs.check_train_config`), or a run folder that is locked by
             another process, holds a finished run or a run of another config.
     """
+    if cfg.get("nnunet"):  # +nnunet=2d: nnU-Net v2's own pipeline on this run's split, scored like every run
+        return train_nnunet(cfg)
     check_train_config(cfg)
     run_dir = Path(cfg.run_dir)
     leader = L.pytorch.utilities.rank_zero_only.rank == 0
