@@ -4,8 +4,10 @@ For a batch of ``--batch`` objects, in 2-D (256 x 256, LiteMedSAM's input) and 3
 median over ``--repeats`` of one call for the whole batch:
 
 * ``reference_first_ms`` / ``reference_correction_ms``: :class:`medseg.prompts.ClickSimulator` ``first_click`` /
-  ``next_click`` for every object in turn, from host (NumPy) masks, as the promptable task calls it today (its
-  copy of the masks to the host is not counted).
+  ``next_click`` for every object in turn, from host (NumPy) masks (a copy of the masks to the host is not counted).
+* ``host_correction_ms``: :func:`medseg.prompts.host_clicks.correction_clicks` on the batch (scipy, one labelling
+  for the batch, distance transforms on the chosen regions' boxes), what the promptable task runs on a CPU, without
+  its memo (a round whose regions all changed); ``host_same_clicks``: how many equal the reference's.
 * ``first_ms`` / ``correction_ms``: :func:`medseg.prompts.device_clicks.first_clicks` /
   :func:`~medseg.prompts.device_clicks.correction_clicks` on the batch, on each device asked for (CUDA only when
   present), with float64 (``--dtype``) distances; CUDA times are taken after a synchronise.
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medseg.atomic import atomic_write_json
 from medseg.benchmark.machine import machine_facts
 from medseg.prompts.device_clicks import correction_clicks, first_clicks
+from medseg.prompts.host_clicks import correction_clicks as host_correction_clicks
 from medseg.prompts.simulate import ClickSimulator
 
 __all__ = ["main"]
@@ -113,6 +116,8 @@ def _case(name: str, batch: int, repeats: int, devices: list[torch.device], dtyp
     cpu = torch.device("cpu")
     firsts = [reference.first_click(g) for g in gt]
     previous = [[click] for click in firsts]
+    given = [[coord] for coord, _ in firsts]
+    host = host_correction_clicks(gt, pred, given, spacing)
     corrections = [reference.next_click(g, p, c) for g, p, c in zip(gt, pred, previous)]
     row = {
         "shape": list(shape),
@@ -122,6 +127,8 @@ def _case(name: str, batch: int, repeats: int, devices: list[torch.device], dtyp
         "reference_correction_ms": _median_ms(
             lambda: [reference.next_click(g, p, c) for g, p, c in zip(gt, pred, previous)], repeats, cpu
         ),
+        "host_correction_ms": _median_ms(lambda: host_correction_clicks(gt, pred, given, spacing), repeats, cpu),
+        "host_same_clicks": f"{sum(a == b for a, b in zip(host, corrections))}/{len(gt)}",
         "devices": {},
     }
     for device in devices:
@@ -131,15 +138,18 @@ def _case(name: str, batch: int, repeats: int, devices: list[torch.device], dtyp
 
 def _table(results: dict) -> str:
     lines = [
-        "| case | batch | reference first / correction (ms) | device | first / correction (ms) | same clicks |",
-        "|---|---:|---:|---|---:|---:|",
+        "| case | batch | reference first / correction (ms) | host batched correction (ms) | device "
+        "| first / correction (ms) | same clicks (host, device) |",
+        "|---|---:|---:|---:|---|---:|---:|",
     ]
     for name, row in results["cases"].items():
         ref = f"{row['reference_first_ms']:.1f} / {row['reference_correction_ms']:.1f}"
+        host = f"{row['host_correction_ms']:.1f}"
         for device, figures in row["devices"].items():
             mine = f"{figures['first_ms']:.1f} / {figures['correction_ms']:.1f}"
             shape = "x".join(str(s) for s in row["shape"])
-            lines.append(f"| {name} {shape} | {row['batch']} | {ref} | {device} | {mine} | {figures['same_clicks']} |")
+            same = f"{row['host_same_clicks']}, {figures['same_clicks']}"
+            lines.append(f"| {name} {shape} | {row['batch']} | {ref} | {host} | {device} | {mine} | {same} |")
     return "\n".join(lines)
 
 
