@@ -20,8 +20,9 @@ object, or with nothing left to correct, gets ``valid`` False, label -1 (the pad
 :class:`medseg.prompts.Prompts`) and coordinates 0, instead of the reference's error or ``None``.
 
 Nothing per object or per click goes to the host: the labelling reads back the sizes of two ``nonzero`` calls and
-one convergence flag per round, a handful of scalars per call whatever the batch size. On a CPU the scipy reference
-is the faster of the two (``tools/bench_clicks.py``); this module is for masks that already live on a GPU.
+one convergence flag per round, a handful of scalars per call whatever the batch size. On a CPU the batched scipy
+version (:mod:`medseg.prompts.host_clicks`) is the faster (``tools/bench_clicks.py``); this module is for masks that
+already live on a GPU.
 """
 
 from __future__ import annotations
