@@ -37,6 +37,7 @@ from medseg.backbones.litemedsam import LITEMEDSAM_IMAGE_SIZE, LiteMedSAMBackbon
 from medseg.backbones.registry import create_backbone, get_entry
 from medseg.backbones.sam import SamBackbone, decode_masks
 from medseg.errors import ConfigError, InputShapeError
+from medseg.models.sam_click import ClickDecoder, supports
 from medseg.models.segmenter import apply_adapter_config
 from medseg.prompts.contract import Prompts
 
@@ -140,6 +141,7 @@ class PromptableSegmenter(nn.Module):
         self.adapter_names = set(adapter_names)
         self.compiled_mode: str | None = None
         self._dense_pe: tuple[tuple, torch.Tensor] | None = None
+        self._clicks: ClickDecoder | None = None
 
     @property
     def in_channels(self) -> int:
@@ -211,8 +213,21 @@ class PromptableSegmenter(nn.Module):
         options = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
         self.prompt_encoder.compile(backend=backend, **options)
         self.mask_decoder.compile(backend=backend, **options)
+        clicks = self.click_decoder()
+        if clicks is not None:
+            clicks.compile(backend=backend, **options)
         self.compiled_mode = mode if backend == "inductor" else backend
         return self
+
+    def click_decoder(self) -> ClickDecoder | None:
+        """The inference path of :meth:`decode` (:class:`~medseg.models.sam_click.ClickDecoder`) over the current
+        prompt encoder and mask decoder, or ``None`` when their layout is not SAM's (then decode_masks runs)."""
+        if not supports(self.prompt_encoder, self.mask_decoder):  # checked every call: modules can be swapped
+            return None
+        clicks = self._clicks
+        if clicks is None or (clicks.prompt_encoder, clicks.mask_decoder) != (self.prompt_encoder, self.mask_decoder):
+            clicks = self._clicks = ClickDecoder(self.prompt_encoder, self.mask_decoder)
+        return clicks
 
     def decode(
         self, embeddings: torch.Tensor, prompts: Prompts, multimask: bool = False
@@ -235,16 +250,20 @@ class PromptableSegmenter(nn.Module):
         graphs = self.compiled_mode == "reduce-overhead" and embeddings.device.type == "cuda"
         if graphs:  # a new CUDA-graph step: the previous click's outputs (cloned below) stay valid
             torch.compiler.cudagraph_mark_step_begin()
-        logits, iou = decode_masks(
-            self.prompt_encoder,
-            self.mask_decoder,
-            embeddings,
-            boxes,
-            points,
-            masks,
-            multimask_output=multimask,
-            image_pe=self.dense_pe(),
-        )
+        clicks = None if torch.is_grad_enabled() else self.click_decoder()
+        if clicks is not None:  # inference: the restructured decoder (same masks to float rounding), see sam_click
+            logits, iou = clicks(embeddings, self.dense_pe(), points, boxes, masks, multimask_output=multimask)
+        else:  # training: segment_anything's own modules, so that the gradients are theirs
+            logits, iou = decode_masks(
+                self.prompt_encoder,
+                self.mask_decoder,
+                embeddings,
+                boxes,
+                points,
+                masks,
+                multimask_output=multimask,
+                image_pe=self.dense_pe(),
+            )
         if graphs:  # CUDA-graph outputs live in the graph's memory pool, overwritten by the next replay
             logits, iou = logits.clone(), iou.clone()
         if logits.shape[-1] != self.image_size:
