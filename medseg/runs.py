@@ -89,7 +89,7 @@ RESUMABLE_KEYS = (
 #: so that a run folder predicts without its dataset (:mod:`medseg.inference.run_data`).
 RUN_DATA = "run_data.json"
 # What `overwrite=true` removes: everything a training command wrote (the lock, train.log and .hydra/ stay).
-_OUTPUTS = ("checkpoints", "logs", "predictions", "weights_digest", SUMMARY, STATE_FILE, RUN_DATA)
+_OUTPUTS = ("checkpoints", "logs", "predictions", "weights_digest", "nnunet", SUMMARY, STATE_FILE, RUN_DATA)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:

@@ -172,7 +172,11 @@ class SegmentationDataModule(L.LightningDataModule):
     def label_names(self) -> dict[str, int]:
         return dict(self.info.labels)
 
-    def _split(self) -> None:
+    def split(self) -> None:
+        """Decide the fold's training (label-fraction subset), validation and test case IDs, reading no image.
+
+        Public so that runners that train elsewhere (the nnU-Net arm) use exactly this split.
+        """
         training = {c.case_id: c for c in self.info.training}
         splits = load_or_create_splits(self.info.root, sorted(training), self.num_folds, self.split_seed)
         if not 0 <= self.fold < len(splits):
@@ -212,7 +216,7 @@ class SegmentationDataModule(L.LightningDataModule):
         """``none``, ``memory`` or ``disk``: the configured mode, or what ``auto`` chose for this dataset."""
         if self._cache_mode is None:
             if not self.train_ids:
-                self._split()
+                self.split()
             fingerprint = load_or_compute_fingerprint(self.info)
             index = {c.case_id: i for i, c in enumerate(self.info.training)}
             cases = [index[i] for i in (*self.train_ids, *self.val_ids)]
@@ -259,7 +263,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:
             return
-        self._split()
+        self.split()
         self.deterministic_transform = self.build_deterministic()
         head, random = split_random(build_transforms(self.random_config))
         self._train_head_key = list(self.random_config[: len(head)])

@@ -127,7 +127,7 @@ def _train(cfg: DictConfig, settings: NnunetSettings, run_dir: Path) -> dict[str
     started = time.perf_counter()
     evaluate = bool(cfg.get("evaluate", True))
     datamodule = instantiate(cfg.data)
-    datamodule._split()  # the datamodule's own split (fold, label-fraction subset, validation, test), no data loaded
+    datamodule.split()  # the datamodule's own split (fold, label-fraction subset, validation, test), no data loaded
     info, train_ids, val_ids = datamodule.info, list(datamodule.train_ids), list(datamodule.val_ids)
     test_cases, reference_dir = _test_cases(datamodule) if evaluate else ([], None)
     if cfg.get("overwrite", False) and (removed := discard_run(run_dir)):
