@@ -33,6 +33,7 @@ from medseg.inference.cache import EmbeddingCache, embedding_key, weights_hash
 from medseg.inference.progress import progress_bar
 from medseg.inference.recipe import (
     SliceRecipe,
+    above_threshold,
     embed_slices,
     model_device,
     postprocess_logits,
@@ -199,7 +200,7 @@ def propagate(
     def decode(k: int, step: int, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
         logits, _ = model.decode(embedding(k, step), prompts)
         logits = logits[:, :1].float()
-        return logits, (torch.sigmoid(logits[0, 0]) > config.threshold) & valid
+        return logits, above_threshold(logits[0, 0], config.threshold) & valid
 
     if prompts is None:
         prompts = Prompts.single(box, points, point_labels)
@@ -226,7 +227,7 @@ def propagate(
         stopped = {"forward": "empty", "backward": "empty"}
     out = np.zeros(raw.shape, dtype=bool)
     for k, slice_logits in kept.items():
-        out[k] = (torch.sigmoid(postprocess_logits(slice_logits, geometry))[0, 0] > config.threshold).cpu().numpy()
+        out[k] = above_threshold(postprocess_logits(slice_logits, geometry)[0, 0], config.threshold).cpu().numpy()
     first, last = (min(kept), max(kept)) if kept else (index, index - 1)
     return PropagationResult(np.moveaxis(out, 0, config.axis), first, last, stopped, encoded)
 

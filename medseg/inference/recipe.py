@@ -23,6 +23,7 @@ predicted IoU kept (:func:`decode_best`), as training asks for them (:func:`sing
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ __all__ = [
     "INTENSITY_MODES",
     "SliceRecipe",
     "SliceResult",
+    "above_threshold",
     "decode_best",
     "embed_into_cache",
     "embed_slices",
@@ -133,9 +135,20 @@ def preprocess_slice(image_u8: np.ndarray | torch.Tensor, size: int) -> tuple[to
 
 
 def postprocess_logits(logits: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
-    """Step 5 before thresholding: ``(N, M, S, S)`` logits cropped to the resized region, resized to ``(H, W)``."""
+    """Step 5 before thresholding: ``(N, M, S, S)`` logits cropped to the resized region, resized to ``(H, W)``
+    (a slice already of the model's size is only cropped: bilinear resizing to the same size is the identity)."""
     h, w = geometry.resized
+    if (h, w) == tuple(geometry.original):
+        return logits[..., :h, :w]
     return F.interpolate(logits[..., :h, :w], size=geometry.original, mode="bilinear", align_corners=False)
+
+
+def above_threshold(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``sigmoid(logits) > threshold`` as ``logits > logit(threshold)``: the same mask without a sigmoid over the
+    full-size slice (they can differ only where the sigmoid rounds to the threshold itself, |x - logit| < 1e-7)."""
+    if 0.0 < threshold < 1.0:
+        return logits > math.log(threshold / (1.0 - threshold))
+    return torch.sigmoid(logits) > threshold
 
 
 @dataclass
@@ -250,8 +263,7 @@ def predict_slice(
     logits, iou = model.decode(embedding, to_recipe_input(prompts, geometry, prev_mask), multimask=multimask)
     best = int(iou[0].argmax())
     chosen = logits[:, best : best + 1].float()
-    probability = torch.sigmoid(postprocess_logits(chosen, geometry))[0, 0]
-    mask = (probability > threshold).cpu().numpy()
+    mask = above_threshold(postprocess_logits(chosen, geometry)[0, 0], threshold).cpu().numpy()
     return SliceResult(mask=mask, logits=chosen, iou=float(iou[0, best]))
 
 

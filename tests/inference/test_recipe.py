@@ -12,6 +12,8 @@ from nilearn.datasets import load_mni152_template
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.recipe import (
     SliceRecipe,
+    above_threshold,
+    postprocess_logits,
     predict_slice,
     preprocess_slice,
     segment_slice,
@@ -49,6 +51,21 @@ def test_intensities_ct_window_and_mr_percentiles():
     assert (out[mr == 0] == 0).all() and out.max() == 255
     lo = np.percentile(mr[mr > 0], 0.5)
     assert (out[(mr > 0) & (mr <= lo)] == 0).all()
+
+
+def test_thresholding_logits_is_thresholding_probabilities():
+    logits = torch.linspace(-12, 12, 20001)
+    for threshold in (0.05, 0.3, 0.5, 0.9, 0.0):
+        assert torch.equal(above_threshold(logits, threshold), torch.sigmoid(logits) > threshold), threshold
+
+
+def test_postprocess_only_crops_a_slice_of_the_model_size():
+    logits = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    same = slice_geometry((64, 64), 64)
+    resized = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.equal(postprocess_logits(logits, same), resized)
+    wide = slice_geometry((40, 80), 64)  # cropped to 32 x 64, then resized to 40 x 80
+    assert postprocess_logits(logits, wide).shape == (1, 1, 40, 80)
 
 
 def test_preprocess_pads_after_min_max():
