@@ -373,7 +373,7 @@ def measure_configuration(
         datamodule.setup("fit")
         record: dict[str, Any] = {
             "name": name, "overrides": list(overrides), "task": cfg.task._target_.rsplit(".", 1)[-1],
-            "precision": precision, "num_workers": int(cfg.data.get("num_workers", 0)),
+            "precision": precision, "num_workers": datamodule.loader_settings().num_workers,
             "batch_size": int(cfg.data.batch_size),
             "clicks_on_device": OmegaConf.select(cfg, "task.clicks_on_device", default=None),
             "load_before": _load(),
