@@ -75,6 +75,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     options = PredictOptions(
         window=args.window, tta=args.tta, save_probabilities=args.save_probabilities, slice_axis=args.slice_axis,
         progress=not args.no_progress, precision=args.precision, batch_size=args.batch_size, series=args.series,
+        compile=args.compile,
     )  # fmt: skip
     # Inputs, prompts path and every output path fail here, before the model loads (and long before inference).
     kind = "classifier" if Path(args.model).is_dir() and is_classifier_folder(args.model) else None
@@ -225,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--batch-size", type=int, default=None, help="promptable 2D models: slices per encoder call (default 1 on CPU, "
         "8 on a GPU)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--compile", action="store_true", help="torch.compile the model first (promptable: the click path, and the "
+        "encoder on a GPU); pays off over many slices or cases, the first call of each shape compiles",
     )  # fmt: skip
     predict.add_argument("--cache-dir", default=None, help="keep image embeddings on disk for later runs")
     predict.add_argument(

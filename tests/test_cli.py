@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -124,6 +125,26 @@ def test_predict_rejects_a_missing_input_and_a_bad_window_before_loading_a_model
     with pytest.raises(Exception, match="does not exist"):  # --debug shows the real exception
         main(["predict", "--debug", "-i", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "o"), "-m", "x"])
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_compile_flag_reaches_the_options(tmp_path, monkeypatch, capsys):
+    import medseg.inference.predictor as predictor
+    import medseg.workflows.models as models
+    from medseg.inference.report import PredictReport
+
+    seen = {}
+
+    def predict_cases(loaded, *args, options, **kwargs):
+        seen["options"] = options
+        return PredictReport()
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: SimpleNamespace(source="stub"))
+    monkeypatch.setattr(predictor, "predict_cases", predict_cases)
+    image = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), image)
+    base = ["predict", "-i", str(image), "-o", str(tmp_path / "out"), "-m", "litemedsam"]
+    assert main(base) == 0 and seen["options"].compile is False
+    assert main([*base, "--compile"]) == 0 and seen["options"].compile is True
 
 
 def test_release_and_benchmark_verbs_fail_clearly_without_a_traceback(tmp_path, capsys):

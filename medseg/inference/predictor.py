@@ -60,6 +60,7 @@ from medseg.prompts.files import MAX_LABEL, ObjectPrompts, PromptFileError, load
 __all__ = [
     "PredictOptions",
     "Prediction",
+    "compile_model",
     "predict_case",
     "predict_cases",
     "predict_image",
@@ -85,6 +86,8 @@ class PredictOptions:
             unique SeriesDescription).
         batch_size: slices per encoder call for promptable 2-D models (``None``: 1 on CPU, where batching gains
             nothing, 8 on a GPU).
+        compile: ``torch.compile`` the model before the first case (:func:`compile_model`); the first call of each
+            input shape pays the compilation.
     """
 
     window: str | None = None
@@ -95,6 +98,7 @@ class PredictOptions:
     precision: str = "auto"
     batch_size: int | None = None
     series: str | None = None
+    compile: bool = False
 
     def slices_per_batch(self, device: torch.device) -> int:
         """``batch_size``, or its default for ``device``."""
@@ -113,6 +117,30 @@ class Prediction:
     probabilities: np.ndarray | None = None
     class_values: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def compile_model(loaded: LoadedModel) -> None:
+    """``--compile``: compile what inference runs of the model in place (state-dict keys unchanged).
+
+    A promptable SAM-style model compiles its click path (prompt encoder and mask decoder,
+    :meth:`~medseg.models.promptable.PromptableSegmenter.compile_decoder`: CUDA graphs on a GPU) and, on a GPU, its
+    image encoder too; on a CPU the encoder stays eager (its convolutions and matrix products are oneDNN's already,
+    and code generation for it costs minutes). Other models compile their forward pass. Compilation happens on the
+    first call of each input shape and prompt layout, so it pays only over many slices or cases.
+
+    Raises:
+        ConfigError: a promptable model with no compiled path.
+    """
+    model = loaded.model
+    if loaded.kind == "promptable":
+        if not hasattr(model, "compile_decoder"):
+            raise ConfigError(f"--compile: {type(model).__name__} has no compiled path (SAM-style 2-D models do).")
+        if getattr(model, "compiled_mode", None) is None:
+            model.compile_decoder()
+            if _device(loaded).type == "cuda":
+                model.backbone.compile()
+        return
+    model.compile()
 
 
 def _readable(cases: list[Case], report: PredictReport, debug: bool) -> list[Case]:
@@ -323,6 +351,8 @@ def predict_cases(
     check_options(loaded, options, prompts is not None)
     check_precision(options.precision, _device(loaded))
     prepare_model(loaded.model, options.precision)
+    if options.compile:
+        compile_model(loaded)
     clean_output_folder(output_dir, cases, cache_dir)
     cache = EmbeddingCache(folder=cache_dir) if loaded.kind == "promptable" else None
     report = PredictReport()

@@ -199,3 +199,29 @@ def test_failures_outside_medseg_are_told_in_words_where_they_are_known():
     disk = OSError(28, "No space left on device", "/data/out/case.nii.gz")
     assert failure_message(disk).startswith("/data/out/case.nii.gz: No space left on device")
     assert failure_message(KeyError("x")).startswith("unexpected KeyError: 'x'")  # the rest stays marked unexpected
+
+
+def test_compile_reaches_the_click_path_and_changes_no_mask(tmp_path, monkeypatch):
+    """``--compile`` compiles a fresh LiteMedSAM's click path (traced with aot_eager here: no code generation on a test
+    CPU) and writes the label map of the eager run."""
+    from medseg.models.promptable import PromptableSegmenter
+
+    compile_decoder = PromptableSegmenter.compile_decoder
+    monkeypatch.setattr(PromptableSegmenter, "compile_decoder", lambda self: compile_decoder(self, backend="aot_eager"))
+    volume = np.zeros((40, 40, 2), np.float32)
+    volume[10:25, 12:30] = 200.0
+    volume += np.random.default_rng(0).normal(0, 5, volume.shape).astype(np.float32)
+    path = write(tmp_path, "blob.nii.gz", volume)
+    prompts = tmp_path / "p.json"
+    prompts.write_text('{"space": "voxel", "objects": [{"label": 1, "boxes": [[8, 10, 0, 27, 32, 1]]}]}')
+    outputs = {}
+    for flag in (False, True):
+        loaded = load_model("litemedsam", device="cpu")
+        report = predict_cases(loaded, path, tmp_path / str(flag), prompts, PredictOptions(compile=flag))
+        assert not report.failed
+        assert loaded.model.compiled_mode == ("aot_eager" if flag else None)
+        clicks = loaded.model.click_decoder()
+        assert (clicks._run != clicks._decode) is flag  # the restructured click path itself is the compiled one
+        outputs[flag] = np.asarray(nib.load(tmp_path / str(flag) / "blob.nii.gz").dataobj)
+    assert outputs[False].sum() > 100
+    np.testing.assert_array_equal(outputs[True], outputs[False])
