@@ -40,7 +40,7 @@ from medseg.data.dicom_slice import RAS_FROM_LPS, in_plane_affine, slice_affine
 from medseg.data.headers import check_declared_size
 from medseg.errors import ReaderError
 
-__all__ = ["DicomSeries", "lenient_dicom_values", "read_dicom_header", "scan_file", "scan_series"]
+__all__ = ["DicomSeries", "lenient_dicom_values", "list_series", "read_dicom_header", "scan_file", "scan_series"]
 
 _TAGS = [
     "SeriesInstanceUID",
@@ -376,6 +376,13 @@ def _single(folder: Path, only: _Slice) -> DicomSeries:
         return DicomSeries(folder, only.uid, only.description, (only.path,), shape, None)
     affine, source = slice_affine(only.position, only.orientation, only.spacing, only.between, only.thickness)
     return DicomSeries(folder, only.uid, only.description, (only.path,), shape, None, affine, source)
+
+
+def list_series(folder: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """``(SeriesInstanceUID, SeriesDescription)`` of every image series in ``folder``, by UID: what ``series=``
+    accepts. Headers only; a folder of one series gives one entry."""
+    slices = [s for s in (_slice(p) for p in _dicom_files(Path(folder))) if s is not None]
+    return sorted({(s.uid, s.description) for s in slices})
 
 
 def scan_series(folder: str | os.PathLike[str], series: str | None = None) -> DicomSeries:

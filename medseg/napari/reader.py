@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.data.dicom_series import list_series
 from medseg.data.io import NIFTI_SUFFIXES, is_dicom_series, load_image
 from medseg.napari.geometry import layer_transform
 
@@ -73,8 +74,9 @@ def read_volume(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     Returns:
         ``[(array (X, Y, Z) float32, layer kwargs, "image"), ...]`` with ``scale`` = voxel spacing (mm),
         ``translate`` = origin (mm), ``rotate`` = direction cosines, and ``metadata`` holding ``affine`` (4x4, RAS+
-        mm), ``source`` (the path) and ``spacing``. A 2-D image (one DICOM slice) gets ``Z = 1``: its affine is
-        4x4 like a volume's, so it lines up with the volumes of the same patient.
+        mm), ``source`` (the path), ``series`` (the SeriesInstanceUID read from a folder of several, else ``None``)
+        and ``spacing``. A folder of several DICOM series gives one layer per series. A 2-D image (one DICOM slice)
+        gets ``Z = 1``: its affine is 4x4 like a volume's, so it lines up with the volumes of the same patient.
 
     Raises:
         medseg.errors.ReaderError: unreadable, truncated or empty files (the message names the file).
@@ -82,25 +84,44 @@ def read_volume(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     layers: list[LayerData] = []
     for item in paths:
-        image = load_image(item)
-        affine = np.asarray(image.affine, dtype=np.float64)
-        transform = layer_transform(affine)
-        data = np.asarray(image.detach().cpu().numpy(), dtype=np.float32)
-        if data.ndim == 3:  # (C, X, Y): a 2-D image
-            data = data[..., None]
-        name = case_name(item)
-        for channel in range(data.shape[0]):
-            metadata = {
-                "affine": affine,
-                "source": str(Path(item).resolve()),
-                "spacing": tuple(float(s) for s in transform["scale"]),
-                "channel": channel,
-            }
-            kwargs = {
-                "name": name if data.shape[0] == 1 else f"{name} [{channel}]",
-                "metadata": metadata,
-                "rgb": False,  # a volume of 3 or 4 slices is not a colour image
-                **transform,
-            }
-            layers.append((data[channel], kwargs, "image"))
+        for series, name in _series_of(item):
+            layers += _layers(item, series, name)
+    return layers
+
+
+def _series_of(path: PathLike) -> list[tuple[str | None, str]]:
+    """``(series, layer name)`` to read from ``path``: a folder of several DICOM series (a PACS export) gives one
+    layer per series, named by its SeriesDescription (else the end of its UID), instead of an error."""
+    name = case_name(path)
+    if not Path(path).is_dir():
+        return [(None, name)]
+    found = list_series(path)
+    if len(found) < 2:
+        return [(None, name)]
+    return [(uid, f"{name} [{description or uid[-12:]}]") for uid, description in found]
+
+
+def _layers(item: PathLike, series: str | None, name: str) -> list[LayerData]:
+    image = load_image(item, series=series)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    transform = layer_transform(affine)
+    data = np.asarray(image.detach().cpu().numpy(), dtype=np.float32)
+    if data.ndim == 3:  # (C, X, Y): a 2-D image
+        data = data[..., None]
+    layers: list[LayerData] = []
+    for channel in range(data.shape[0]):
+        metadata = {
+            "affine": affine,
+            "source": str(Path(item).resolve()),
+            "series": series,
+            "spacing": tuple(float(s) for s in transform["scale"]),
+            "channel": channel,
+        }
+        kwargs = {
+            "name": name if data.shape[0] == 1 else f"{name} [{channel}]",
+            "metadata": metadata,
+            "rgb": False,  # a volume of 3 or 4 slices is not a colour image
+            **transform,
+        }
+        layers.append((data[channel], kwargs, "image"))
     return layers

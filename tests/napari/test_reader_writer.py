@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -175,3 +177,24 @@ def test_npe2_reads_a_dicom_folder_through_the_plugin(tmp_path, napari_settings)
     folder = write_dicom_series(volume, AXIS_ALIGNED, tmp_path / "scan")
     ((data, kwargs, kind),) = read([str(folder)], stack=False, plugin_name="medseg")
     assert kind == "image" and kwargs["name"] == "scan" and data.shape == (6, 5, 4)
+
+
+def test_a_folder_of_several_series_opens_one_layer_per_series(tmp_path):
+    """A PACS export keeps several series in one folder: each becomes a layer named by its SeriesDescription."""
+    mixed = tmp_path / "export"
+    mixed.mkdir()
+    volumes = {}
+    for index, description in enumerate(("T1 axial", "T2 axial")):
+        volume = np.full((6, 5, 4), 10.0 * (index + 1), dtype=np.float32)
+        volumes[description] = volume
+        series = write_dicom_series(volume, AXIS_ALIGNED, tmp_path / description, series_description=description)
+        for file in series.iterdir():
+            shutil.copy(file, mixed / f"{index}_{file.name}")
+    assert napari_get_reader(str(mixed)) is read_volume
+    layers = read_volume(mixed)
+    assert [kwargs["name"] for _, kwargs, _ in layers] == ["export [T1 axial]", "export [T2 axial]"]
+    for data, kwargs, _ in layers:
+        description = kwargs["name"].split("[")[1].rstrip("]")
+        np.testing.assert_array_equal(data, volumes[description])
+        assert kwargs["metadata"]["series"] is not None
+    assert read_volume(tmp_path / "T1 axial")[0][1]["metadata"]["series"] is None  # one series: read as before
