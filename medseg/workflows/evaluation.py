@@ -156,8 +156,9 @@ def _summarise(
     started: float | None,
     more: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build ``summary.json`` from the scored cases (in case order) with the run's facts and the clock's, and write
-    it to ``run_dir``. The clock stops here, so the summary's own writing is the only thing it leaves out."""
+    """Build ``summary.json`` from the scored cases (sorted by case id, as :func:`medseg.evaluation.evaluate_folder`
+    orders its files) with the run's facts and the clock's, and write it to ``run_dir``. The clock stops here, so
+    the summary's own writing is the only thing it leaves out."""
     facts = {**(extras or {}), **clock.facts(), **(more or {})}
     if started is not None:
         facts["wall_time_s"] = round(time.perf_counter() - started, 1)
