@@ -51,11 +51,11 @@ def _metrics(summary):
     return {case["case_id"]: case["metrics"] for case in summary["metric_per_case"]}
 
 
-def test_metrics_do_not_depend_on_the_slice_batch(run, tmp_path):
+def test_metrics_do_not_depend_on_the_slice_batch(run, tmp_path, monkeypatch):
     task, datamodule = run
-    task.inference["sw_batch_size"] = 1  # one slice at a time: the reference path
+    monkeypatch.setitem(task.inference, "sw_batch_size", 1)  # one slice at a time: the reference path
     one = evaluate_model(task, datamodule, tmp_path / "one", device="cpu")
-    task.inference["sw_batch_size"] = 64  # every slice of a volume in one pass
+    monkeypatch.setitem(task.inference, "sw_batch_size", 64)  # every slice of a volume in one pass
     batched = evaluate_model(task, datamodule, tmp_path / "batched", device="cpu")
     assert one["n_cases"] == batched["n_cases"] == 3
     assert _metrics(batched) == _metrics(one)  # identical labels, hence identical metrics
