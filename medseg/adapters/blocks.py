@@ -6,12 +6,16 @@ hooks, so parameter names and the base checkpoint layout stay untouched. Three l
 =========  ==================================================  ===========================================
 layout     blocks                                              activation between blocks
 =========  ==================================================  ===========================================
-``nhwc``   ``segment_anything`` ``Block`` (SAM ViT-B/L/H)      ``(B, H, W, C)`` (windowing is inside)
+``nhwc``   ``segment_anything`` ``Block`` (SAM ViT-B/L/H),     ``(B, H, W, C)`` (windowing is inside)
+           ``sam2`` Hiera ``MultiScaleBlock`` (SAM 2, MedSAM2)
 ``tokens`` timm ``vision_transformer.Block`` (DINOv2, MAE)     ``(B, prefix + H*W, C)``; prefix = CLS (+ registers)
 ``tinyvit`` ``TinyViTBlock`` (LiteMedSAM attention stages)     ``(B, H*W, C)`` on the stage's fixed grid
 =========  ==================================================  ===========================================
 
 TinyViT's first stage is made of MBConv convolution blocks; they have no token MLP and are not sites.
+The first block of each later Hiera stage takes the previous stage's width and grid and pools them (its ``proj``
+widens the shortcut, its attention pools the queries); its MLP and its output are at the new stage's width, which is
+the site's ``dim``, so adapters on the MLP (AdaptFormer) or on the output (adapter3d) fit every Hiera block.
 For the ``tokens`` layout the patch grid ``(H, W)`` depends on the input size, so a forward hook on the ViT's patch
 embedding records it in a :class:`GridTracker` shared by the adapters.
 """
@@ -84,11 +88,18 @@ def _tracker_for(vit: nn.Module) -> GridTracker:
     return tracker
 
 
+def _is_hiera_block(module: nn.Module) -> bool:
+    """A block of ``sam2``'s Hiera, recognised by class without importing ``sam2`` (an optional extra)."""
+    kind = type(module)
+    return kind.__name__ == "MultiScaleBlock" and kind.__module__.startswith("sam2.") and hasattr(module, "dim_out")
+
+
 def find_blocks(model: nn.Module, method: str = "adapter") -> list[BlockSite]:
     """The transformer blocks of ``model`` in forward order.
 
     Raises:
-        ConfigError: the model has no block of a supported family (SAM, timm ViT, TinyViT attention stage).
+        ConfigError: the model has no block of a supported family (SAM, SAM 2 Hiera, timm ViT, TinyViT attention
+            stage).
     """
     # lazy (both): timm costs ~2 s to import; `import medseg` and SAM-only runs do not load it
     from timm.models.vision_transformer import Block as TimmBlock
@@ -103,12 +114,15 @@ def find_blocks(model: nn.Module, method: str = "adapter") -> list[BlockSite]:
             vit = vits[id(module)]
             dim = module.norm1.normalized_shape[0]
             sites.append(BlockSite(name, module, "tokens", dim, tracker=_tracker_for(vit), owner=vit))
+        elif _is_hiera_block(module):
+            sites.append(BlockSite(name, module, "nhwc", int(module.dim_out)))
         elif type(module).__name__ == "TinyViTBlock" and hasattr(module, "input_resolution"):
             sites.append(BlockSite(name, module, "tinyvit", module.dim, resolution=tuple(module.input_resolution)))
     if not sites:
         raise ConfigError(
             f"{method}: {type(model).__name__} has no transformer block of a supported family (SAM ViT "
-            f"'sam_vit_*', timm ViT 'dinov2_*'/'mae_*', LiteMedSAM TinyViT attention stages)."
+            f"'sam_vit_*', SAM 2 Hiera 'sam2_hiera_*'/'medsam2', timm ViT 'dinov2_*'/'mae_*', LiteMedSAM TinyViT "
+            f"attention stages)."
         )
     return sites
 

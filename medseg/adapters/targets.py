@@ -8,7 +8,12 @@ backbone, e.g. ``image_encoder.blocks.3.attn.qkv`` for SAM or ``vit.blocks.3.att
 * a pattern with glob characters (``*``, ``?``, ``[``) is matched with :func:`fnmatch.fnmatchcase` against the full
   name, with or without any leading prefix (``blocks.1[01].attn.qkv``, ``*norm*``);
 * a match that is a container (``mlp``, ``attn``) stands for the modules of the method's type inside it, so ``mlp``
-  means ``mlp.lin1``/``mlp.lin2`` on SAM and ``mlp.fc1``/``mlp.fc2`` on the timm ViTs and TinyViT.
+  means ``mlp.lin1``/``mlp.lin2`` on SAM, ``mlp.fc1``/``mlp.fc2`` on the timm ViTs and TinyViT, and
+  ``mlp.layers.0``/``mlp.layers.1`` on SAM 2's Hiera.
+
+On Hiera (``image_encoder.trunk.blocks.N``), ``proj`` matches the attention output ``attn.proj`` and also the
+shortcut projection ``blocks.N.proj`` that widens the first block of each stage (``nn.Linear`` too); write
+``attn.proj`` for the attention projection alone.
 
 Modules that adapters added (``lora_A``, ``adapter3d``...) are never targets, and a peft LoRA layer stands for the
 original layer it wraps, so methods compose in any order.
