@@ -17,6 +17,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing medseg and its tested dependencies (constraints.txt); first time takes a few minutes"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet -c "$repo/constraints.txt" -e "$repo[dev,napari,nnunet]"
+  # the sam2 extra: an sdist whose build imports torch, so it builds against the torch just installed (no isolation)
+  "$venv/bin/python" -m pip install --quiet "setuptools>=77"
+  SAM2_BUILD_CUDA=0 "$venv/bin/python" -m pip install --quiet --no-build-isolation -c "$repo/constraints.txt" "sam2==1.1.0"
   echo "$want" > "$stamp"
 else
   echo "[setup] environment up to date ($venv)"
