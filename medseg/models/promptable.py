@@ -242,6 +242,12 @@ class PromptableSegmenter(nn.Module):
         Returns:
             ``(logits (B, M, S, S), iou (B, M))`` with ``M`` 3 if ``multimask`` else 1: mask logits at the model-input
             size and the decoder's predicted IoU of each mask.
+
+        In inference (autograd off) the prompt encoder and mask decoder run outside any autocast, in the weights'
+        precision (float32), whatever the encoder ran in: they are a few per cent of a slice's compute, mostly small
+        kernels whose number autocast's casts would double on a GPU (``--precision bf16`` was slower than fp32 in
+        ``medseg predict``), and a bfloat16 decoder moved masks by up to 8 % Dice on a CPU. Training keeps the
+        trainer's autocast throughout.
         """
         if prompts.batch_size != embeddings.shape[0]:
             raise InputShapeError(f"{prompts.batch_size} prompt sets for {embeddings.shape[0]} embeddings.")
@@ -252,7 +258,8 @@ class PromptableSegmenter(nn.Module):
             torch.compiler.cudagraph_mark_step_begin()
         clicks = None if torch.is_grad_enabled() else self.click_decoder()
         if clicks is not None:  # inference: the restructured decoder (same masks to float rounding), see sam_click
-            logits, iou = clicks(embeddings, self.dense_pe(), points, boxes, masks, multimask_output=multimask)
+            with torch.autocast(embeddings.device.type, enabled=False):  # the decoder in the weights' precision
+                logits, iou = clicks(embeddings, self.dense_pe(), points, boxes, masks, multimask_output=multimask)
         else:  # training: segment_anything's own modules, so that the gradients are theirs
             logits, iou = decode_masks(
                 self.prompt_encoder,

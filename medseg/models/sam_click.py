@@ -201,6 +201,11 @@ class ClickDecoder:
         """``torch.compile`` the per-click computation (the context is built eagerly, once per image)."""
         self._run = torch.compile(self._decode, backend=backend, **options)
 
+    def _as_weights(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The embedding in the decoder's dtype: a bfloat16 encoder's output is decoded in float32 (see
+        :meth:`medseg.models.promptable.PromptableSegmenter.decode`); one cast per click, none in float32."""
+        return embeddings.to(self.mask_decoder.iou_token.weight.dtype)
+
     def _weights_key(self) -> tuple | None:
         first = self.mask_decoder.transformer.layers[0]
         tensors = [
@@ -228,7 +233,7 @@ class ClickDecoder:
         """The prompt-independent tensors of ``embeddings`` (no mask input), made now (not stored)."""
         layer = self.mask_decoder.transformer.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        src = embeddings.flatten(2).transpose(1, 2) + self.prompt_encoder.no_mask_embed.weight  # (B, n, C)
+        src = self._as_weights(embeddings).flatten(2).transpose(1, 2) + self.prompt_encoder.no_mask_embed.weight
         pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         with_pe = src + pe
         q1 = _heads(i2t.q_proj(with_pe), i2t.num_heads)
@@ -275,7 +280,7 @@ class ClickDecoder:
         if context is not None:
             src, pe, first = context.src, context.pe, (context.k1, context.v1, context.q1)
         else:
-            src = (embeddings + dense).flatten(2).transpose(1, 2).contiguous()  # dense: mask or no-mask embedding
+            src = (self._as_weights(embeddings) + dense).flatten(2).transpose(1, 2).contiguous()  # mask or no mask
             pe, first = image_pe.flatten(2).transpose(1, 2).contiguous(), None
         return self._run(src, pe, sparse, first, embeddings.shape[-2:], multimask_output)
 
