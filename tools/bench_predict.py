@@ -13,8 +13,9 @@ Figures (CPU; CUDA too when a GPU is present and ``--devices`` names it):
 * ``speedup``: ``reference_s / medseg_s`` (the issue's aim: at least 1.5).
 * ``dice``: agreement of the two masks over the prompted slices (mean and minimum per slice; aim >= 0.99).
 
-Before anything is timed, both models encode a few slices (``--warmup``), since the first passes through oneDNN
-are slower and whichever ran first used to look slower; the reference then runs first, medseg after it.
+Before anything is timed, both models encode a few slices (``--warmup``), medseg's in every precision timed, since
+the first passes through oneDNN (and on a GPU the first bf16 kernels) are slower and whichever ran first used to look
+slower; the reference then runs first, medseg after it.
 * ``click_ms``: one more box on an already-embedded slice (warm embedding cache), median of ``--clicks``.
 
 The volume is synthetic but CT-like (air, a body ellipse of soft tissue at 40 HU with noise, a brighter organ that
@@ -44,6 +45,7 @@ from medseg.atomic import atomic_write_json
 from medseg.benchmark.machine import machine_facts
 from medseg.cli import main as medseg_main
 from medseg.inference.cache import EmbeddingCache
+from medseg.inference.precision import inference_precision, prepare_model
 from medseg.inference.prompted import recipe_for
 from medseg.inference.recipe import predict_slice, to_uint8
 from medseg.models.promptable import build_promptable
@@ -102,13 +104,21 @@ def _medseg(scan: Path, prompts: Path, out: Path, device: str, precision: str) -
     return seconds, np.asarray(nib.load(out / "scan.nii.gz").dataobj) > 0
 
 
-def _warm_up(net: torch.nn.Module, device: str, passes: int) -> None:
+def _warm_up(net: torch.nn.Module, device: str, passes: int, precisions: list[str]) -> None:
+    """Untimed encoder passes of both models, and of medseg's in every precision to be timed (as ``medseg predict``
+    prepares it): a precision's first kernels (oneDNN primitives, and on a GPU the lazily loaded bf16 kernels and
+    cuDNN/cuBLAS plans) used to be paid inside the first timed run of that precision, which made bf16 look slower."""
     model = build_promptable("litemedsam").eval().to(device)
-    x = torch.rand(1, 3, 256, 256, device=device)
+    x = torch.rand(8 if device.startswith("cuda") else 1, 3, 256, 256, device=device)
     with torch.inference_mode():
         for _ in range(passes):
             net.image_encoder(x)
             model.encode(x[:, :1])
+        for precision in precisions:
+            variant = prepare_model(build_promptable("litemedsam").eval().to(device), precision)
+            with inference_precision(precision, device):
+                for _ in range(passes):
+                    variant.encode(x[:, :1])
 
 
 def measure(
@@ -125,7 +135,7 @@ def measure(
     prompts = work / "boxes.json"
     prompts.write_text(json.dumps({"space": "voxel", "objects": [{"label": 1, "boxes": boxes}]}))
     record: dict = {"device": device, "shape": list(shape), "slices": len(boxes), "load_before": os.getloadavg()[0]}
-    _warm_up(lite_model(pretrained=True, root=str(work / "lite")).to(device).eval(), device, warmup)
+    _warm_up(lite_model(pretrained=True, root=str(work / "lite")).to(device).eval(), device, warmup, precisions)
 
     started = time.perf_counter()
     net = lite_model(pretrained=True, root=str(work / "lite")).to(device).eval()
