@@ -24,6 +24,7 @@ _FAMILY_MODULES = (
     "medseg.backbones.litemedsam",
     "medseg.backbones.dinov2",
     "medseg.backbones.mae",
+    "medseg.backbones.sam2",
 )
 
 
