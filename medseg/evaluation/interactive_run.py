@@ -28,6 +28,9 @@ scaled to [0, 1] per channel, as training scales each patch, and, when the run r
 to the zoomed grid and the logits zoomed back, so every Dice is still on the native voxels. Propagation Dice is a
 2-D-model metric (one box carried slice by slice) and is ``null`` for 3-D models; the case's label map holds each
 object's mask from its box prompt.
+
+``task.evaluation.protocol=segfm3d`` replaces this protocol by the CVPR 2025 challenge's (one box, five clicks, DSC
+and NSD AUC; :mod:`medseg.evaluation.segfm3d_run`) on the same native cases.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from medseg.evaluation.interactive import (
     propagation_dice,
 )
 from medseg.evaluation.metrics import foreground_classes
+from medseg.evaluation.segfm3d import Segfm3dSettings
 from medseg.inference.cache import EmbeddingCache
 from medseg.inference.prepared import PreparedVolume, model_grid, prepare_volume
 from medseg.inference.propagate import PropagationConfig, propagate
@@ -59,12 +63,16 @@ from medseg.prompts.geometry import prompts_on_slice
 from medseg.prompts.simulate import box_from_mask
 
 __all__ = [
+    "PROTOCOLS",
     "InteractiveSettings",
     "NativeCase",
     "evaluate_case",
     "evaluate_case_3d",
     "load_native_case",
 ]
+
+PROTOCOLS = ("dice_at_k", "segfm3d")
+"""Interactive protocols of ``task.evaluation.protocol``: this module's (the default) and the CVPR 2025 challenge's."""
 
 _RECIPE = SliceRecipe(intensity="none")  # intensities come from the run's own transforms; slices are min-maxed
 
@@ -83,6 +91,10 @@ class InteractiveSettings:
         multimask: a lone click gets SAM's best-of-three mask.
         propagation: :class:`~medseg.inference.propagate.PropagationConfig` fields (not ``axis``), or ``None`` to
             skip propagation (the case's label map then holds each object's box mask on its middle slice only).
+        protocol: ``dice_at_k`` (this module's: Dice@k, NoC, box and propagation Dice) or ``segfm3d`` (the CVPR 2025
+            challenge's box + 5 clicks, :mod:`medseg.evaluation.segfm3d`; ``max_objects`` and ``propagation``
+            apply to it too, ``object_mode`` and the click settings do not).
+        segfm3d: the segfm3d protocol's options (:class:`~medseg.evaluation.segfm3d.Segfm3dSettings` fields).
     """
 
     max_clicks: int = 20
@@ -93,6 +105,8 @@ class InteractiveSettings:
     box_jitter: float = 0.0
     multimask: bool = True
     propagation: Mapping[str, Any] | None = field(default_factory=dict)
+    protocol: str = "dice_at_k"
+    segfm3d: Mapping[str, Any] | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> InteractiveSettings:
@@ -105,6 +119,9 @@ class InteractiveSettings:
         settings = cls(**values)
         if settings.dice_k > settings.max_clicks:
             raise ConfigError(f"task.evaluation.dice_k ({settings.dice_k}) exceeds max_clicks ({settings.max_clicks}).")
+        if settings.protocol not in PROTOCOLS:
+            raise ConfigError(f"task.evaluation.protocol must be one of {list(PROTOCOLS)}, got {settings.protocol!r}.")
+        Segfm3dSettings.from_mapping(settings.segfm3d)  # its own keys are checked before any case runs
         return settings
 
 

@@ -36,6 +36,8 @@ from medseg.errors import ConfigError
 from medseg.evaluation import build_summary, score_case, write_summary
 from medseg.evaluation.interactive import summarize_interactive
 from medseg.evaluation.interactive_run import InteractiveSettings, evaluate_case, evaluate_case_3d, load_native_case
+from medseg.evaluation.segfm3d import PROTOCOL, Segfm3dSettings, summarize_segfm3d
+from medseg.evaluation.segfm3d_run import evaluate_case_segfm3d
 from medseg.evaluation.timing import EvaluationClock, with_case_seconds
 from medseg.inference import native_label_map, predict_logits, write_label_map
 from medseg.inference.cache import EmbeddingCache
@@ -189,6 +191,10 @@ def evaluate_promptable_model(
     evaluate_case_3d`), zoomed to the run's ``Spacingd`` spacing if it has one; its box Dice is from the tight 3-D
     box, its propagation Dice is ``null`` (a 2-D-model metric), and its label map holds each object's box-prompt mask.
 
+    With ``task.evaluation.protocol=segfm3d`` the simulated user is the CVPR 2025 challenge's instead (one box, five
+    clicks per class; :mod:`medseg.evaluation.segfm3d`): ``summary.json`` gets a ``protocol`` section in place of
+    ``interactive``, and the case's label map is its last step's.
+
     Args:
         task: a :class:`~medseg.tasks.promptable.PromptableTask`.
         max_cases: cap on the test cases, overriding ``task.evaluation.max_cases`` when given.
@@ -209,7 +215,12 @@ def evaluate_promptable_model(
         with clock.phase("load", case.case_id):
             native = load_native_case(case.case_id, case.images, case.label, intensity)
         with clock.phase("predict", case.case_id), torch.no_grad():
-            if int(model.spatial_dims) == 3:
+            if settings.protocol == PROTOCOL:  # the CVPR 2025 challenge's box + 5 clicks, 2-D and 3-D models alike
+                objects, label_map = evaluate_case_segfm3d(
+                    model, native, datamodule.label_names, settings, getattr(task, "slice_axis", 2),
+                    target_spacing(datamodule), float(task.inference.get("overlap", 0.25)),
+                )  # fmt: skip
+            elif int(model.spatial_dims) == 3:
                 objects, label_map = evaluate_case_3d(
                     model, native, datamodule.label_names, settings, target_spacing(datamodule),
                     overlap=float(task.inference.get("overlap", 0.25)),
@@ -225,7 +236,15 @@ def evaluate_promptable_model(
             written = write_label_map(label_map, case.images[0], predictions / f"{case.case_id}{suffix}")
         with clock.phase("metrics", case.case_id):
             scored.append(score_case(written, case.label, datamodule.label_names, nsd_tolerance_mm, suffix=suffix))
-        log.info("Interactive test case %d/%d: %s (%d objects)", index + 1, len(cases), case.case_id, len(objects))
+        count = len(objects["classes"]) if settings.protocol == PROTOCOL else len(objects)
+        log.info("Interactive test case %d/%d: %s (%d objects)", index + 1, len(cases), case.case_id, count)
+    if settings.protocol == PROTOCOL:
+        section = {"protocol": summarize_segfm3d(per_case, Segfm3dSettings.from_mapping(settings.segfm3d))}
+        summary = _summarise(scored, clock, datamodule, run_dir, extras, started, section)
+        mean = summary["protocol"]["mean"]
+        log.info("Test segfm3d DSC_AUC %.4f, final DSC %.4f -> %s", mean.get("dsc_auc", 0.0),
+                 mean.get("final_dsc", 0.0), run_dir / SUMMARY)  # fmt: skip
+        return summary
     interactive = {"interactive": summarize_interactive(per_case, settings.max_clicks)}
     summary = _summarise(scored, clock, datamodule, run_dir, extras, started, interactive)
     dices = summary["interactive"]["foreground_mean"].get("dice_at_k") or [0.0]
