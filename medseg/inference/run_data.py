@@ -50,7 +50,15 @@ class RunData:
 
 
 def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    """JSON-ready: Hydra's configs arrive as OmegaConf nodes, also nested inside plain dicts (``pixdim: median``
+    resolved into a copy keeps the other values' ListConfigs)."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, Mapping):
+        return {str(key): _plain(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(value) for value in node]
+    return node
 
 
 def write_run_data(

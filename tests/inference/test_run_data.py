@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from medseg.cli import main
 from medseg.errors import ConfigError
-from medseg.inference.run_data import read_run_data
+from medseg.inference.run_data import read_run_data, write_run_data
 from medseg.inference.sources import _data_from_dataset, load_run
 from medseg.runs import RUN_DATA
 
@@ -57,3 +57,16 @@ def test_damaged_run_data_is_named_with_the_fix(run_without_dataset):
     (run_without_dataset / RUN_DATA).write_text("{not json")
     with pytest.raises(ConfigError, match=f"{RUN_DATA} is not readable run data .* Delete it"):
         load_run(run_without_dataset, "cpu")
+
+
+def test_configs_with_nested_omegaconf_values_are_written_as_plain_json(tmp_path):
+    """``spacing: median`` resolved into a plain copy keeps its other values as ListConfig (the quickstart's case)."""
+    preprocess = [{"_target_": "monai.transforms.Spacingd", "keys": OmegaConf.create(["image", "label"]),
+                   "pixdim": (2.0, 2.0, 4.0)}, OmegaConf.create({"_target_": "x", "a": [1, {"b": 2}]})]  # fmt: skip
+    write_run_data(tmp_path, "Dataset1_X", {"background": 0, "organ": 1}, 1, preprocess)
+    stored = read_run_data(tmp_path)
+    assert stored.preprocess == [
+        {"_target_": "monai.transforms.Spacingd", "keys": ["image", "label"], "pixdim": [2.0, 2.0, 4.0]},
+        {"_target_": "x", "a": [1, {"b": 2}]},
+    ]
+    assert stored.label_names == {0: "background", 1: "organ"} and stored.num_classes == 2
