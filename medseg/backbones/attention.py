@@ -130,7 +130,8 @@ def fused_tinyvit_attention_class() -> type[nn.Module]:
             qkv = self.qkv(x).view(batch, tokens, self.num_heads, -1)
             q, k, v = qkv.split([self.key_dim, self.key_dim, self.d], dim=3)
             q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
-            bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # (heads, N, N)
+            # (1, heads, N, N): a 3-D mask sends CPU SDPA to its generic math kernel (which also upcasts bf16)
+            bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
             return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dh))
 
