@@ -119,7 +119,8 @@ def _log_overview(facts: dict[str, Any]) -> None:
 
 def _interactive_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """``test/dice_click{k}`` (k = 1 and the last), ``test/noc85``, ``test/noc90``, ``test/box_dice`` and
-    ``test/propagation_dice`` of a promptable run's ``interactive`` foreground mean (nothing for dense runs)."""
+    ``test/propagation_dice`` of a promptable run's ``interactive`` foreground mean, or ``test/dsc_auc``,
+    ``test/nsd_auc``, ``test/final_dsc`` and ``test/final_nsd`` of its SegFM3D ``protocol`` (nothing for dense runs)."""
     means = (summary.get("interactive") or {}).get("foreground_mean") or {}
     out: dict[str, float] = {}
     dices = means.get("dice_at_k") or []
@@ -128,6 +129,10 @@ def _interactive_metrics(summary: dict[str, Any]) -> dict[str, float]:
     for key in ("noc85", "noc90", "box_dice", "propagation_dice"):
         if means.get(key) is not None:
             out[f"test/{key}"] = float(means[key])
+    protocol = (summary.get("protocol") or {}).get("mean") or {}  # task.evaluation.protocol=segfm3d
+    for key in ("dsc_auc", "nsd_auc", "final_dsc", "final_nsd"):
+        if protocol.get(key) is not None:
+            out[f"test/{key}"] = float(protocol[key])
     return out
 
 
