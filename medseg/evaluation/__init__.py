@@ -1,4 +1,5 @@
-"""Evaluation on full volumes in native geometry: per-case metrics, their empty-label policy, and ``summary.json``."""
+"""Evaluation on full volumes in native geometry: per-case metrics, their empty-label policy, and ``summary.json``
+(nnU-Net's view at its top level, medseg's under ``medseg``, read with :func:`medseg_metrics`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from medseg.evaluation.summary import (
     build_summary,
     evaluate_folder,
     is_complete,
+    medseg_metrics,
     read_summary,
     score_case,
     write_summary,
@@ -28,6 +30,7 @@ __all__ = [
     "evaluate_folder",
     "foreground_classes",
     "is_complete",
+    "medseg_metrics",
     "read_summary",
     "score_case",
     "spacing_from_affine",

@@ -1,11 +1,25 @@
-"""``summary.json``: the per-case metrics of one run, their per-class means and the foreground mean.
+"""``summary.json``: the per-case metrics of one run, their per-class means and the foreground mean, in two views.
 
-The layout follows nnU-Net v2's ``evaluate_predictions.py`` so that its users find their way (``metric_per_case``,
-``mean``, ``foreground_mean``), with medseg's additions: the empty-label policy in words, ``hd95_n`` (how many cases
-the HD95 mean covers), and whatever the trainer passes (parameter counts, peak memory, wall time). A test-time
-evaluation adds its cost (:mod:`medseg.evaluation.timing`): ``seconds_per_case``, the phase split ``eval_seconds``
-and each case's ``seconds``. Every number is finite or ``null``, never NaN, so the file is strict JSON that any tool
-can read.
+**nnU-Net's view** is the top level, keyed and named exactly as nnunetv2's ``evaluate_predictions.py`` writes it, so
+that its ``load_summary_json`` reads the file and an nnU-Net user finds the numbers where nnU-Net puts them:
+``metric_per_case`` (``{"metrics": {"1": {"Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref"}},
+"prediction_file", "reference_file"}`` per case), ``mean`` (per label value, or region tuple such as ``"(1, 2)"``)
+and ``foreground_mean``. Its numbers follow nnU-Net's conventions (:mod:`medseg.evaluation.nnunet_metrics`: Dice is
+undefined, ``null``, when both masks are empty), so they equal what ``nnUNetv2_evaluate_folder`` computes on the same
+files. ``foreground_mean`` also holds medseg's foreground means under medseg's lower-case names (``dice``, ``hd95``,
+``nsd``, beside nnU-Net's ``Dice``, ``IoU``, ...): nnU-Net reads only its own keys there, and every reader of
+``summary["foreground_mean"]["dice"]`` keeps working.
+
+**medseg's view** sits beside it under ``medseg`` with medseg's names: ``metric_per_case`` (``case_id``,
+``prediction_file``, ``reference_file``, ``metrics`` per class name with ``dice``, ``hd95`` (mm), ``nsd``, ``n_ref``,
+``n_pred``, and the case's ``seconds``), ``mean`` per class name (with ``hd95_n``, how many cases the HD95 mean
+covers) and ``foreground_mean`` (``dice``, ``hd95``, ``nsd``), under :data:`~medseg.evaluation.EMPTY_LABEL_POLICY`.
+Read it with :func:`medseg_metrics`, which also reads summaries written before nnU-Net's view existed (medseg's view at
+the top level). medseg's other sections stay at the top level: ``n_cases``, ``labels`` (names to values),
+``empty_label_policy`` in words, and whatever the trainer passes (parameter counts, peak memory, wall time). A
+test-time evaluation adds its cost (:mod:`medseg.evaluation.timing`): ``seconds_per_case``, the phase split
+``eval_seconds`` and each case's ``seconds``. Every number is finite or ``null``, never NaN, so the file is strict
+JSON that any tool can read.
 
 A promptable run adds an ``interactive`` section (:func:`medseg.evaluation.interactive.summarize_interactive`: Dice
 after k clicks, NoC, box and propagation Dice per object, case and class); :func:`interactive_per_case` reads its
@@ -36,18 +50,21 @@ from medseg.evaluation.metrics import (
     foreground_classes,
     spacing_from_affine,
 )
+from medseg.evaluation.nnunet_metrics import NNUNET_METRICS, nnunet_case, nnunet_means, nnunet_regions
 
 __all__ = [
     "build_summary",
     "evaluate_folder",
     "interactive_per_case",
     "is_complete",
+    "medseg_metrics",
     "read_summary",
     "score_case",
     "write_summary",
 ]
 
-_RESERVED = ("metric_per_case", "mean", "foreground_mean", "n_cases", "labels", "empty_label_policy")
+_RESERVED = ("metric_per_case", "mean", "foreground_mean", "medseg", "n_cases", "labels", "empty_label_policy")
+_VIEW = ("metric_per_case", "mean", "foreground_mean")  # the sections that nnU-Net's view and medseg's both have
 
 
 def _finite(value: Any) -> float | None:
@@ -72,19 +89,24 @@ def build_summary(
     """Collect per-case metrics into a ``summary.json`` dictionary.
 
     Args:
-        per_case: one mapping per case with ``case_id``, ``metrics`` (``{class_name: {metric: value}}`` as returned
-            by :func:`medseg.evaluation.case_metrics`) and optionally ``prediction_file``/``reference_file``.
+        per_case: one mapping per case as :func:`score_case` returns it: ``case_id``, ``metrics``
+            (``{class_name: {metric: value}}`` as returned by :func:`medseg.evaluation.case_metrics`), ``nnunet``
+            (nnU-Net's entry, :func:`medseg.evaluation.nnunet_metrics.nnunet_case`) and optionally
+            ``prediction_file``/``reference_file``/``seconds``.
         labels: the dataset's ``{class_name: label_value}`` (background is left out of the means).
         extras: run facts stored at the top level (``trainable_params``, ``total_params``, ``peak_memory_mb``,
             ``wall_time_s``, ...); JSON-serialisable, and not one of the reserved keys.
 
     Returns:
-        ``{"metric_per_case", "mean": {class: {dice, hd95, nsd, hd95_n, n_ref, n_pred}}, "foreground_mean":
-        {dice, hd95, nsd}, "n_cases", "labels", "empty_label_policy", **extras}``. ``mean`` averages over cases
-        and ``foreground_mean`` over the foreground classes' means, following :data:`EMPTY_LABEL_POLICY`.
+        ``{"metric_per_case", "mean", "foreground_mean"`` (nnU-Net's view, see the module docstring; its
+        ``foreground_mean`` also holds medseg's ``dice``, ``hd95``, ``nsd``)``, "medseg":
+        {"metric_per_case", "mean": {class: {dice, hd95, nsd, hd95_n, n_ref, n_pred}}, "foreground_mean": {dice,
+        hd95, nsd}}, "n_cases", "labels", "empty_label_policy", **extras}``. medseg's ``mean`` averages over cases
+        and its ``foreground_mean`` over the foreground classes' means, following :data:`EMPTY_LABEL_POLICY`.
 
     Raises:
-        EvaluationError: no cases, a case lacks a class, a metric is NaN/inf, or an extra key is reserved.
+        EvaluationError: no cases, a case lacks a class or nnU-Net's entry (or has it for other labels), a metric is
+            NaN/inf, or an extra key is reserved.
     """
     classes = list(foreground_classes(labels))
     if not per_case:
@@ -93,15 +115,24 @@ def build_summary(
     clash = sorted(set(extras) & set(_RESERVED))
     if clash:
         raise EvaluationError(f"extras may not use the reserved summary keys {clash}.")
-    cases = []
+    keys = [str(region) for region in nnunet_regions(labels)]
+    cases, nnunet_cases = [], []
     for case in per_case:
         metrics = case.get("metrics")
         case_id = case.get("case_id", "?")
         missing = [c for c in classes if not metrics or c not in metrics]
         if missing:
             raise EvaluationError(f"case {case_id!r} has no metrics for classes {missing}.")
+        nnunet = case.get("nnunet")
+        if not isinstance(nnunet, Mapping) or list(nnunet.get("metrics") or {}) != keys:
+            raise EvaluationError(
+                f"case {case_id!r} has no nnU-Net entry for labels {keys} ('nnunet': TP/FP/FN/TN per label); score "
+                f"it with medseg.evaluation.score_case or medseg.evaluation.nnunet_metrics.nnunet_case."
+            )
+        nnunet_cases.append(dict(nnunet))
         clean = {c: {k: (_finite(v) if k in METRICS else v) for k, v in metrics[c].items()} for c in classes}
-        cases.append({**{k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in case.items()}, "metrics": clean})
+        entry = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in case.items() if k != "nnunet"}
+        cases.append({**entry, "metrics": clean})
     mean: dict[str, dict[str, float | int | None]] = {}
     for c in classes:
         column = {m: [case["metrics"][c].get(m) for case in cases] for m in (*METRICS, "n_ref", "n_pred")}
@@ -110,10 +141,12 @@ def build_summary(
         mean[c]["n_ref"] = _mean(column["n_ref"])
         mean[c]["n_pred"] = _mean(column["n_pred"])
     foreground_mean = {m: _mean([mean[c][m] for c in classes]) for m in METRICS}
+    nnunet_mean, nnunet_foreground = nnunet_means(nnunet_cases)
     summary = {
-        "metric_per_case": cases,
-        "mean": mean,
-        "foreground_mean": foreground_mean,
+        "metric_per_case": nnunet_cases,
+        "mean": nnunet_mean,
+        "foreground_mean": {**nnunet_foreground, **foreground_mean},
+        "medseg": {"metric_per_case": cases, "mean": mean, "foreground_mean": foreground_mean},
         "n_cases": len(cases),
         "labels": {k: ([int(x) for x in v] if isinstance(v, Sequence) else int(v)) for k, v in labels.items()},
         "empty_label_policy": EMPTY_LABEL_POLICY,
@@ -150,6 +183,26 @@ def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     return summary
 
 
+def medseg_metrics(summary: Mapping[str, Any]) -> Mapping[str, Any]:
+    """medseg's view of a summary: ``{"metric_per_case", "mean", "foreground_mean"}`` by class name (module docstring).
+
+    A summary written before nnU-Net's view existed held medseg's view at the top level; it is read from there, so
+    older run folders stay readable.
+
+    Raises:
+        EvaluationError: the summary has neither (e.g. a file written by nnU-Net itself).
+    """
+    view = summary.get("medseg")
+    if isinstance(view, Mapping):
+        return view
+    if isinstance(summary.get("foreground_mean"), Mapping) and "dice" in summary["foreground_mean"]:
+        return {key: summary[key] for key in _VIEW if key in summary}
+    raise EvaluationError(
+        "this summary.json has no 'medseg' section (dice/hd95/nsd per class); it was not written by medseg. "
+        "Evaluate the run with `medseg evaluate run_dir=...`."
+    )
+
+
 def is_complete(path: str | os.PathLike[str], expected_cases: int | None = None) -> bool:
     """Whether ``path`` holds a finished summary: readable, consistent, with every class of every case scored.
 
@@ -160,16 +213,19 @@ def is_complete(path: str | os.PathLike[str], expected_cases: int | None = None)
     """
     try:
         summary = read_summary(path)
+        view = medseg_metrics(summary)
     except EvaluationError:
         return False
-    cases, n_cases = summary.get("metric_per_case"), summary.get("n_cases")
+    cases, n_cases = view.get("metric_per_case"), summary.get("n_cases")
     if not isinstance(cases, list) or not cases or n_cases != len(cases):
         return False
     if expected_cases is not None and n_cases != expected_cases:
         return False
-    if not isinstance(summary.get("foreground_mean"), dict):
+    if not isinstance(view.get("foreground_mean"), dict) or not isinstance(view.get("mean"), dict):
         return False
-    classes = list(foreground_classes(summary.get("labels") or {})) or list(summary["mean"])
+    if "medseg" in summary and not _nnunet_view_complete(summary, n_cases):
+        return False
+    classes = list(foreground_classes(summary.get("labels") or {})) or list(view["mean"])
     for case in cases:
         metrics = case.get("metrics") if isinstance(case, dict) else None
         if not isinstance(metrics, dict) or any(not all(m in metrics.get(c, {}) for m in METRICS) for c in classes):
@@ -179,6 +235,22 @@ def is_complete(path: str | os.PathLike[str], expected_cases: int | None = None)
         per_case = interactive.get("per_case") if isinstance(interactive, dict) else None
         ids = {case.get("case_id") for case in cases}
         if not isinstance(per_case, dict) or set(per_case) != ids or "foreground_mean" not in interactive:
+            return False
+    return True
+
+
+def _nnunet_view_complete(summary: Mapping[str, Any], n_cases: int) -> bool:
+    """Whether nnU-Net's view covers ``n_cases`` cases, each with every metric of the labels its ``mean`` names."""
+    cases, mean = summary.get("metric_per_case"), summary.get("mean")
+    if not isinstance(cases, list) or len(cases) != n_cases or not isinstance(mean, dict):
+        return False
+    if not isinstance(summary.get("foreground_mean"), dict):
+        return False
+    for case in cases:
+        metrics = case.get("metrics") if isinstance(case, dict) else None
+        if not isinstance(metrics, dict) or set(metrics) != set(mean):
+            return False
+        if any(not isinstance(v, dict) or any(m not in v for m in NNUNET_METRICS) for v in metrics.values()):
             return False
     return True
 
@@ -269,8 +341,9 @@ def score_case(
     (:mod:`medseg.evaluation.timing`).
 
     Returns:
-        The ``metric_per_case`` entry: ``case_id`` (the file name without ``suffix``), ``prediction_file``,
-        ``reference_file`` and ``metrics``.
+        The ``per_case`` entry of :func:`build_summary`: ``case_id`` (the file name without ``suffix``),
+        ``prediction_file``, ``reference_file``, ``metrics`` (medseg's) and ``nnunet`` (nnU-Net's counts of the same
+        label maps, :func:`medseg.evaluation.nnunet_metrics.nnunet_case`).
 
     Raises:
         EvaluationError: a file is missing, or the prediction's shape or affine differs from its reference's.
@@ -294,4 +367,10 @@ def score_case(
     reference = np.rint(np.asanyarray(ref_image.dataobj)).astype(np.int64)
     metrics = case_metrics(prediction, reference, spacing_from_affine(ref_image.affine), labels, nsd_tolerance_mm)
     case_id = pred_path.name[: -len(suffix)] if pred_path.name.endswith(suffix) else pred_path.name
-    return {"case_id": case_id, "prediction_file": str(pred_path), "reference_file": str(ref_path), "metrics": metrics}
+    return {
+        "case_id": case_id,
+        "prediction_file": str(pred_path),
+        "reference_file": str(ref_path),
+        "metrics": metrics,
+        "nnunet": nnunet_case(prediction, reference, labels, str(pred_path), str(ref_path)),
+    }
