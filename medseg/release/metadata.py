@@ -25,6 +25,7 @@ from typing import Any
 
 from medseg.data.transforms import resolve_window
 from medseg.errors import ConfigError
+from medseg.evaluation import medseg_metrics
 
 __all__ = [
     "SCHEMA",
@@ -138,11 +139,12 @@ def build_metadata(
     """
     labels = dict(config["labels"])
     fmt = input_format(config)
+    view = medseg_metrics(summary)  # medseg's metric names (dice, hd95, nsd) per class name
     metrics = {
         "split": "test",
         "n_cases": summary.get("n_cases"),
-        "foreground_mean": dict(summary.get("foreground_mean", {})),
-        "per_class": {name: dict(values) for name, values in summary.get("mean", {}).items()},
+        "foreground_mean": dict(view.get("foreground_mean", {})),
+        "per_class": {name: dict(values) for name, values in view.get("mean", {}).items()},
         "evaluated_on": "native grid of each test case (medseg evaluate), whole volumes",
         "empty_label_policy": summary.get("empty_label_policy"),
     }

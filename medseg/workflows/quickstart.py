@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from medseg.config import CONFIG_DIR
 from medseg.console import wide_console
 from medseg.errors import MedsegError
+from medseg.evaluation import medseg_metrics
 from medseg.evaluation.tables import number, results_table
 from medseg.workflows.run_folder import finished_summary
 
@@ -42,14 +43,15 @@ def run_dir_for(overrides: Sequence[str]) -> tuple[Path, int]:
 def format_table(summaries: dict[str, dict[str, Any]]) -> Any:
     """A rich table: one row per arm, Dice per class, foreground Dice / HD95 (mm) / NSD, parameters and times."""
     first = next(iter(summaries.values()))
-    classes = list(first["mean"])
+    classes = list(medseg_metrics(first)["mean"])
     columns = ["init", *(f"Dice {name}" for name in classes), "Dice fg", "HD95 fg (mm)", "NSD fg (2 mm)", "trainable",
                "steps", "train (s)", "eval (s)"]  # fmt: skip
     rows = []
     for arm, summary in summaries.items():
-        fg = summary["foreground_mean"]
+        view = medseg_metrics(summary)
+        fg = view["foreground_mean"]
         rows.append((
-            arm, *(number(summary["mean"][c]["dice"]) for c in classes), number(fg["dice"]), number(fg["hd95"], 1),
+            arm, *(number(view["mean"][c]["dice"]) for c in classes), number(fg["dice"]), number(fg["hd95"], 1),
             number(fg["nsd"]),
             f"{summary.get('trainable_params', 0):,} ({summary.get('trainable_percent', 0):.1f} %)",
             str(summary.get("steps_trained", "?")), number(summary.get("train_wall_time_s"), 0),

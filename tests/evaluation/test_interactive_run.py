@@ -12,6 +12,7 @@ from medseg.evaluation import build_summary, write_summary
 from medseg.evaluation.interactive import dice, summarize_interactive
 from medseg.evaluation.interactive_run import InteractiveSettings, evaluate_case_3d, load_native_case
 from medseg.evaluation.metrics import EvaluationError
+from medseg.evaluation.nnunet_metrics import nnunet_case
 from medseg.evaluation.summary import interactive_per_case, is_complete
 
 
@@ -49,7 +50,11 @@ def test_settings_reject_unknown_keys_and_impossible_k():
 def test_summary_with_an_interactive_section_is_complete_only_when_it_covers_every_case(tmp_path):
     labels = {"background": 0, "liver": 1}
     metrics = {"liver": {"dice": 0.5, "hd95": 3.0, "nsd": 0.4, "n_ref": 10, "n_pred": 12}}
-    per_case = [{"case_id": c, "metrics": metrics} for c in ("a", "b")]
+    mask = np.ones((2, 2, 2), dtype=np.uint8)
+    per_case = [
+        {"case_id": c, "metrics": metrics, "nnunet": nnunet_case(mask, mask, labels, f"{c}.nii.gz", f"{c}.nii.gz")}
+        for c in ("a", "b")
+    ]
     obj = {"class": "liver", "component": None, "dice_at_k": [0.4, 0.8], "noc85": 3, "noc90": 3, "box_dice": 0.6}
     full = summarize_interactive({"a": [obj], "b": [dict(obj, dice_at_k=[0.6, 0.9])]}, max_clicks=3)
     path = write_summary(tmp_path / "summary.json", build_summary(per_case, labels, {"interactive": full}))

@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 
 from medseg.errors import ConfigError
-from medseg.evaluation.summary import read_summary
+from medseg.evaluation.summary import medseg_metrics, read_summary
 from medseg.release.card import read_front_matter
 from medseg.release.example import compare_label_maps, predict_label_map, read_example
 from medseg.release.export import export_release, run_export
@@ -60,7 +60,8 @@ def test_metadata_and_card_carry_the_run_summary(tiny_run, tiny_releases):
     summary = read_summary(tiny_run["run_dir"] / "summary.json")
     metadata = json.loads((folder / "metadata.json").read_text())
     assert metadata["name"] == "tiny-test" and metadata["version"] == "1.2.3"
-    assert metadata["eval_metrics"]["foreground_mean"] == summary["foreground_mean"]
+    assert metadata["eval_metrics"]["foreground_mean"] == medseg_metrics(summary)["foreground_mean"]
+    assert metadata["eval_metrics"]["per_class"] == medseg_metrics(summary)["mean"]  # by class name, not label value
     assert metadata["input_format"]["spacing_mm"] == [1.5, 1.5, 3.0]
     assert metadata["input_format"]["orientation"] == "RAS"
     assert metadata["input_format"]["intensity"]["method"] == "ct_window"

@@ -11,7 +11,7 @@ import torch
 
 from medseg.config import instantiate
 from medseg.errors import ConfigError
-from medseg.evaluation.summary import is_complete, read_summary
+from medseg.evaluation.summary import is_complete, medseg_metrics, read_summary
 from medseg.tasks.promptable import PromptableTask
 from medseg.workflows.training import train
 
@@ -102,7 +102,9 @@ def test_trained_3d_model_learns_and_writes_the_3d_interactive_summary(trained_r
     summary = read_summary(run_dir / "summary.json")
     assert is_complete(run_dir / "summary.json") and summary["n_cases"] == 3
     section = summary["interactive"]
-    assert section["max_clicks"] == 3 and set(section["per_case"]) == {c["case_id"] for c in summary["metric_per_case"]}
+    assert section["max_clicks"] == 3 and set(section["per_case"]) == {
+        c["case_id"] for c in medseg_metrics(summary)["metric_per_case"]
+    }
     for case in section["per_case"].values():
         (obj,) = case["objects"]  # max_objects=1
         assert obj["n_voxels"] > 0 and len(obj["dice_at_k"]) == 3 and 1 <= obj["clicks"] <= 3

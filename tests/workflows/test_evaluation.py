@@ -13,7 +13,7 @@ from omegaconf import open_dict
 
 from medseg.config import CONFIG_DIR, instantiate
 from medseg.data.prepare import synthetic
-from medseg.evaluation import evaluate_folder, read_summary
+from medseg.evaluation import evaluate_folder, medseg_metrics, read_summary
 from medseg.evaluation.timing import PHASES
 from medseg.workflows.evaluation import evaluate_model, evaluation_device
 
@@ -48,7 +48,7 @@ def run(tmp_path_factory, one_thread):
 
 
 def _metrics(summary):
-    return {case["case_id"]: case["metrics"] for case in summary["metric_per_case"]}
+    return {case["case_id"]: case["metrics"] for case in medseg_metrics(summary)["metric_per_case"]}
 
 
 def test_metrics_do_not_depend_on_the_slice_batch(run, tmp_path, monkeypatch):
@@ -71,6 +71,7 @@ def test_each_case_is_scored_as_the_folder_evaluation_scores_it(run, tmp_path):
     folder = evaluate_folder(tmp_path / "predictions", labels, datamodule.label_names)
     assert summary["n_cases"] == folder["n_cases"] == 2
     assert _metrics(summary) == _metrics(folder)
+    assert summary["metric_per_case"] == folder["metric_per_case"]  # nnU-Net's view too
     assert read_summary(tmp_path / "summary.json")["foreground_mean"] == folder["foreground_mean"]
 
 
@@ -80,7 +81,7 @@ def test_summary_reports_seconds_per_case(run, tmp_path):
     assert read_summary(tmp_path / "summary.json") == summary
     wall, per_case = summary["eval_wall_time_s"], summary["seconds_per_case"]
     assert wall > 0 and per_case > 0 and per_case == pytest.approx(wall / summary["n_cases"], rel=1e-3, abs=1e-3)
-    seconds = [case["seconds"] for case in summary["metric_per_case"]]
+    seconds = [case["seconds"] for case in medseg_metrics(summary)["metric_per_case"]]
     assert len(seconds) == 3 and all(s > 0 for s in seconds)
     assert sum(seconds) <= wall  # each case's time is inside the evaluation's
     split = summary["eval_seconds"]
@@ -105,10 +106,9 @@ def test_a_promptable_run_is_timed_per_case_too(run, tmp_path, bright_in_box):
     settings = {"max_clicks": 2, "dice_k": 2, "max_objects": 2, "propagation": None}
     task = SimpleNamespace(model=bright_in_box, evaluation=settings, inference={}, slice_axis=2)
     summary = evaluate_model(task, datamodule, tmp_path, max_cases=2, device="cpu")
-    assert summary["n_cases"] == 2 and set(summary["interactive"]["per_case"]) == {
-        case["case_id"] for case in summary["metric_per_case"]
-    }
-    seconds = [case["seconds"] for case in summary["metric_per_case"]]
+    cases = medseg_metrics(summary)["metric_per_case"]
+    assert summary["n_cases"] == 2 and set(summary["interactive"]["per_case"]) == {case["case_id"] for case in cases}
+    seconds = [case["seconds"] for case in cases]
     assert all(s > 0 for s in seconds) and sum(seconds) <= summary["eval_wall_time_s"]
     assert summary["eval_seconds"]["predict"] > 0 and summary["seconds_per_case"] > 0
     assert bright_in_box.encoded > 0  # the simulated user ran the model

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from medseg.errors import ConfigError
+from medseg.evaluation.nnunet_metrics import nnunet_case
 from medseg.evaluation.summary import build_summary, write_summary
 from medseg.runs import write_state
 from medseg.workflows.run_folder import check_run_folder, is_finished
@@ -69,8 +71,10 @@ def test_run_folders_of_older_versions_count_as_finished_by_their_summary(tmp_pa
     run_dir = _run_folder(tmp_path, None, RUN)  # no train_state.json
     assert not is_finished(run_dir)
     check_run_folder(run_dir, _with())  # killed before its summary: resumes
+    labels, mask = {"background": 0, "liver": 1}, np.ones((2, 2, 2), dtype=np.uint8)
     case = {"case_id": "a", "metrics": {"liver": {"dice": 0.9, "hd95": 1.0, "nsd": 0.9, "n_ref": 5, "n_pred": 5}}}
-    write_summary(run_dir / "summary.json", build_summary([case], {"background": 0, "liver": 1}))
+    case["nnunet"] = nnunet_case(mask, mask, labels, "a.nii.gz", "a.nii.gz")
+    write_summary(run_dir / "summary.json", build_summary([case], labels))
     assert is_finished(run_dir)
     with pytest.raises(ConfigError, match="finished run"):
         check_run_folder(run_dir, _with())

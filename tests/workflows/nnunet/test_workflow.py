@@ -25,6 +25,7 @@ from medseg.data.formats import load_dataset_info
 from medseg.data.prepare import synthetic
 from medseg.data.splits import label_fraction_subset, load_or_create_splits
 from medseg.errors import ConfigError
+from medseg.evaluation import medseg_metrics
 from medseg.evaluation.metrics import case_metrics, spacing_from_affine
 from medseg.workflows.training import train
 
@@ -121,7 +122,7 @@ def test_summary_equals_medsegs_metrics_on_the_prediction_files(arm, phantoms):
     run_dir, metrics, _ = arm
     info = load_dataset_info(phantoms / "Dataset990_Synthetic")
     summary = json.loads((run_dir / "summary.json").read_text())
-    by_case = {entry["case_id"]: entry["metrics"] for entry in summary["metric_per_case"]}
+    by_case = {entry["case_id"]: entry["metrics"] for entry in medseg_metrics(summary)["metric_per_case"]}
     assert sorted(by_case) == sorted(c.case_id for c in info.test)
     dice = {name: [] for name in info.foreground_labels}
     for case in info.test:
