@@ -7,11 +7,17 @@ difference gets a block-bootstrap CI over cases; the Wilcoxon signed-rank test r
 averaged over seeds (independent units). Holm's correction runs over every comparison of one metric (all pairs, datasets
 and budgets): the family a reader scans for "any significant difference".
 
-Which pairs (Jeong et al., arXiv 2411.08870; Isensee et al., arXiv 2404.09556):
+Verdict (:func:`medseg.benchmark.stats.decide`, issue 19's rule): ``win`` iff the paired CI excludes 0 in arm a's
+favour **and** the Holm-corrected Wilcoxon p is below ``statistics.alpha`` (0.05), ``loss`` in the reverse case, ``tie``
+otherwise; ``ci_verdict`` keeps the CI half alone. :func:`win_tie_loss` counts them per question, dataset and budget.
 
-* pretrained vs scratch: arms that differ only in ``init``;
-* each adapter vs full fine-tuning: arms that differ only in ``adapter``, one of them ``full``;
-* each arm vs the best CNN baseline at that dataset and budget (the baseline with the best primary-metric mean).
+Which pairs (the questions; Jeong et al., arXiv 2411.08870; Isensee et al., arXiv 2404.09556):
+
+* ``pretrained_vs_scratch``: arms that differ only in ``init`` (one pair per adapter);
+* ``adapter_vs_full``: arms that differ only in ``adapter``, one of them ``full``;
+* ``vs_nnunet``: every other arm (CNN baselines included) against each nnU-Net arm (``+nnunet=...``);
+* ``vs_best_baseline``: each arm vs the best CNN baseline at that dataset and budget (the non-nnU-Net baseline with
+  the best primary-metric mean).
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ import numpy as np
 import pandas as pd
 
 from medseg.benchmark.grid import Arm
-from medseg.benchmark.stats import bootstrap_ci, higher_is_better, holm, paired_difference, verdict, wilcoxon_p
+from medseg.benchmark.stats import bootstrap_ci, decide, higher_is_better, holm, paired_difference, verdict, wilcoxon_p
 
 __all__ = [
     "COMPARISON_COLUMNS",
+    "QUESTIONS",
     "SUMMARY_COLUMNS",
+    "WTL_COLUMNS",
     "arm_pairs",
+    "best_baseline",
     "comparisons_table",
     "summary_table",
     "win_tie_loss",
@@ -37,8 +46,15 @@ __all__ = [
 SUMMARY_COLUMNS = ["arm", "dataset", "label_fraction", "metric", "mean", "ci_low", "ci_high", "n", "n_values"]
 COMPARISON_COLUMNS = [
     "arm_a", "arm_b", "kind", "dataset", "label_fraction", "metric", "mean_diff", "ci_low", "ci_high", "n",
-    "p_value", "p_holm", "verdict",
+    "p_value", "p_holm", "ci_verdict", "verdict",
 ]  # fmt: skip
+QUESTIONS = {  # kind -> the question in words (report.md)
+    "pretrained_vs_scratch": "pretrained vs scratch (same adapter)",
+    "adapter_vs_full": "adapter vs full fine-tuning (same init)",
+    "vs_nnunet": "arm vs nnU-Net",
+    "vs_best_baseline": "arm vs best CNN baseline",
+}
+WTL_COLUMNS = ["kind", "dataset", "label_fraction", "metric", "win", "tie", "loss", "n"]
 
 
 def _stats_kwargs(statistics: dict[str, Any] | None) -> dict[str, Any]:
@@ -49,6 +65,10 @@ def _stats_kwargs(statistics: dict[str, Any] | None) -> dict[str, Any]:
         "method": str(s.get("method", "percentile")),
         "seed": int(s.get("seed", 0)),
     }
+
+
+def _alpha(statistics: dict[str, Any] | None) -> float:
+    return float((statistics or {}).get("alpha", 0.05))
 
 
 def summary_table(
@@ -79,7 +99,8 @@ def _differ_only_in(a: Arm, b: Arm, key: str) -> bool:
 
 
 def arm_pairs(arms: Sequence[Arm]) -> list[tuple[str, str, str]]:
-    """``(arm_a, arm_b, kind)`` of the grid's comparisons (the baseline comparison is added per budget)."""
+    """``(arm_a, arm_b, kind)`` of the grid's comparisons and each arm vs nnU-Net (the best CNN baseline comparison
+    is added per budget)."""
     pairs = []
     for a in arms:
         for b in arms:
@@ -87,12 +108,16 @@ def arm_pairs(arms: Sequence[Arm]) -> list[tuple[str, str, str]]:
                 pairs.append((a.name, b.name, "pretrained_vs_scratch"))
             if _differ_only_in(a, b, "adapter") and b.factors["adapter"] == "full":
                 pairs.append((a.name, b.name, "adapter_vs_full"))
+    for b in arms:
+        if b.nnunet:
+            pairs += [(a.name, b.name, "vs_nnunet") for a in arms if not a.nnunet]
     return pairs
 
 
 def best_baseline(summary: pd.DataFrame, arms: Sequence[Arm], dataset: str, fraction: float, metric: str) -> str | None:
-    """The CNN baseline with the best mean ``metric`` at this dataset and budget (None without baselines)."""
-    names = [a.name for a in arms if a.baseline]
+    """The CNN baseline (nnU-Net arms aside: they have their own question) with the best mean ``metric`` at this
+    dataset and budget (None without one)."""
+    names = [a.name for a in arms if a.baseline and not a.nnunet]
     rows = summary[
         summary["arm"].isin(names) & (summary["dataset"] == dataset) & (summary["label_fraction"] == fraction)
         & (summary["metric"] == metric)
@@ -126,44 +151,71 @@ def comparisons_table(
     statistics: dict[str, Any] | None = None,
     summary: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Every comparison at every dataset and budget, with its CI, Wilcoxon p, Holm p (per metric) and verdict."""
+    """Every comparison at every dataset and budget, with its CI, Wilcoxon p, Holm p (per metric) and verdicts (see
+    the module doc: ``verdict`` needs the CI and the Holm p; ``ci_verdict`` is the CI alone)."""
     kwargs = _stats_kwargs(statistics)
     summary = summary if summary is not None else summary_table(per_case, [primary_metric], statistics)
     pairs = arm_pairs(arms)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    intervals: list[Any] = []
     for (dataset, fraction), budget in per_case.groupby(["dataset", "label_fraction"], sort=True):
         present = set(budget["arm"])
         best = best_baseline(summary, arms, dataset, fraction, primary_metric)
         budget_pairs = [p for p in pairs if p[0] in present and p[1] in present]
         if best is not None:
-            budget_pairs += [(a.name, best, "vs_best_baseline") for a in arms if a.name != best and a.name in present]
+            budget_pairs += [
+                (a.name, best, "vs_best_baseline")
+                for a in arms
+                if a.name != best and a.name in present and not a.nnunet
+            ]
         for metric in metrics:
             values = budget[budget["metric"] == metric]
             for a, b, kind in budget_pairs:
                 result = _compare(values, a, b, kwargs)
                 if result is None:
                     continue
-                interval = result.pop("interval")
+                intervals.append(result.pop("interval"))
                 rows.append({
                     "arm_a": a, "arm_b": b, "kind": kind, "dataset": dataset, "label_fraction": fraction,
-                    "metric": metric, **result, "verdict": verdict(interval, metric),
+                    "metric": metric, **result, "ci_verdict": verdict(intervals[-1], metric),
                 })  # fmt: skip
-    table = pd.DataFrame(rows, columns=[c for c in COMPARISON_COLUMNS if c != "p_holm"])
-    table.insert(COMPARISON_COLUMNS.index("p_holm"), "p_holm", np.nan)
+    return _decide(pd.DataFrame(rows, columns=COMPARISON_COLUMNS[:-1]), intervals, _alpha(statistics))
+
+
+def _decide(table: pd.DataFrame, intervals: Sequence[Any], alpha: float) -> pd.DataFrame:
+    """Holm over each metric's family, then the verdict of each row under both criteria."""
+    table = table.copy()
     for _, index in table.groupby("metric").groups.items():
         table.loc[index, "p_holm"] = holm(table.loc[index, "p_value"].to_numpy(float))
+    table["verdict"] = [
+        decide(interval, float(p), str(metric), alpha)
+        for interval, p, metric in zip(intervals, table["p_holm"], table["metric"])
+    ]
     return table[COMPARISON_COLUMNS]
 
 
-def win_tie_loss(comparisons: pd.DataFrame) -> pd.DataFrame:
-    """Counts of verdicts per (arm_a, arm_b, kind, metric) across datasets and budgets, as Jeong et al. report them."""
-    columns = ["arm_a", "arm_b", "kind", "metric", "win", "tie", "loss"]
+def win_tie_loss(
+    comparisons: pd.DataFrame,
+    by: Sequence[str] = ("kind", "dataset", "label_fraction", "metric"),
+    metric: str | None = None,
+) -> pd.DataFrame:
+    """Counts of verdicts (``win``/``tie``/``loss`` of arm a, and ``n``) per group of comparisons.
+
+    Args:
+        comparisons: ``comparisons.csv``'s table.
+        by: the grouping; by default per question (``kind``), dataset, label budget and metric, as issue 19 and
+            Jeong et al. summarise a study; ``("arm_a", "arm_b", "kind", "metric")`` counts each pair across budgets.
+        metric: only this metric's comparisons (``None``: all).
+    """
+    by = list(by)
+    columns = [*by, "win", "tie", "loss", "n"]
+    if metric is not None and not comparisons.empty:
+        comparisons = comparisons[comparisons["metric"] == metric]
     if comparisons.empty:
         return pd.DataFrame(columns=columns)
-    counts = (
-        comparisons.groupby(["arm_a", "arm_b", "kind", "metric", "verdict"], sort=False).size().unstack(fill_value=0)
-    )
+    counts = comparisons.groupby([*by, "verdict"], sort=False).size().unstack(fill_value=0)
     for verdict_name in ("win", "tie", "loss"):
         if verdict_name not in counts:
             counts[verdict_name] = 0
+    counts["n"] = counts[["win", "tie", "loss"]].sum(axis=1)
     return counts.reset_index()[columns]

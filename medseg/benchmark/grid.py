@@ -9,7 +9,11 @@ folder it writes::
 
 Search runs train at one label fraction and seed with each candidate learning rate and report the validation Dice at
 the end of the budget; final runs train with the arm's chosen learning rate, never validate, and are evaluated on the
-test cases with their last weights. Every arm has the same step budget and the same number of candidates.
+test cases with their last weights. Every arm has the same step budget (or, with ``benchmark.match=compute``, the
+same training FLOPs: :mod:`medseg.benchmark.compute`) and the same number of candidates -- except arms that cannot be
+searched: an nnU-Net arm (``+nnunet=2d``, :mod:`medseg.workflows.nnunet`) trains with nnU-Net's own optimiser and
+learning rate (``nnunet.lr``) and reports no ``val/dice_resampled``, so it is never searched (a baseline can also say
+``search: false``), and its final runs get no ``task.optimizer.lr``.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from medseg.benchmark.stats import higher_is_better
 from medseg.errors import ConfigError
 
-__all__ = ["Arm", "BenchmarkSettings", "Job", "final_jobs", "parse_arms", "search_jobs"]
+__all__ = ["MATCHES", "NOT_SEARCHED", "Arm", "BenchmarkSettings", "Job", "final_jobs", "parse_arms", "search_jobs"]
 
 SEARCH, FINAL = "search", "final"
+MATCHES = ("steps", "compute")  # benchmark.match: equal optimisation steps, or equal training FLOPs
+NOT_SEARCHED = "not searched"
 
 
 @dataclass(frozen=True)
@@ -39,12 +45,19 @@ class Arm:
         overrides: ``medseg train`` overrides that make this arm.
         factors: the grid's ``{key: value}`` (``init``, ``adapter``, ...); empty for a baseline.
         baseline: a CNN baseline (trained from scratch), not part of the grid.
+        search: whether the arm takes part in the learning-rate search (False: it trains with its own learning rate).
     """
 
     name: str
     overrides: tuple[str, ...]
     factors: Mapping[str, str] = field(default_factory=dict)
     baseline: bool = False
+    search: bool = True
+
+    @property
+    def nnunet(self) -> bool:
+        """Whether the arm is an nnU-Net run (an ``nnunet=`` config-group override, e.g. ``+nnunet=2d``)."""
+        return any(o.lstrip("+").startswith("nnunet=") for o in self.overrides)
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,7 @@ class Job:
     phase: str  # "search" or "final"
     label_fraction: float
     seed: int
-    lr: float
+    lr: float | None  # None: the arm's own learning rate (not searched)
     subdir: str  # run folder relative to <output_dir>/runs
     overrides: tuple[str, ...]
 
@@ -78,6 +91,8 @@ class BenchmarkSettings:
     question: str
     limitations: list[str]
     output_dir: Path | None
+    match: str = "steps"
+    budget_flops: float | None = None
 
     @classmethod
     def from_config(cls, experiment: str, node: DictConfig | Mapping[str, Any]) -> BenchmarkSettings:
@@ -104,6 +119,17 @@ class BenchmarkSettings:
             raise ConfigError(f"benchmark.primary_metric={primary} must be one of benchmark.metrics={metrics}.")
         search_fraction = search.get("label_fraction")
         search_seed = search.get("seed")
+        match = str(cfg.get("match") or "steps")
+        if match not in MATCHES:
+            raise ConfigError(f"benchmark.match must be one of {list(MATCHES)}, got {match!r}.")
+        budget = cfg.get("budget_flops")
+        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+            raise ConfigError(
+                f"benchmark.budget_flops must be a positive number of FLOPs (e.g. 1.0e15), got {budget!r}."
+            )
+        alpha = (cfg.get("statistics") or {}).get("alpha", 0.05)
+        if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+            raise ConfigError(f"benchmark.statistics.alpha must lie in (0, 1), e.g. 0.05, got {alpha!r}.")
         return cls(
             experiment=experiment,
             arms=arms,
@@ -119,12 +145,14 @@ class BenchmarkSettings:
             question=str(cfg.get("question") or ""),
             limitations=[str(x) for x in cfg.get("limitations") or []],
             output_dir=Path(cfg["output_dir"]) if cfg.get("output_dir") else None,
+            match=match,
+            budget_flops=float(budget) if budget is not None else None,
         )
 
     @property
     def searched(self) -> bool:
-        """Whether learning rates are searched (more than one candidate)."""
-        return len(self.lr_values) > 1
+        """Whether learning rates are searched (more than one candidate, and an arm that can be searched)."""
+        return len(self.lr_values) > 1 and any(arm.search for arm in self.arms)
 
 
 def _list(cfg: Mapping[str, Any], key: str, name: str | None = None) -> list[Any]:
@@ -144,10 +172,12 @@ def parse_arms(grid: Mapping[str, Sequence[Any]], baselines: Mapping[str, Sequen
     Args:
         grid: ``{override key: [values]}``, e.g. ``{init: [pretrained, scratch], adapter: [lora, full]}``; the arm
             is named by its values joined with ``__`` in the grid's key order.
-        baselines: ``{name: [overrides]}`` of CNN baselines.
+        baselines: ``{name: [overrides]}`` of baselines, or ``{name: {overrides: [...], search: false}}`` for one that
+            keeps its own learning rate. An nnU-Net baseline (``[+nnunet=2d, ...]``) is never searched.
 
     Raises:
-        ConfigError: no arm at all, an empty list of values, or two arms with one name.
+        ConfigError: no arm at all, an empty list of values, two arms with one name, or ``search: true`` on an
+            nnU-Net baseline.
     """
     arms = []
     keys = list(grid)
@@ -158,10 +188,8 @@ def parse_arms(grid: Mapping[str, Sequence[Any]], baselines: Mapping[str, Sequen
         factors = {k: str(v) for k, v in zip(keys, values)}
         name = "__".join(_safe(v) for v in values)
         arms.append(Arm(name, tuple(f"{k}={v}" for k, v in factors.items()), factors))
-    for name, overrides in baselines.items():
-        if isinstance(overrides, str):
-            raise ConfigError(f"benchmark.baselines.{name} must be a list of overrides, e.g. [model=unet_2d].")
-        arms.append(Arm(_safe(name), tuple(str(o) for o in overrides or ()), {}, baseline=True))
+    for name, spec in baselines.items():
+        arms.append(_baseline(str(name), spec))
     if not arms:
         raise ConfigError("the benchmark has no arms: set benchmark.arms (a grid) and/or benchmark.baselines.")
     names = [a.name for a in arms]
@@ -171,44 +199,85 @@ def parse_arms(grid: Mapping[str, Sequence[Any]], baselines: Mapping[str, Sequen
     return arms
 
 
+def _baseline(name: str, spec: Any) -> Arm:
+    search = None
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"overrides", "search"})
+        if unknown:
+            raise ConfigError(
+                f"benchmark.baselines.{name} has unknown keys {unknown}; use overrides: [...], search: bool."
+            )
+        search, spec = spec.get("search"), spec.get("overrides")
+    if isinstance(spec, str) or not isinstance(spec, (list, tuple, ListConfig, type(None))):
+        raise ConfigError(f"benchmark.baselines.{name} must be a list of overrides, e.g. [model=unet_2d].")
+    arm = Arm(_safe(name), tuple(str(o) for o in spec or ()), {}, baseline=True)
+    if arm.nnunet and search:
+        raise ConfigError(
+            f"benchmark.baselines.{name} is an nnU-Net arm, which uses nnU-Net's own learning rate (nnunet.lr) and "
+            f"reports no val/dice_resampled: drop search: true."
+        )
+    if search is not None and not isinstance(search, bool):
+        raise ConfigError(f"benchmark.baselines.{name}.search must be true or false, got {search!r}.")
+    return Arm(
+        arm.name, arm.overrides, {}, baseline=True, search=bool(search if search is not None else not arm.nnunet)
+    )
+
+
 def _format_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
-def _job(settings: BenchmarkSettings, arm: Arm, phase: str, fraction: float, seed: int, lr: float, extra: Sequence[str],
-         subdir: str, max_steps: int) -> Job:  # fmt: skip
+def _job(settings: BenchmarkSettings, arm: Arm, phase: str, fraction: float, seed: int, lr: float | None,
+         extra: Sequence[str], subdir: str, max_steps: int) -> Job:  # fmt: skip
     phase_overrides = (
         ["evaluate=false", "trainer.check_val_every_n_epoch=null", f"+trainer.val_check_interval={max_steps}"]
         if phase == SEARCH
         else ["evaluate=true", "eval_ckpt=last", "trainer.check_val_every_n_epoch=1000000"]
     )
+    lr_override = [f"task.optimizer.lr={lr}"] if lr is not None else []
     overrides = (
         f"experiment={settings.experiment}", *arm.overrides, *extra, f"data.label_fraction={fraction}",
-        f"seed={seed}", f"task.optimizer.lr={lr}", *phase_overrides, f"hydra.sweep.subdir={subdir}",
+        f"seed={seed}", *lr_override, *phase_overrides, f"hydra.sweep.subdir={subdir}",
     )  # fmt: skip
     return Job(arm.name, phase, fraction, seed, lr, subdir, overrides)
 
 
-def search_jobs(settings: BenchmarkSettings, extra: Sequence[str], max_steps: int) -> list[Job]:
-    """The learning-rate search: every arm x every candidate, at the search fraction and seed (none if one lr)."""
+def search_jobs(settings: BenchmarkSettings, extra: Sequence[str], max_steps: int | Mapping[str, int]) -> list[Job]:
+    """The learning-rate search: every searchable arm x every candidate, at the search fraction and seed (none if one
+    lr). ``max_steps``: one number, or each arm's (a compute-matched benchmark gives arms different step counts)."""
     if not settings.searched:
         return []
     fraction, seed = settings.search_fraction, settings.search_seed
-    return [
-        _job(settings, arm, SEARCH, fraction, seed, lr, extra, f"{arm.name}/search/lr_{_format_lr(lr)}", max_steps)
-        for arm in settings.arms
-        for lr in settings.lr_values
-    ]
+    jobs = []
+    for arm in settings.arms:
+        if not arm.search:
+            continue
+        steps = max_steps[arm.name] if isinstance(max_steps, Mapping) else max_steps
+        arm_extra = [*extra, f"trainer.max_steps={steps}"] if isinstance(max_steps, Mapping) else list(extra)
+        for lr in settings.lr_values:
+            subdir = f"{arm.name}/search/lr_{_format_lr(lr)}"
+            jobs.append(_job(settings, arm, SEARCH, fraction, seed, lr, arm_extra, subdir, steps))
+    return jobs
 
 
-def final_jobs(settings: BenchmarkSettings, chosen_lr: Mapping[str, float], extra: Sequence[str]) -> list[Job]:
-    """Every arm with a chosen learning rate x label fraction x seed."""
+def final_jobs(
+    settings: BenchmarkSettings,
+    chosen_lr: Mapping[str, float | None],
+    extra: Sequence[str],
+    max_steps: Mapping[str, int] | None = None,
+) -> list[Job]:
+    """Every arm with a chosen learning rate (``None``: its own, not searched) x label fraction x seed.
+
+    ``max_steps``: each arm's step budget when arms are matched by compute (added as ``trainer.max_steps``); ``None``:
+    the experiment's ``trainer.max_steps`` for every arm.
+    """
     jobs = []
     for arm in settings.arms:
         if arm.name not in chosen_lr:
             continue
+        arm_extra = [*extra, f"trainer.max_steps={max_steps[arm.name]}"] if max_steps else list(extra)
         for fraction in settings.label_fractions:
             for seed in settings.seeds:
                 subdir = f"{arm.name}/frac_{fraction:g}/seed_{seed}"
-                jobs.append(_job(settings, arm, FINAL, fraction, seed, chosen_lr[arm.name], extra, subdir, 0))
+                jobs.append(_job(settings, arm, FINAL, fraction, seed, chosen_lr[arm.name], arm_extra, subdir, 0))
     return jobs

@@ -8,8 +8,10 @@ to show; these functions make it visible. The conventions follow Jeong et al. (a
   resampled, so the interval is not made narrower by counting one case several times;
 * per pair of arms, the paired mean difference with its bootstrap CI, the Wilcoxon signed-rank p-value, and the
   Holm-corrected p-value over the family of comparisons;
-* a verdict: ``tie`` when the CI of the difference covers 0, else ``win``/``loss`` in the metric's good direction
-  (higher is better for Dice and NSD, lower for HD95 in mm and the number of clicks).
+* a verdict (:func:`decide`, the rule of medseg issue 19): ``win`` when the CI of the difference excludes 0 in the
+  metric's good direction (higher is better for Dice and NSD, lower for HD95 in mm and the number of clicks) **and**
+  the Holm-corrected Wilcoxon p is below alpha, ``loss`` in the reverse case, ``tie`` otherwise -- a CI that excludes
+  0 on four cases is not enough on its own; :func:`verdict` is the CI half alone.
 
 Resampling is vectorised with numpy and seeded. Without groups, :func:`bootstrap_ci` draws exactly the resamples of
 :func:`scipy.stats.bootstrap` given the same generator, so its intervals equal scipy's (tested).
@@ -29,6 +31,7 @@ __all__ = [
     "HIGHER_IS_BETTER",
     "Interval",
     "bootstrap_ci",
+    "decide",
     "higher_is_better",
     "holm",
     "paired_difference",
@@ -256,3 +259,21 @@ def verdict(interval: Interval, metric: str) -> str:
         return "tie"
     better = interval.estimate > 0 if higher_is_better(metric) else interval.estimate < 0
     return "win" if better else "loss"
+
+
+def decide(interval: Interval, p_holm: float, metric: str, alpha: float = 0.05) -> str:
+    """``win`` / ``loss`` / ``tie`` of arm a against arm b under both criteria (Jeong et al.; medseg issue 19).
+
+    ``win`` iff the CI of ``a - b`` excludes 0 in ``metric``'s good direction and the Holm-corrected p-value is below
+    ``alpha``; ``loss`` iff it excludes 0 in the bad direction and p is below ``alpha``; ``tie`` otherwise (a CI that
+    covers 0, or a CI that excludes it while the rank test, corrected for the family, does not agree). A NaN p
+    (no test possible) is a tie.
+
+    Raises:
+        ConfigError: ``alpha`` outside (0, 1), or a metric with no known direction.
+    """
+    if not 0 < alpha < 1:
+        raise ConfigError(f"benchmark.statistics.alpha must lie in (0, 1), got {alpha}.")
+    by_ci = verdict(interval, metric)
+    significant = bool(np.isfinite(p_holm) and p_holm < alpha)
+    return by_ci if significant else "tie"

@@ -75,11 +75,17 @@ def test_tables_report_and_plots_from_a_constructed_table(settings, tmp_path):
     assert set(hd95["verdict"]) == {"win"}  # lower distance is better
     assert (comparisons["p_holm"] >= comparisons["p_value"] - 1e-12).all()
 
-    counts = win_tie_loss(comparisons)
+    counts = win_tie_loss(comparisons, by=("arm_a", "arm_b", "kind", "metric"))
     pre = counts[(counts["arm_a"] == "sam__lora__pretrained") & (counts["kind"] == "pretrained_vs_scratch")]
     assert pre.loc[pre["metric"] == "dice", ["win", "tie", "loss"]].values.tolist() == [[2, 0, 0]]  # two budgets
+    per_question = win_tie_loss(comparisons, metric="dice").set_index(["kind", "label_fraction"])
+    assert per_question.loc[("pretrained_vs_scratch", 1.0), ["win", "tie", "loss", "n"]].tolist() == [2, 0, 0, 2]
+    assert per_question.loc[("adapter_vs_full", 0.1), ["win", "tie", "loss"]].tolist() == [0, 2, 0]
 
     report = (tmp_path / "report.md").read_text()
+    assert report.split("\n## ")[1].startswith("Verdicts: win / tie / loss (dice)")  # the report opens with it
+    assert "| pretrained vs scratch (same adapter) | D | 10 % | 2 | 0 | 0 | 2 |" in report
+    assert "**Counts**:" in report
     for heading in ("**Question.**", "## Setup", "## Results", "### Comparisons", "## Cost", "## Limitations"):
         assert heading in report
     assert "0.1" in report and "10 held-out test cases" in report

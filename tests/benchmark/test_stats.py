@@ -9,6 +9,7 @@ from scipy import stats
 from medseg.benchmark.stats import (
     Interval,
     bootstrap_ci,
+    decide,
     higher_is_better,
     holm,
     paired_difference,
@@ -114,3 +115,20 @@ def test_verdict_follows_the_metric_direction_and_ties_when_the_ci_covers_zero()
     assert higher_is_better("Dice") is True
     with pytest.raises(MedsegError, match="no known direction"):
         higher_is_better("accuracy")
+
+
+def test_decide_needs_the_ci_and_the_holm_p():
+    favour, against, covering = (
+        Interval(0.1, 0.05, 0.15, 20, 20),
+        Interval(-0.1, -0.15, -0.05, 20, 20),
+        Interval(0.01, -0.02, 0.04, 20, 20),
+    )
+    assert decide(favour, 0.001, "dice") == "win"
+    assert decide(against, 0.001, "dice") == "loss"
+    assert decide(favour, 0.001, "hd95") == "loss"  # a larger distance is worse
+    assert decide(covering, 0.001, "dice") == "tie"  # the CI covers 0: significant p or not
+    assert decide(favour, 0.5, "dice") == "tie"  # the CI excludes 0 but Holm's p does not agree
+    assert decide(favour, 0.04, "dice", alpha=0.01) == "tie" and decide(favour, 0.04, "dice") == "win"
+    assert decide(favour, float("nan"), "dice") == "tie"
+    with pytest.raises(ConfigError, match="alpha"):
+        decide(favour, 0.01, "dice", alpha=5)
