@@ -10,6 +10,13 @@ Time is a per-case row too: ``seconds``, the evaluation time of the case (load, 
 :mod:`medseg.evaluation.timing`), where the summary records it. ``cost.csv`` gives each arm's
 ``eval_seconds_per_case``: the evaluation's wall time per test case, set-up included (the summary's
 ``seconds_per_case``, or ``eval_wall_time_s / n_cases`` for summaries written before it existed).
+
+Compute per arm (:mod:`medseg.benchmark.compute`): ``flops_per_step`` (forward + backward of one step, counted once
+per configuration; an nnU-Net run's from its summary's ``nnunet.train_flops_per_step``, counted by its worker on the
+network nnU-Net planned), ``train_flops`` (= ``flops_per_step`` x steps trained, per run), ``matched_by`` (``steps``
+or ``compute``), ``device_hours`` (the arm's device time in the whole benchmark: training and evaluation of its final
+runs plus its learning-rate search, times the devices of a run) and ``flops_note`` (how the count was made, or why it
+is unknown). An nnU-Net run's images per step are its planned batch (``nnunet.batch_size``), not ``data.*``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ PER_CASE_COLUMNS = ["arm", "dataset", "label_fraction", "seed", "case", "metric"
 COST_COLUMNS = [
     "arm", "trainable_params", "total_params", "trainable_percent", "peak_rss_mb", "peak_gpu_memory_mb",
     "train_wall_time_s", "eval_wall_time_s", "eval_seconds_per_case", "steps", "samples_per_step", "train_steps_per_s",
-    "train_samples_per_s", "n_runs", "lr", "search_wall_time_s",
+    "train_samples_per_s", "n_runs", "lr", "search_wall_time_s", "flops_per_step", "train_flops", "matched_by",
+    "device_hours", "flops_note",
 ]  # fmt: skip
 _INTERACTIVE = ("noc85", "noc90", "box_dice", "propagation_dice")
 SECONDS = "seconds"  # the per-case metric row of a case's evaluation time
@@ -70,18 +78,44 @@ def per_case_rows(summary: Mapping[str, Any], arm: str, label_fraction: float, s
     return rows
 
 
-def _samples_per_step(run_dir: Path) -> float:
-    """Training images per optimisation step (volumes per batch x slices or patches per volume), from the run config."""
+def _run_config(run_dir: Path) -> Any:
     path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
+    return OmegaConf.load(path) if path.is_file() else None
+
+
+def _samples_per_step(cfg: Any, summary: Mapping[str, Any]) -> float:
+    """Training images per optimisation step (volumes per batch x slices or patches per volume), from the run config;
+    an nnU-Net run's planned batch."""
+    nnunet = summary.get("nnunet") or {}
+    if isinstance(nnunet, Mapping) and math.isfinite(_number(nnunet.get("batch_size"))):
+        return float(nnunet["batch_size"])
+    if cfg is None:
         return math.nan
-    cfg = OmegaConf.load(path)
     batch = OmegaConf.select(cfg, "data.batch_size", default=None)
     samples = OmegaConf.select(cfg, "data.sampling.num_samples", default=1)
     try:
         return float(int(batch) * int(samples or 1))
     except (TypeError, ValueError):
         return math.nan
+
+
+def _devices(cfg: Any) -> int:
+    """Devices one run trains on (``trainer.devices``; ``auto`` and lists count as given, else 1)."""
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1) if cfg is not None else 1
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return max(1, len(devices))
+    return 1
+
+
+def _flops(summary: Mapping[str, Any], compute: Mapping[str, Any]) -> tuple[float, str]:
+    nnunet = summary.get("nnunet") or {}
+    if isinstance(nnunet, Mapping) and "nnunet" in summary:
+        flops = _number(nnunet.get("train_flops_per_step"))
+        note = nnunet.get("train_flops_note") or "nnU-Net's summary.json has no FLOP count (a run written before it)"
+        return flops, f"nnU-Net worker: {note}"
+    return _number(compute.get("flops_per_step")), str(compute.get("note") or "not counted")
 
 
 def _seconds_per_case(summary: Mapping[str, Any]) -> float:
@@ -93,33 +127,48 @@ def _seconds_per_case(summary: Mapping[str, Any]) -> float:
     return wall / cases if cases > 0 else math.nan
 
 
-def cost_table(runs: Iterable[Mapping[str, Any]], search_seconds: Mapping[str, float] | None = None) -> pd.DataFrame:
-    """One row per arm: parameters, peak memory (MB), mean wall times (s) per run, throughput, chosen lr.
+def cost_table(
+    runs: Iterable[Mapping[str, Any]],
+    search_seconds: Mapping[str, float] | None = None,
+    compute: Mapping[str, Mapping[str, Any]] | None = None,
+) -> pd.DataFrame:
+    """One row per arm: parameters, peak memory (MB), mean wall times (s) per run, throughput, chosen lr, compute.
 
     Args:
-        runs: one mapping per finished final run with ``arm``, ``lr``, ``run_dir``, ``summary`` (the summary.json
-            dictionary) and ``job`` (its ``job.json`` record, or ``None``).
+        runs: one mapping per finished final run with ``arm``, ``lr`` (``None``: the arm's own, not searched),
+            ``run_dir``, ``summary`` (the summary.json dictionary) and ``job`` (its ``job.json`` record, or ``None``).
         search_seconds: total wall time (s) of each arm's learning-rate search.
+        compute: per arm ``flops_per_step``, ``note`` and ``matched_by`` (the runner's count; see the module doc).
     """
     per_run = []
+    compute = compute or {}
     for run in runs:
         summary, job = run["summary"], run.get("job") or {}
+        arm_compute = compute.get(run["arm"]) or {}
         train_s = _number(summary.get("train_wall_time_s"))
+        eval_s = _number(summary.get("eval_wall_time_s"))
         steps = _number(summary.get("steps_trained"))
-        per_step = _samples_per_step(Path(run["run_dir"]))
+        cfg = _run_config(Path(run["run_dir"]))
+        per_step = _samples_per_step(cfg, summary)
         peak = _number(job.get("peak_rss_mb"))
+        gpu_peak = _number(job.get("peak_gpu_memory_mb"))
+        flops, note = _flops(summary, arm_compute)
+        device_s = sum(v for v in (train_s, eval_s) if math.isfinite(v)) * _devices(cfg)
         per_run.append({
-            "arm": run["arm"], "lr": float(run["lr"]),
+            "arm": run["arm"], "lr": _number(run.get("lr")),
             "trainable_params": _number(summary.get("trainable_params")),
             "total_params": _number(summary.get("total_params")),
             "trainable_percent": _number(summary.get("trainable_percent")),
             "peak_rss_mb": peak if math.isfinite(peak) else _number(summary.get("peak_rss_mb")),
-            "peak_gpu_memory_mb": _number(summary.get("peak_gpu_memory_mb")),
-            "train_wall_time_s": train_s, "eval_wall_time_s": _number(summary.get("eval_wall_time_s")),
+            "peak_gpu_memory_mb": gpu_peak if math.isfinite(gpu_peak) else _number(summary.get("peak_gpu_memory_mb")),
+            "train_wall_time_s": train_s, "eval_wall_time_s": eval_s,
             "eval_seconds_per_case": _seconds_per_case(summary),
             "steps": steps, "samples_per_step": per_step,
             "train_steps_per_s": steps / train_s if train_s > 0 else math.nan,
             "train_samples_per_s": steps * per_step / train_s if train_s > 0 else math.nan,
+            "flops_per_step": flops, "train_flops": flops * steps, "flops_note": note,
+            "matched_by": str(arm_compute.get("matched_by") or "steps"), "device_s": device_s,
+            "devices": _devices(cfg),
         })  # fmt: skip
     if not per_run:
         return pd.DataFrame(columns=COST_COLUMNS)
@@ -132,6 +181,10 @@ def cost_table(runs: Iterable[Mapping[str, Any]], search_seconds: Mapping[str, f
         steps=("steps", "first"),
         samples_per_step=("samples_per_step", "first"), train_steps_per_s=("train_steps_per_s", "mean"),
         train_samples_per_s=("train_samples_per_s", "mean"), n_runs=("lr", "size"), lr=("lr", "first"),
+        flops_per_step=("flops_per_step", "first"), train_flops=("train_flops", "mean"),
+        matched_by=("matched_by", "first"), device_s=("device_s", "sum"), devices=("devices", "max"),
+        flops_note=("flops_note", "first"),
     ).reset_index()  # fmt: skip
     table["search_wall_time_s"] = table["arm"].map(lambda a: (search_seconds or {}).get(a, 0.0))
+    table["device_hours"] = (table["device_s"] + table["search_wall_time_s"] * table["devices"]) / 3600.0
     return table[COST_COLUMNS]

@@ -8,7 +8,10 @@ on with the next one.
 
 Peak memory: in-process launchers run many jobs in one process, whose peak resident memory would carry over from one
 job to the next; the job resets the kernel's high-water mark before training (:func:`medseg.workflows.memory.
-reset_peak_rss`, Linux) and records its own peak, ``null`` where it cannot be reset.
+reset_peak_rss`, Linux) and records its own peak, ``null`` where it cannot be reset. An nnU-Net arm trains in a child
+process (:mod:`medseg.workflows.nnunet`), whose peak is not the job's: the record takes the larger of the two, and
+keeps the child's own (``nnunet_peak_rss_mb``) and its GPU peak (``peak_gpu_memory_mb``) from nnU-Net's
+``result.json``.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from medseg.atomic import atomic_write_json
 from medseg.workflows.memory import peak_rss_mb, reset_peak_rss
+from medseg.workflows.nnunet.workflow import NNUNET_DIR, RESULT_FILE
 from medseg.workflows.training import train
 
-__all__ = ["JOB_FILE", "read_job", "search_done", "train_job"]
+__all__ = ["JOB_FILE", "nnunet_memory", "read_job", "search_done", "train_job"]
 
 JOB_FILE = "job.json"
 
@@ -47,12 +51,26 @@ def search_done(run_dir: str | Path, metric: str) -> bool:
     return bool(record and record.get("status") == "ok" and (record.get("metrics") or {}).get(metric) is not None)
 
 
+def nnunet_memory(run_dir: str | Path) -> dict[str, float]:
+    """Peak memory (MB) of an nnU-Net run's child process, from its ``nnunet/result.json``; ``{}`` for other runs."""
+    try:
+        result = json.loads((Path(run_dir) / NNUNET_DIR / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    memory = {}
+    for key, name in (("peak_rss_mb", "nnunet_peak_rss_mb"), ("peak_gpu_memory_mb", "peak_gpu_memory_mb")):
+        if isinstance(result.get(key), (int, float)):
+            memory[name] = float(result[key])
+    return memory
+
+
 def train_job(cfg: DictConfig) -> dict[str, Any]:
     """Hydra task function: train (and evaluate) one run and record the outcome in ``<run_dir>/job.json``.
 
     Returns:
         The record: ``status``, ``metrics`` (validation and test metrics of the run), ``wall_time_s`` (s),
-        ``peak_rss_mb`` (MB, this job only), ``overrides``.
+        ``peak_rss_mb`` (MB, this job only; with an nnU-Net child process, the larger of the two), ``overrides``, and
+        for an nnU-Net run ``nnunet_peak_rss_mb`` and ``peak_gpu_memory_mb`` (see :func:`nnunet_memory`).
     """
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,11 +97,16 @@ def train_job(cfg: DictConfig) -> dict[str, Any]:
         )
         atomic_write_json(run_dir / JOB_FILE, record)
         raise
+    peak = peak_rss_mb() if measured else None
+    child = nnunet_memory(run_dir)
+    if "nnunet_peak_rss_mb" in child:
+        peak = max(peak or 0.0, child["nnunet_peak_rss_mb"])
     record.update(
         status="ok",
         metrics={k: float(v) for k, v in metrics.items()},
         wall_time_s=round(time.perf_counter() - started, 1),
-        peak_rss_mb=peak_rss_mb() if measured else None,
+        peak_rss_mb=peak,
+        **child,
     )
     atomic_write_json(run_dir / JOB_FILE, record)
     return record

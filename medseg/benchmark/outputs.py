@@ -53,13 +53,15 @@ def write_tables(
         "question": settings.question, "experiment": settings.experiment,
         "datasets": sorted(per_case["dataset"].unique()) if not per_case.empty else [],
         "arms": {arm.name: list(arm.overrides) for arm in settings.arms},
+        "not_searched": {arm.name: "own learning rate" for arm in settings.arms if not arm.search},
         "label_fractions": settings.label_fractions, "seeds": settings.seeds, "lr_values": settings.lr_values,
         "search": {"label_fraction": settings.search_fraction, "seed": settings.search_seed,
                    "metric": settings.search_metric} if settings.searched else {"label_fraction": "-", "seed": "-",
                    "metric": "none (one candidate, no search)"},
         "n_test_cases": int(per_case["case"].nunique()) if not per_case.empty else 0,
         "metrics": settings.metrics, "primary_metric": settings.primary_metric, "statistics": settings.statistics,
-        "limitations": settings.limitations, **facts,
+        "limitations": settings.limitations, "alpha": float(settings.statistics.get("alpha", 0.05)),
+        "nnunet_arms": [arm.name for arm in settings.arms if arm.nnunet], **facts,
     }  # fmt: skip
     paths["report.md"] = write_report(output_dir / "report.md", report_facts, summary, comparisons, cost, failures)
     return paths
@@ -72,8 +74,12 @@ def write_outputs(
     search_table: pd.DataFrame,
     failures: Sequence[Mapping[str, Any]],
     facts: Mapping[str, Any],
+    compute: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
-    """Collect the finished final runs (``{"job", "summary", "record"}``) and write every output of the benchmark."""
+    """Collect the finished final runs (``{"job", "summary", "record"}``) and write every output of the benchmark.
+
+    ``compute``: per arm ``flops_per_step``, ``note`` and ``matched_by`` (the runner's count, for ``cost.csv``).
+    """
     rows = []
     for run in finished:
         job = run["job"]
@@ -85,7 +91,7 @@ def write_outputs(
     cost = cost_table(
         [{"arm": r["job"].arm, "lr": r["job"].lr, "run_dir": output_dir / "runs" / r["job"].subdir,
           "summary": r["summary"], "job": r["record"]} for r in finished],
-        search_seconds,
+        search_seconds, compute,
     )  # fmt: skip
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = write_tables(output_dir, settings, per_case, cost, facts, failures)

@@ -39,6 +39,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from medseg.atomic import atomic_write_json
 from medseg.workflows.memory import peak_memory_mb
+from medseg.workflows.nnunet.flops import step_flops
 from medseg.workflows.nnunet.settings import NnunetSettings
 from medseg.workflows.nnunet.trainer import StepBudgetTrainer
 
@@ -126,6 +127,22 @@ def _move_records(predictions: Path, folder: Path) -> None:
             (predictions / name).replace(folder / name)
 
 
+def training_flops(trainer: StepBudgetTrainer) -> dict[str, Any]:
+    """FLOPs of one of the trainer's steps (``train_flops_per_step``) on a twin of its network on the ``meta`` device,
+    at its planned batch and patch, with deep supervision as it trained (:func:`~medseg.workflows.nnunet.flops.
+    step_flops`); ``None`` with the reason in ``train_flops_note`` when it cannot be counted."""
+    try:
+        network = type(trainer).build_network_architecture(
+            trainer.plans_manager, trainer.configuration_manager, trainer.num_input_channels,
+            trainer.label_manager.num_segmentation_heads, trainer.enable_deep_supervision,
+        ).to("meta")  # fmt: skip
+        shape = (int(trainer.batch_size), int(trainer.num_input_channels), *trainer.configuration_manager.patch_size)
+        flops = float(step_flops(network, torch.zeros(shape, device="meta")))
+    except Exception as err:  # a report column: the run stands without it
+        return {"train_flops_per_step": None, "train_flops_note": f"not counted: {type(err).__name__}: {err}"[:300]}
+    return {"train_flops_per_step": flops, "train_flops_note": f"one step on a batch of {shape}, forward + backward"}
+
+
 def _facts(trainer: StepBudgetTrainer, plans_identifier: str) -> dict[str, Any]:
     configuration = trainer.configuration_manager
     parameters = list(trainer.network.parameters())
@@ -147,6 +164,7 @@ def _facts(trainer: StepBudgetTrainer, plans_identifier: str) -> dict[str, Any]:
         "total_params": int(sum(p.numel() for p in parameters)),
         "trainer": type(trainer).__name__,
         "output_folder": str(trainer.output_folder),
+        **training_flops(trainer),
     }
 
 

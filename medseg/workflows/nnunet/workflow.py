@@ -195,7 +195,7 @@ def _extras(
         memory["peak_gpu_memory_mb"] = result["peak_gpu_memory_mb"]
     nnunet_keys = (
         "plans", "configuration", "trainer", "batch_size", "patch_size", "spacing", "epochs", "initial_lr",
-        "val_pseudo_dice", "preprocess_wall_time_s", "predict_wall_time_s",
+        "val_pseudo_dice", "preprocess_wall_time_s", "predict_wall_time_s", "train_flops_per_step", "train_flops_note",
     )  # fmt: skip
     return {
         "dataset": datamodule.info.root.name,
