@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 import medseg.benchmark.jobs
-from medseg.benchmark.runner import OUTPUTS, load_settings, run_benchmark
+from medseg.benchmark.grid import search_jobs
+from medseg.benchmark.runner import OUTPUTS, _compose, load_settings, run_benchmark
+from medseg.config import CONFIG_DIR
 from medseg.errors import ConfigError
 
 
@@ -77,11 +79,19 @@ def test_a_crashing_arm_is_reported_and_the_others_finish(bench_env, tiny_grid):
 
 def test_lr_search_uses_validation_only_and_picks_the_best(bench_env, tiny_grid, monkeypatch):
     calls = _count_training(monkeypatch)
-    grid = [*tiny_grid, "benchmark.lr_search.values=[1e-4,3e-2]", "~benchmark.baselines", "+benchmark.baselines={}",
+    fixed = "+benchmark.baselines={fixed:{overrides:['model.num_res_units=0','task.optimizer.lr=0.005'],search:false}}"
+    grid = [*tiny_grid, "benchmark.lr_search.values=[1e-4,3e-2]", "~benchmark.baselines", fixed,
             "~benchmark.arms", "+benchmark.arms={init:[scratch]}"]  # fmt: skip
     assert run_benchmark(grid) == 0
-    assert len(calls) == 3  # two search runs, one final run
-    search = pd.read_csv(bench_env / "lr_search.csv")
+    assert len(calls) == 4  # two search runs, one final run per arm (the fixed baseline is not searched)
+    table = pd.read_csv(bench_env / "lr_search.csv")
+    unsearched = table[table["status"] == "not searched"]
+    assert unsearched["arm"].tolist() == ["fixed"] and "search: false" in unsearched["note"].item()
+    assert not unsearched["chosen"].item()
+    fixed_job = json.loads((bench_env / "runs" / "fixed" / "frac_1" / "seed_0" / "job.json").read_text())
+    assert [o for o in fixed_job["overrides"] if "optimizer.lr" in o] == ["task.optimizer.lr=0.005"]
+    assert "fixed" in (bench_env / "report.md").read_text().split("### Arms")[1].split("## Results")[0]
+    search = table[table["status"] != "not searched"]
     assert len(search) == 2 and search["status"].eq("ok").all()
     best = search.loc[search["val/dice_resampled"].idxmax(), "lr"]
     assert search.loc[search["chosen"], "lr"].tolist() == [best]
@@ -106,3 +116,38 @@ def test_settings_errors_name_the_field(bench_env):
                 "+benchmark.baselines={long:['trainer.max_steps=9']}",
             ]
         )
+
+
+def test_compute_matched_arms_train_the_same_flops(bench_env, tiny_grid):
+    assert run_benchmark([*tiny_grid, "+benchmark.match=compute"]) == 0  # "+": a key the experiment does not set
+    cost = pd.read_csv(bench_env / "cost.csv").set_index("arm")
+    assert set(cost["matched_by"]) == {"compute"}
+    budget = 2 * cost.loc["pretrained", "flops_per_step"]  # null budget: trainer.max_steps x the first arm's FLOPs
+    plain = cost.loc["unet_plain"]  # no residual units: cheaper steps, so more of them
+    assert plain["flops_per_step"] < cost.loc["pretrained", "flops_per_step"]
+    assert plain["steps"] == round(budget / plain["flops_per_step"]) > 2
+    assert cost["train_flops"].max() / cost["train_flops"].min() < 1.5  # equal compute, up to whole steps
+    assert "matched by compute" in (bench_env / "report.md").read_text()
+
+
+def test_the_cpu_demo_has_an_unsearched_nnunet_baseline():
+    settings, _ = load_settings(["experiment=bench_mni_tissue"])
+    nnunet = {arm.name: arm for arm in settings.arms}["nnunet_2d"]
+    assert nnunet.nnunet and nnunet.baseline and not nnunet.search
+    assert settings.searched and "nnunet_2d" not in {job.arm for job in search_jobs(settings, [], 4)}
+    cfg, _ = _compose(["experiment=bench_mni_tissue", *nnunet.overrides])
+    assert (cfg.nnunet.configuration, cfg.nnunet.da_processes, cfg.nnunet.use_mirroring) == ("2d", 0, False)
+    assert int(cfg.trainer.max_steps) == 4  # the small demo stays small
+
+
+def test_the_gpu_experiment_composes_with_converging_budgets():
+    settings, cfg = load_settings(["experiment=bench_mni_tissue_gpu"])
+    assert int(cfg.trainer.max_steps) >= 2000 and len(settings.seeds) >= 3
+    assert settings.label_fractions == [0.1, 0.33, 1.0]
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    arms = {arm.name: arm for arm in settings.arms}
+    assert arms["nnunet_2d"].nnunet and not arms["nnunet_2d"].search and len(settings.lr_values) >= 2
+    for arm in settings.arms:  # every arm's own overrides compose too
+        _compose(["experiment=bench_mni_tissue_gpu", *arm.overrides])
+    header = Path(CONFIG_DIR, "experiment", "bench_mni_tissue_gpu.yaml").read_text().split("defaults:")[0]
+    assert "Expected wall time on one H200" in header and "ESTIMATE" in header
