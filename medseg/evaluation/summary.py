@@ -195,7 +195,11 @@ def medseg_metrics(summary: Mapping[str, Any]) -> Mapping[str, Any]:
     view = summary.get("medseg")
     if isinstance(view, Mapping):
         return view
-    if isinstance(summary.get("foreground_mean"), Mapping) and "dice" in summary["foreground_mean"]:
+    cases, foreground = summary.get("metric_per_case") or [], summary.get("foreground_mean") or {}
+    nnunets = any(not (isinstance(case, Mapping) and "case_id" in case) for case in cases) or (
+        "Dice" in foreground and "dice" not in foreground
+    )  # nnU-Net's cases have no case_id, its foreground_mean no lower-case dice
+    if not nnunets:
         return {key: summary[key] for key in _VIEW if key in summary}
     raise EvaluationError(
         "this summary.json has no 'medseg' section (dice/hd95/nsd per class); it was not written by medseg. "
