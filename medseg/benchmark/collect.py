@@ -31,7 +31,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from medseg.evaluation.metrics import METRICS
-from medseg.evaluation.summary import interactive_per_case
+from medseg.evaluation.summary import interactive_per_case, medseg_metrics
 
 __all__ = ["COST_COLUMNS", "PER_CASE_COLUMNS", "SECONDS", "cost_table", "per_case_rows"]
 
@@ -55,7 +55,7 @@ def per_case_rows(summary: Mapping[str, Any], arm: str, label_fraction: float, s
     dataset = str(summary.get("dataset", "?"))
     base = {"arm": arm, "dataset": dataset, "label_fraction": float(label_fraction), "seed": int(seed)}
     rows = []
-    for case in summary["metric_per_case"]:
+    for case in medseg_metrics(summary)["metric_per_case"]:  # medseg's view: case ids, class names
         case_id = str(case.get("case_id", "?"))
         per_class = case["metrics"]
         for metric in METRICS:
