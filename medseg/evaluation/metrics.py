@@ -22,7 +22,8 @@ This is MONAI's ``DiceMetric(ignore_empty=False)``; nnU-Net instead scores "both
 means, which rewards nothing for a correct "absent" call. A distance to a missing surface does not exist, so HD95 is
 ``None`` there: the HD95 mean leaves those cases out and :mod:`medseg.evaluation.summary` reports how many cases it
 covers (``hd95_n``) next to it. No mean ever includes NaN or infinity; ``n_ref`` and ``n_pred`` (voxels) are stored
-per case so that other conventions can be recomputed from ``summary.json``.
+per case, and ``summary.json`` carries nnU-Net's own view of the same label maps too (its convention, with ``null`` for
+its NaN; :mod:`medseg.evaluation.nnunet_metrics`).
 """
 
 from __future__ import annotations
