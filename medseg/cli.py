@@ -75,11 +75,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     options = PredictOptions(
         window=args.window, tta=args.tta, save_probabilities=args.save_probabilities, slice_axis=args.slice_axis,
         progress=not args.no_progress, precision=args.precision, batch_size=args.batch_size, series=args.series,
-        compile=args.compile,
+        compile=args.compile, output_format=args.output_format,
     )  # fmt: skip
     # Inputs, prompts path and every output path fail here, before the model loads (and long before inference).
     kind = "classifier" if Path(args.model).is_dir() and is_classifier_folder(args.model) else None
-    preflight(args.input, args.output, args.prompts, args.save_probabilities, args.cache_dir, kind, args.series)
+    preflight(
+        args.input, args.output, args.prompts, args.save_probabilities, args.cache_dir, kind, args.series,
+        output_format=args.output_format,
+    )  # fmt: skip
     if args.window is not None:
         window_from_text(args.window)
     loaded = load_model(args.model, device=args.device, ckpt=args.ckpt)
@@ -235,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--series", default=None, help="DICOM folders holding several series: the one to read (SeriesInstanceUID or "
         "a unique SeriesDescription; without it such a folder is refused with the list of its series)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--output-format", choices=("seg", "nifti", "both"), default=None,
+        help="DICOM SEG (<case>.dcm, referencing the source series), NIfTI (<case>.nii.gz) or both; default: SEG "
+        "for DICOM inputs, NIfTI for NIfTI inputs",
     )  # fmt: skip
     predict.add_argument("--ckpt", default="best", help="run folders: best (default), last, or a .ckpt path")
     predict.add_argument("--no-progress", action="store_true", help="no progress bars")

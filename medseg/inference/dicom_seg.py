@@ -41,7 +41,7 @@ from medseg.data.dicom_slice import RAS_FROM_LPS
 from medseg.errors import ConfigError, ReaderError
 from medseg.inference.cases import Case
 from medseg.inference.loaded import LoadedModel
-from medseg.inference.preflight import OutputError
+from medseg.inference.preflight import SEG_SUFFIX, OutputError
 from medseg.inference.sliding import InferenceError
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
     "write_seg_for_case",
 ]
 
-SEG_SUFFIX = ".dcm"
 GENERIC_CODE = Code("85756007", "SCT", "Tissue")  # category and type of a label without codes
 _ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
 _POSITION_TOLERANCE = 1e-3  # of the smallest voxel size, as medseg.data.checks compares grids

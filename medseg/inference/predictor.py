@@ -47,9 +47,10 @@ from medseg.inference.cache import EmbeddingCache
 from medseg.inference.cases import Case, check_contrast, discover_cases, read_case
 from medseg.inference.classified import predict_classifier_cases
 from medseg.inference.dense import foreground_threshold, predict_dense
+from medseg.inference.dicom_seg import seg_algorithm, write_seg_for_case
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.precision import check_precision, inference_precision, prepare_model
-from medseg.inference.preflight import case_outputs, check_outputs, clean_output_folder, preflight
+from medseg.inference.preflight import case_outputs, check_outputs, clean_output_folder, output_kinds, preflight
 from medseg.inference.progress import progress_bar
 from medseg.inference.prompted import recipe_for, segment_objects
 from medseg.inference.prompted_run import predict_run_prompts
@@ -88,6 +89,8 @@ class PredictOptions:
             nothing, 8 on a GPU).
         compile: ``torch.compile`` the model before the first case (:func:`compile_model`); the first call of each
             input shape pays the compilation.
+        output_format: ``seg``, ``nifti`` or ``both`` (``--output-format``); ``None``: a DICOM SEG for DICOM inputs,
+            NIfTI for NIfTI inputs (:func:`medseg.inference.preflight.output_kinds`).
     """
 
     window: str | None = None
@@ -99,6 +102,7 @@ class PredictOptions:
     batch_size: int | None = None
     series: str | None = None
     compile: bool = False
+    output_format: str | None = None
 
     def slices_per_batch(self, device: torch.device) -> int:
         """``batch_size``, or its default for ``device``."""
@@ -147,7 +151,8 @@ def _readable(cases: list[Case], report: PredictReport, debug: bool) -> list[Cas
     """The cases whose headers pass every reader check; the others fail now, before any case's inference."""
 
     def header_ok(case: Case) -> bool:
-        check_header(case.path, series=case.series)
+        for path in case.inputs:
+            check_header(path, series=case.series)
         return True
 
     return [case for case in cases if report.attempt(case.name, lambda case=case: header_ok(case), debug)]
@@ -299,8 +304,10 @@ def predict_case(
             raise ConfigError(f"{case} holds {len(found)} cases; use predict_cases for a folder.")
         case = found[0]
     probabilities = options.save_probabilities and loaded.kind == "dense"
-    check_outputs([case], output_dir, probabilities=probabilities, prompts=prompts)
-    image = read_case(case.path, channels=_channels(loaded), series=case.series)
+    check_outputs([case], output_dir, probabilities=probabilities, prompts=prompts, output_format=options.output_format)
+    seg, nifti = output_kinds(case, options.output_format)
+    inputs = case.inputs if len(case.inputs) > 1 else case.path  # nnU-Net's CASE_0000, CASE_0001...: one case
+    image = read_case(inputs, channels=_channels(loaded), series=case.series)
     rule = _contrast_rule(loaded, options)
     if rule is not None:
         check_contrast(image, case.path, *rule)
@@ -313,9 +320,20 @@ def predict_case(
     if probabilities and prediction.probabilities is not None:
         labels = np.asarray(prediction.class_values, dtype=np.int64)
         arrays = {"probabilities": prediction.probabilities.astype(np.float32), "labels": labels, "affine": affine}
+    written = []
+    if seg:  # before the NIfTI label map, which stays the last file (the mark of a complete case)
+        algorithm = seg_algorithm(loaded, prompted=objects is not None, codes=loaded.extras.get("label_codes"))
+        written.append(write_seg_for_case(case, prediction.labels, algorithm, output_dir, affine=affine))
+    if not nifti:
+        return written
     *npz, target = case_outputs(case.name, output_dir, arrays is not None)
     reference = affine if case.is_dicom else case.path
-    return write_case_outputs(prediction.labels, reference, target, arrays, npz[0] if npz else None)
+    try:
+        return [*written, *write_case_outputs(prediction.labels, reference, target, arrays, npz[0] if npz else None)]
+    except BaseException:
+        for path in written:  # no half-written case: the SEG goes with the failed NIfTI
+            path.unlink(missing_ok=True)
+        raise
 
 
 def predict_cases(
@@ -346,8 +364,9 @@ def predict_cases(
     """
     options = options or PredictOptions()
     cases = preflight(
-        source, output_dir, prompts, options.save_probabilities, cache_dir, loaded.kind, series=options.series
-    )
+        source, output_dir, prompts, options.save_probabilities, cache_dir, loaded.kind, series=options.series,
+        output_format=options.output_format,
+    )  # fmt: skip
     check_options(loaded, options, prompts is not None)
     check_precision(options.precision, _device(loaded))
     prepare_model(loaded.model, options.precision)

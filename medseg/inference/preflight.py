@@ -34,7 +34,17 @@ from medseg.inference.cases import Case, discover_cases
 from medseg.inference.classified import PROBABILITIES_CSV
 from medseg.prompts.files import PromptFileError, check_prompts
 
-__all__ = ["OutputError", "case_outputs", "check_folder", "check_outputs", "clean_output_folder", "preflight"]
+__all__ = [
+    "OUTPUT_FORMATS",
+    "SEG_SUFFIX",
+    "OutputError",
+    "case_outputs",
+    "check_folder",
+    "check_outputs",
+    "clean_output_folder",
+    "output_kinds",
+    "preflight",
+]
 
 log = logging.getLogger("medseg.predict")
 _PROBABILITY_ARRAYS = {"probabilities.npy", "labels.npy", "affine.npy"}  # what a case's .npz holds (predictor)
@@ -44,11 +54,39 @@ class OutputError(ConfigError):
     """An output path of ``medseg predict`` cannot be written, or would overwrite one of its inputs."""
 
 
-def case_outputs(name: str, output_dir: str | os.PathLike[str], probabilities: bool = False) -> list[Path]:
-    """The files case ``name`` writes, in the order they are renamed: the label map last, as the mark of completion."""
+#: ``--output-format``: a DICOM SEG (``<case>.dcm``), a NIfTI label map (``<case>.nii.gz``), or both.
+OUTPUT_FORMATS = ("seg", "nifti", "both")
+SEG_SUFFIX = ".dcm"
+
+
+def output_kinds(case: Case, output_format: str | None = None) -> tuple[bool, bool]:
+    """``(DICOM SEG, NIfTI)`` that ``case`` writes: by default a SEG for a DICOM input (what a PACS stores and OHIF
+    shows), a NIfTI label map for a NIfTI input.
+
+    Raises:
+        ConfigError: an unknown format, or a SEG asked of a NIfTI input (a SEG needs the source series).
+    """
+    if output_format is None:
+        return case.is_dicom, not case.is_dicom
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}.")
+    if output_format != "nifti" and not case.is_dicom:
+        raise ConfigError(
+            f"--output-format {output_format}: {case.path} is not DICOM, and a DICOM SEG references its source "
+            f"series. Use --output-format nifti (the default for NIfTI inputs)."
+        )
+    return output_format in ("seg", "both"), output_format in ("nifti", "both")
+
+
+def case_outputs(
+    name: str, output_dir: str | os.PathLike[str], probabilities: bool = False, seg: bool = False, nifti: bool = True
+) -> list[Path]:
+    """The files case ``name`` writes, in the order they are renamed: the label map last, as the mark of completion
+    (the NIfTI file, or the DICOM SEG when no NIfTI is written)."""
     output_dir = Path(output_dir)
     first = [output_dir / f"{name}.npz"] if probabilities else []
-    return [*first, output_dir / f"{name}.nii.gz"]
+    seg_file = [output_dir / f"{name}{SEG_SUFFIX}"] if seg else []
+    return [*first, *seg_file, *([output_dir / f"{name}.nii.gz"] if nifti else [])]
 
 
 def check_folder(path: str | os.PathLike[str], flag: str) -> Path:
@@ -115,6 +153,7 @@ def check_outputs(
     table: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     prompts: str | os.PathLike[str] | None = None,
+    output_format: str | None = None,
 ) -> list[Path]:
     """Refuse, before any work, outputs that cannot be written or would overwrite an input (module docstring).
 
@@ -125,6 +164,7 @@ def check_outputs(
         table: the one file a classifier writes instead of per-case files (``probabilities.csv``).
         cache_dir: ``--cache-dir``, if any.
         prompts: ``--prompts`` (a file, or a folder of ``<case>.json``), read as inputs too.
+        output_format: ``--output-format`` (:func:`output_kinds`).
 
     Returns:
         Every file the run will write.
@@ -150,7 +190,15 @@ def check_outputs(
     if table is not None:
         planned = [output_dir / table]
     else:
-        planned = [path for case in cases for path in case_outputs(case.name, output_dir, probabilities)]
+        planned = []
+        for case in cases:
+            seg, nifti = output_kinds(case, output_format)
+            if probabilities and not nifti:
+                raise ConfigError(
+                    f"--save-probabilities writes {case.name}.npz beside a NIfTI label map, and {case.path} writes a "
+                    f"DICOM SEG only: add --output-format both."
+                )
+            planned += case_outputs(case.name, output_dir, probabilities, seg, nifti)
     inputs = _input_files(cases, prompts)
     for path in planned:
         if not os.path.lexists(path):
@@ -191,9 +239,10 @@ def clean_output_folder(
     if cache_dir is not None:
         removed += remove_orphans(cache_dir)
     for case in cases:
-        *first, label_map = case_outputs(case.name, output_dir, probabilities=True)
-        for path in first:
-            if path.is_file() and not os.path.lexists(label_map) and _is_probabilities(path):
+        npz, seg_file, label_map = case_outputs(case.name, output_dir, probabilities=True, seg=True)
+        for path in (npz,):
+            complete = os.path.lexists(label_map) or os.path.lexists(seg_file)
+            if path.is_file() and not complete and _is_probabilities(path):
                 path.unlink()
                 removed.append(path)
     if removed:
@@ -212,6 +261,7 @@ def preflight(
     cache_dir: str | os.PathLike[str] | None = None,
     kind: str | None = None,
     series: str | None = None,
+    output_format: str | None = None,
 ) -> list[Case]:
     """Everything about a prediction run's paths that can be refused before a model loads.
 
@@ -221,6 +271,7 @@ def preflight(
         kind: the model's kind when known (a ``classifier`` writes one table instead of files per case; a
             promptable model no probabilities).
         series: ``--series``, for DICOM folders holding several series.
+        output_format: ``--output-format`` (:func:`output_kinds`; not for a classifier's table).
 
     Returns:
         The cases (:func:`medseg.inference.cases.discover_cases`).
@@ -239,5 +290,8 @@ def preflight(
             check_prompts(path)  # size, JSON, nesting, counts, labels, finite numbers: all but the volume's bounds
     table = PROBABILITIES_CSV if kind == "classifier" else None
     probabilities = save_probabilities and kind in (None, "dense")
-    check_outputs(cases, output_dir, probabilities=probabilities, table=table, cache_dir=cache_dir, prompts=prompts)
+    check_outputs(
+        cases, output_dir, probabilities=probabilities, table=table, cache_dir=cache_dir, prompts=prompts,
+        output_format=None if table else output_format,
+    )  # fmt: skip
     return cases

@@ -249,9 +249,9 @@ def test_a_single_dicom_slice_is_predicted_and_written_as_seg_and_nifti(litemeds
     path = get_testdata_file("CT_small.dcm")
     prompts = tmp_path / "box.json"
     prompts.write_text('{"space": "voxel", "objects": [{"label": 1, "boxes": [[30, 30, 0, 90, 90, 0]]}]}')
-    (nifti,) = predict_case(litemedsam_model, path, tmp_path / "out", prompts, PredictOptions(window="40:400"))
+    options = PredictOptions(window="40:400", output_format="both")
+    seg, nifti = predict_case(litemedsam_model, path, tmp_path / "out", prompts, options)  # the SEG, then the NIfTI
+    assert (seg.name, nifti.name) == ("CT_small.dcm", "CT_small.nii.gz")
     labels = np.asarray(nib.load(str(nifti)).dataobj)
     assert labels.shape == (128, 128, 1) and (labels == 1).any()
-    (case,) = discover_cases(path)
-    seg = write_seg_for_case(case, labels, seg_algorithm(litemedsam_model, prompted=True), tmp_path / "out")
     _same_points(_world_by_segment_from_pydicom(seg)[1], _world_by_label_from_nifti(nifti)[1])

@@ -124,7 +124,8 @@ def _two_series_folder(tmp_path):
 
 def test_series_picks_one_series_of_a_mixed_dicom_folder(dense_run, tmp_path, capsys):
     folder, uid = _two_series_folder(tmp_path)
-    args = ["predict", "-i", str(folder), "-m", str(dense_run), "--device", "cpu", "--no-progress"]
+    args = ["predict", "-i", str(folder), "-m", str(dense_run), "--device", "cpu", "--no-progress", "--output-format",
+            "nifti"]  # fmt: skip
     assert main([*args, "-o", str(tmp_path / "mixed")]) == 1  # refused, listing the series, and nothing written
     err = capsys.readouterr().err
     assert "2 DICOM series" in err and uid in err and "'lung'" in err and "Traceback" not in err

@@ -104,8 +104,9 @@ def test_folder_run_with_one_truncated_case_writes_the_others(dense, phantom_sca
 
 def test_dicom_series_round_trip(dense, phantom_scan, tmp_path):
     series = write_dicom_series(phantom_scan["image"], phantom_scan["affine"], tmp_path / "series_01")
-    report = predict_cases(dense, series, tmp_path / "out")
+    report = predict_cases(dense, series, tmp_path / "out", options=PredictOptions(output_format="both"))
     assert report.ok and list(report.written) == ["series_01"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["series_01.dcm", "series_01.nii.gz"]
     output = nib.load(tmp_path / "out" / "series_01.nii.gz")
     image = load_image(series)
     assert output.shape == tuple(image.shape[1:])
@@ -225,3 +226,19 @@ def test_compile_reaches_the_click_path_and_changes_no_mask(tmp_path, monkeypatc
         outputs[flag] = np.asarray(nib.load(tmp_path / str(flag) / "blob.nii.gz").dataobj)
     assert outputs[False].sum() > 100
     np.testing.assert_array_equal(outputs[True], outputs[False])
+
+
+def test_dicom_inputs_get_a_dicom_seg_by_default_and_nifti_inputs_cannot(dense, phantom_scan, tmp_path):
+    import pydicom
+
+    series = write_dicom_series(phantom_scan["image"], phantom_scan["affine"], tmp_path / "series_01")
+    assert predict_cases(dense, series, tmp_path / "seg").ok
+    assert [p.name for p in (tmp_path / "seg").iterdir()] == ["series_01.dcm"]
+    seg = pydicom.dcmread(tmp_path / "seg" / "series_01.dcm")
+    source = pydicom.dcmread(sorted(series.iterdir())[0])
+    assert seg.Modality == "SEG" and seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    with pytest.raises(ConfigError, match="is not DICOM, and a DICOM SEG references its source series"):
+        predict_cases(dense, phantom_scan["path"], tmp_path / "x", options=PredictOptions(output_format="seg"))
+    with pytest.raises(ConfigError, match="add --output-format both"):
+        predict_cases(dense, series, tmp_path / "y", options=PredictOptions(save_probabilities=True))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

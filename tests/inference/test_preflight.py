@@ -160,10 +160,12 @@ def test_outputs_never_land_inside_a_dicom_series_being_read(phantom_scan, tmp_p
     series = write_dicom_series(phantom_scan["image"][:, :, :3], phantom_scan["affine"], tmp_path / "series_01")
     with pytest.raises(OutputError, match=rf"-o {series}/out lies inside the DICOM series {series}"):
         check_outputs(discover_cases(series), series / "out")
-    assert check_outputs(discover_cases(series), tmp_path / "out", probabilities=True) == [
+    assert check_outputs(discover_cases(series), tmp_path / "out", probabilities=True, output_format="both") == [
         tmp_path / "out" / "series_01.npz",
+        tmp_path / "out" / "series_01.dcm",
         tmp_path / "out" / "series_01.nii.gz",
     ]
+    assert check_outputs(discover_cases(series), tmp_path / "out") == [tmp_path / "out" / "series_01.dcm"]
 
 
 def test_every_channel_file_of_an_nnunet_case_is_an_input(phantom_scan, tmp_path):

@@ -128,7 +128,7 @@ def test_world_and_voxel_prompts_give_the_same_masks_on_nifti_and_dicom(scene, l
     cache = scene["cache"]
     predict_case(litemedsam_model, nifti, out / "voxel", voxel_file, cache=cache)
     predict_case(litemedsam_model, nifti, out / "world", world_file, cache=cache)
-    predict_case(litemedsam_model, series, out / "dicom", world_file, cache=cache)
+    predict_case(litemedsam_model, series, out / "dicom", world_file, PredictOptions(output_format="nifti"), cache)
     by_voxel = nib.load(out / "voxel" / "scan.nii.gz")
     by_world = nib.load(out / "world" / "scan.nii.gz")
     from_dicom = nib.load(out / "dicom" / "scan_dicom.nii.gz")
