@@ -43,6 +43,7 @@ from medseg.inference.cases import Case
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.preflight import SEG_SUFFIX, OutputError
 from medseg.inference.sliding import InferenceError
+from medseg.inference.writers import checked_labels
 
 __all__ = [
     "GENERIC_CODE",
@@ -141,16 +142,7 @@ def parse_label_codes(raw: Mapping[str, Any] | None, where: str = "label_codes")
 
 
 def _label_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
-    array = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3:
-        raise InferenceError(f"a label map must be (X, Y, Z) (or (1, X, Y, Z)), got shape {array.shape}.")
-    if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.rint(array)):
-        raise InferenceError("label map has non-integer values; take the argmax of the scores before writing.")
-    if array.size and array.min() < 0:
-        raise InferenceError(f"label map has negative values (min {array.min()}); labels are 0..N.")
-    return array.astype(np.int64)
+    return checked_labels(labels).astype(np.int64)
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> np.ndarray:

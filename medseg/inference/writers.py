@@ -25,13 +25,15 @@ from medseg.atomic import atomic_path, atomic_paths
 from medseg.inference.preflight import OutputError
 from medseg.inference.sliding import InferenceError
 
-__all__ = ["MAX_LABEL", "label_map_image", "write_case_outputs", "write_label_map"]
+__all__ = ["MAX_LABEL", "checked_labels", "label_map_image", "write_case_outputs", "write_label_map"]
 
 Reference = str | os.PathLike[str] | nib.Nifti1Image | np.ndarray | torch.Tensor
 MAX_LABEL = int(np.iinfo(np.uint16).max)  # the largest label value a label map holds (uint16)
 
 
-def _label_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
+def checked_labels(labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An ``(X, Y, Z)`` host array of non-negative integer labels (``(1, X, Y, Z)`` accepted), else one clear error:
+    what every label-map writer (NIfTI, DICOM SEG) requires before it writes anything."""
     array = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]  # a (1, X, Y, Z) channel-first label map
@@ -41,6 +43,11 @@ def _label_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
         raise InferenceError("label map has non-integer values; take the argmax of the scores before writing.")
     if array.size and array.min() < 0:
         raise InferenceError(f"label map has negative values (min {array.min()}); labels are 0..N.")
+    return array
+
+
+def _label_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    array = checked_labels(labels)
     top = int(array.max()) if array.size else 0
     if top > MAX_LABEL:
         raise InferenceError(f"label value {top} exceeds {MAX_LABEL}, the largest a uint16 label map holds.")
