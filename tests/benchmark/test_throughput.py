@@ -38,7 +38,8 @@ def _rates(record: dict, modes=("loop", "model", "data")) -> None:
         parts = record["data"]["parts_ms_per_step"]
         assert set(parts) == {"data", "prompts"} and parts["data"] > 0
         assert (parts["prompts"] > 0) == record["data"]["prompt_path"]
-        assert sum(parts.values()) <= record["data"]["seconds"] / record["data"]["steps"] * 1e3 + 1e-3
+        # the parts lie inside the step's wall time; "seconds" is rounded to 0.1 ms, and two timers' reads differ by µs
+    assert sum(parts.values()) <= record["data"]["seconds"] / record["data"]["steps"] * 1e3 * 1.01 + 0.1
 
 
 def test_tool_writes_every_mode_of_the_unet(bench_train, bench_env, tmp_path, capsys, one_thread):
