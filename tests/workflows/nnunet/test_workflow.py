@@ -91,7 +91,7 @@ def test_nnunet_trains_on_the_runs_split_for_the_step_budget(arm, phantoms):
     assert json.loads((preprocessed / "splits_final.json").read_text()) == [{"train": train_ids, "val": val_ids}]
     raw = run_dir / "nnunet" / "raw" / "Dataset990_Synthetic"
     assert sorted(p.name for p in (raw / "labelsTr").iterdir()) == sorted(f"{c}.nii.gz" for c in train_ids + val_ids)
-    assert "verify_dataset_integrity Done" in (run_dir / "nnunet" / "nnunet.log").read_text()
+    assert "verify_dataset_integrity Done" in (run_dir / "nnunet" / "nnunet.log").read_text(encoding="utf-8")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps_trained"] == STEPS == result["steps_trained"] and result["epochs"] == 2
     assert summary["num_train_cases"] == len(train_ids) and summary["model"] == "nnunet-2d"
