@@ -34,6 +34,7 @@ import torch
 
 from medseg.prompts.contract import PromptError
 from medseg.prompts.device_morphology import distance_inside, label_components
+from medseg.prompts.simulate import voxel_spacing
 
 __all__ = ["DeviceClickSimulator", "correction_clicks", "first_clicks"]
 
@@ -47,15 +48,6 @@ def _as_masks(mask: torch.Tensor, name: str) -> torch.Tensor:
     if mask.ndim not in (3, 4):
         raise PromptError(f"{name} must be a batch of 2D or 3D masks [B, *spatial], got shape {tuple(mask.shape)}.")
     return mask > 0.5 if mask.is_floating_point() else mask != 0
-
-
-def _spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
-    if spacing is None:
-        return (1.0,) * ndim
-    values = tuple(float(s) for s in spacing)
-    if len(values) != ndim or not all(math.isfinite(v) and v > 0 for v in values):
-        raise PromptError(f"spacing must hold {ndim} positive voxel sizes in mm, got {spacing}.")
-    return values
 
 
 def _unravel(flat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -125,7 +117,7 @@ def first_clicks(
     """
     target = _as_masks(gt, "gt")
     shape = tuple(target.shape[1:])
-    distance = distance_inside(target, _spacing(spacing, len(shape)), dtype, max_elements).flatten(1)
+    distance = distance_inside(target, voxel_spacing(spacing, len(shape)), dtype, max_elements).flatten(1)
     valid = target.flatten(1).any(dim=1)
     coords = _unravel(distance.argmax(dim=1), shape)
     return torch.where(valid[:, None], coords, 0), valid
@@ -166,7 +158,7 @@ def correction_clicks(
         raise PromptError(f"gt {tuple(target.shape)} and pred {tuple(current.shape)} must have the same shape.")
     batch, shape = target.shape[0], tuple(target.shape[1:])
     size = math.prod(shape)
-    spacing = _spacing(spacing, len(shape))
+    spacing = voxel_spacing(spacing, len(shape))
     if not 1 <= int(connectivity) <= len(shape):
         raise PromptError(f"connectivity must be 1..{len(shape)} for {len(shape)}-D masks, got {connectivity}.")
     device = target.device

@@ -30,29 +30,11 @@ import torch
 from scipy import ndimage
 
 from medseg.prompts.contract import PromptError
+from medseg.prompts.simulate import binary_mask, voxel_spacing
 
 __all__ = ["correction_clicks"]
 
 Click = tuple[tuple[int, ...], int]
-
-
-def _masks(mask: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
-    """Boolean ``[B, *spatial]`` host masks by the reference's rule: floats above 0.5, other types non-zero."""
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    array = np.asarray(mask)
-    if array.ndim not in (3, 4):
-        raise PromptError(f"{name} must be a batch of 2D or 3D masks [B, *spatial], got shape {array.shape}.")
-    return array > 0.5 if array.dtype.kind == "f" else array.astype(bool, copy=False)
-
-
-def _spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
-    if spacing is None:
-        return (1.0,) * ndim
-    values = tuple(float(s) for s in spacing)
-    if len(values) != ndim or min(values) <= 0:
-        raise PromptError(f"spacing must hold {ndim} positive voxel sizes in mm, got {spacing}.")
-    return values
 
 
 def _extent(occupied: np.ndarray) -> tuple[int, int]:
@@ -129,11 +111,11 @@ def correction_clicks(
         Per item ``(coord, label)`` (array indices; label 1 for a missed region, 0 for a false positive one) or
         ``None`` when its prediction is perfect or every error voxel was already clicked.
     """
-    target, current = _masks(gt, "gt"), _masks(pred, "pred")
+    target, current = binary_mask(gt, "gt", batched=True), binary_mask(pred, "pred", batched=True)
     if target.shape != current.shape:
         raise PromptError(f"gt {target.shape} and pred {current.shape} must have the same shape.")
     batch, shape = target.shape[0], target.shape[1:]
-    spacing = _spacing(spacing, len(shape))
+    spacing = voxel_spacing(spacing, len(shape))
     if not 1 <= int(connectivity) <= len(shape):
         raise PromptError(f"connectivity must be 1..{len(shape)} for {len(shape)}-D masks, got {connectivity}.")
     previous = [list(p) for p in previous_clicks] if previous_clicks is not None else [[] for _ in range(batch)]

@@ -16,6 +16,7 @@ simulation is deterministic. Masks may be numpy arrays or torch tensors, 2D or 3
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -27,10 +28,12 @@ from medseg.prompts.contract import PromptError, Prompts, pad_points
 __all__ = [
     "PROMPT_MIX",
     "ClickSimulator",
+    "binary_mask",
     "box_from_mask",
     "interactive_loop",
     "sample_object",
     "sample_prompts",
+    "voxel_spacing",
 ]
 
 PROMPT_MIX = {"points": 0.4, "box": 0.3, "box+points": 0.3}
@@ -39,20 +42,24 @@ PROMPT_MIX = {"points": 0.4, "box": 0.3, "box+points": 0.3}
 Click = tuple[tuple[int, ...], int]
 
 
-def _binary(mask: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+def binary_mask(mask: np.ndarray | torch.Tensor, name: str, batched: bool = False) -> np.ndarray:
+    """Boolean host mask (or ``[B, *spatial]`` masks when ``batched``) by the reference's rule: floats above 0.5,
+    other types non-zero. The click simulators only read it, so a boolean input is not copied."""
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     array = np.asarray(mask)
-    if array.ndim not in (2, 3):
-        raise PromptError(f"{name} must be a 2D or 3D mask (no batch or channel axis), got shape {array.shape}.")
-    return array > 0.5 if array.dtype.kind == "f" else array.astype(bool)
+    if array.ndim not in ((3, 4) if batched else (2, 3)):
+        what = "a batch of 2D or 3D masks [B, *spatial]" if batched else "a 2D or 3D mask (no batch or channel axis)"
+        raise PromptError(f"{name} must be {what}, got shape {array.shape}.")
+    return array > 0.5 if array.dtype.kind == "f" else array.astype(bool, copy=False)
 
 
-def _spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+def voxel_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+    """``spacing`` checked as ``ndim`` finite positive voxel sizes in mm (``None``: 1 mm), for every click simulator."""
     if spacing is None:
         return (1.0,) * ndim
     values = tuple(float(s) for s in spacing)
-    if len(values) != ndim or min(values) <= 0:
+    if len(values) != ndim or not all(math.isfinite(v) and v > 0 for v in values):
         raise PromptError(f"spacing must hold {ndim} positive voxel sizes in mm, got {spacing}.")
     return values
 
@@ -96,10 +103,10 @@ class ClickSimulator:
         Raises:
             PromptError: ``gt`` is empty (there is nothing to click on).
         """
-        target = _binary(gt, "gt")
+        target = binary_mask(gt, "gt")
         if not target.any():
             raise PromptError("cannot click on an empty object; sample objects with sample_object (present classes).")
-        return _centre(target, _spacing(self.spacing, target.ndim)), 1
+        return _centre(target, voxel_spacing(self.spacing, target.ndim)), 1
 
     def next_click(
         self,
@@ -120,10 +127,10 @@ class ClickSimulator:
         """
         if pred is None:
             return self.first_click(gt)
-        target, current = _binary(gt, "gt"), _binary(pred, "pred")
+        target, current = binary_mask(gt, "gt"), binary_mask(pred, "pred")
         if target.shape != current.shape:
             raise PromptError(f"gt {target.shape} and pred {current.shape} must have the same shape.")
-        spacing = _spacing(self.spacing, target.ndim)
+        spacing = voxel_spacing(self.spacing, target.ndim)
         exclude = [coord for coord, _ in previous_clicks or ()] if self.avoid_repeats else []
         structure = ndimage.generate_binary_structure(target.ndim, self.connectivity)
         regions = []
@@ -179,7 +186,7 @@ def interactive_loop(
         already perfect there is no error left to click, and it is repeated for the remaining rounds.
     """
     simulator = simulator or ClickSimulator()
-    target = _binary(gt, "gt")
+    target = binary_mask(gt, "gt")
     box_tensor = None if box is None else torch.as_tensor(np.asarray(box, dtype=np.float32)).reshape(1, -1)
     clicks: list[Click] = []
     prev: torch.Tensor | None = None
@@ -231,7 +238,7 @@ def box_from_mask(
     Raises:
         PromptError: ``mask`` is empty or a jitter is negative.
     """
-    target = _binary(mask, "mask")
+    target = binary_mask(mask, "mask")
     if not target.any():
         raise PromptError("box_from_mask got an empty mask; there is no object to put a box around.")
     if jitter_voxels < 0 or jitter_fraction < 0:
