@@ -10,7 +10,7 @@ prompts into a 3-D mask with medseg's one promptable path:
   min-max scaled and zoomed to the training spacing as in :func:`~medseg.evaluation.interactive_run.
   evaluate_case_3d`); the box is the challenge's 3-D box, each click step sends the box and every click so far with
   the model's previous logits as mask prompt. Each class has its own predictor; the window embeddings are shared by
-  all classes (:class:`SharedWindows`), so each window is encoded once per case.
+  all classes (:class:`~medseg.inference.volumetric.WindowEncodings`), so each window is encoded once per case.
 - :class:`PropagationSession`, a 2-D model (LiteMedSAM and the 2-D promptable runs): the box's in-plane part on its
   ``z_mid`` slice, propagated (:func:`medseg.inference.propagate.propagate`) within the box's slice range, MedSAM's
   3-D inference. A click re-segments its slice with the clicks on that slice and the box of the class's current mask
@@ -23,7 +23,6 @@ needs nothing more.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,41 +38,17 @@ from medseg.inference.prepared import model_grid
 from medseg.inference.prompted_run import RUN_RECIPE
 from medseg.inference.propagate import PropagationConfig, propagate
 from medseg.inference.recipe import minmax_per_image
-from medseg.inference.volumetric import volume_predictor
+from medseg.inference.volumetric import WindowEncodings, volume_predictor
 from medseg.prompts.contract import Prompts, pad_points
 from medseg.prompts.geometry import prompts_on_slice
 
 __all__ = [
     "PropagationSession",
-    "SharedWindows",
     "VolumeSession",
     "evaluate_case_segfm3d",
     "object_sessions",
     "protocol_classes",
 ]
-
-
-class SharedWindows(torch.nn.Module):
-    """A volumetric model whose window embeddings are shared by every class of a case.
-
-    Each class has its own predictor (its own previous logits), and a predictor remembers only its own windows; with
-    this in front, a window is encoded once per case, not once per class (13x fewer encoder runs on a 13-organ CT).
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model, self.roi_size = model, model.roi_size
-        self._embeddings: dict[str, Any] = {}
-        self.train(model.training)
-
-    def encode(self, window: torch.Tensor) -> Any:
-        key = hashlib.sha1(window.detach().float().cpu().numpy().tobytes()).hexdigest()
-        if key not in self._embeddings:
-            self._embeddings[key] = self.model.encode(window)
-        return self._embeddings[key]
-
-    def decode(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.decode(*args, **kwargs)
 
 
 class VolumeSession:
@@ -185,7 +160,7 @@ def object_sessions(
     if int(getattr(model, "spatial_dims", 2)) == 3:
         volume = minmax_per_image(torch.from_numpy(case.image).float()[None])[0]
         shape = model_grid(case.label.shape, case.spacing, target_spacing)
-        shared = SharedWindows(model)
+        shared = WindowEncodings(model)
         return {name: VolumeSession(shared, volume, shape, overlap) for name in names}
     if case.image.shape[0] != 1:
         raise ConfigError(

@@ -45,7 +45,7 @@ from medseg.models.prompt_encoder_3d import mask_as_logits
 from medseg.prompts.contract import Prompts
 from medseg.prompts.geometry import zoom_prompts
 
-__all__ = ["FILL_VALUE", "predict_prompted", "volume_predictor", "window_prompts", "window_starts"]
+__all__ = ["FILL_VALUE", "WindowEncodings", "predict_prompted", "volume_predictor", "window_prompts", "window_starts"]
 
 FILL_VALUE = -1.0e4  # logit of voxels no window was run for (sigmoid 0; finite in float16)
 
@@ -186,11 +186,12 @@ def predict_prompted(
     return logits[(slice(None), *(slice(0, s) for s in shape))]
 
 
-class _WindowEncodings(torch.nn.Module):
+class WindowEncodings(torch.nn.Module):
     """A volumetric model whose ``encode`` remembers each window's embedding (keyed by the window's voxels).
 
     The windows of one volume are the same at every click; only the prompts change, so each is encoded once per
-    volume, as the 2-D path encodes each slice once (:class:`~medseg.inference.cache.EmbeddingCache`).
+    volume, as the 2-D path encodes each slice once (:class:`~medseg.inference.cache.EmbeddingCache`). Put in front of
+    several predictors of one volume (one per class), it shares their windows' embeddings too.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -233,7 +234,7 @@ def volume_predictor(
     if zoomed:
         image = F.interpolate(image[None], size=target, mode="trilinear", align_corners=False)[0]
     state: dict[str, torch.Tensor] = {}
-    cached = _WindowEncodings(model)
+    cached = WindowEncodings(model)
 
     @torch.no_grad()
     def predict(prompts: Prompts, prev_mask: torch.Tensor | None) -> torch.Tensor:
