@@ -165,12 +165,9 @@ def read_case(
         ReaderError: unreadable, truncated or empty file; non-finite (NaN or infinite) voxels.
         InputShapeError: not 3 spatial dimensions, or another number of channels than ``channels``.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        files = [Path(p) for p in path]
-        image, path = _stack_channels(files, series), files[0]
-    else:
-        path = Path(path)
-        image = load_image(path, series=series)
+    files = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+    path = files[0]
+    image = load_image(path, series=series) if len(files) == 1 else _stack_channels(files, series)
     spatial = tuple(int(s) for s in image.shape[1:])
     if len(spatial) != 3:
         raise InputShapeError(

@@ -306,8 +306,7 @@ def predict_case(
     probabilities = options.save_probabilities and loaded.kind == "dense"
     check_outputs([case], output_dir, probabilities=probabilities, prompts=prompts, output_format=options.output_format)
     seg, nifti = output_kinds(case, options.output_format)
-    inputs = case.inputs if len(case.inputs) > 1 else case.path  # nnU-Net's CASE_0000, CASE_0001...: one case
-    image = read_case(inputs, channels=_channels(loaded), series=case.series)
+    image = read_case(case.inputs, channels=_channels(loaded), series=case.series)
     rule = _contrast_rule(loaded, options)
     if rule is not None:
         check_contrast(image, case.path, *rule)
