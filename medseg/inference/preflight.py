@@ -239,12 +239,11 @@ def clean_output_folder(
     if cache_dir is not None:
         removed += remove_orphans(cache_dir)
     for case in cases:
-        npz, seg_file, label_map = case_outputs(case.name, output_dir, probabilities=True, seg=True)
-        for path in (npz,):
-            complete = os.path.lexists(label_map) or os.path.lexists(seg_file)
-            if path.is_file() and not complete and _is_probabilities(path):
-                path.unlink()
-                removed.append(path)
+        npz, *label_maps = case_outputs(case.name, output_dir, probabilities=True, seg=True)  # .dcm, .nii.gz
+        complete = any(os.path.lexists(label_map) for label_map in label_maps)
+        if npz.is_file() and not complete and _is_probabilities(npz):
+            npz.unlink()
+            removed.append(npz)
     if removed:
         log.warning(
             "removed %d unfinished file(s) of an interrupted run from %s (e.g. %s); those cases are predicted anew",
