@@ -151,7 +151,12 @@ def test_a_bad_header_fails_its_case_before_any_inference(
     nifti_header_editor(inputs / "a_nan_affine.nii.gz", srow_x={0: float("nan")})
     seen = []
     original = predictor.read_case
-    monkeypatch.setattr(predictor, "read_case", lambda path, **kw: seen.append(path.name) or original(path, **kw))
+
+    def spy(files, **kw):  # predict passes a case's input files (one here)
+        seen.extend(f.name for f in files)
+        return original(files, **kw)
+
+    monkeypatch.setattr(predictor, "read_case", spy)
     code = main(["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(dense_run), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and "a_nan_affine: " in err and "a_nan_affine.nii.gz" in err and "Traceback" not in err
