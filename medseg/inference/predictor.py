@@ -52,7 +52,7 @@ from medseg.inference.loaded import LoadedModel
 from medseg.inference.precision import check_precision, inference_precision, prepare_model
 from medseg.inference.preflight import case_outputs, check_outputs, clean_output_folder, output_kinds, preflight
 from medseg.inference.progress import progress_bar
-from medseg.inference.prompted import recipe_for, segment_objects
+from medseg.inference.prompted import recipe_for, segment_image_objects
 from medseg.inference.prompted_run import predict_run_prompts
 from medseg.inference.report import PredictReport
 from medseg.inference.writers import write_case_outputs
@@ -253,10 +253,9 @@ def _predict_prompted(
             loaded, image, list(objects or []), options.slice_axis, cache=cache, progress=options.progress
         )
     else:
-        result = segment_objects(
-            loaded.model, np.asarray(image[0].detach().cpu().numpy()), list(objects or []),
-            recipe=recipe_for(options.window), slice_axis=options.slice_axis, cache=cache, progress=options.progress,
-            batch_size=options.slices_per_batch(_device(loaded)),
+        result = segment_image_objects(
+            loaded.model, image, list(objects or []), recipe=recipe_for(options.window), slice_axis=options.slice_axis,
+            cache=cache, progress=options.progress, batch_size=options.slices_per_batch(_device(loaded)),
         )  # fmt: skip
     return Prediction(result.labels, None, sorted({0, *(int(o.label) for o in objects or [])}), result.ignored)
 

@@ -16,6 +16,12 @@ of the volume, and every item becomes a mask from its 2-D prompts on one slice
 - points without a box start a propagation through the whole volume from the slice that holds most positive points
   (prompted by all points on it). Points on other slices do not take part; the function reports them (``ignored``).
 
+A file is segmented on its RAS-oriented grid (:func:`segment_image_objects`, what ``medseg predict`` runs): the DICOM
+series and the NIfTI of one scan often store its voxels in different array orders (LPS against RAS, slices top-down
+against bottom-up), and LiteMedSAM is not invariant to flipped or transposed slices, so slicing each file as stored
+gave the two files different masks. Reoriented by permutation and flips (no interpolation, as a trained run's volume
+is, :mod:`medseg.inference.prepared`), both files hand the model the very same slices.
+
 An object's label covers the union of its prompts' masks. Objects are painted in file order, so where two objects
 overlap the later one wins (as MedSAM's ``CVPR24_LiteMedSAM_infer.py`` does).
 
@@ -32,17 +38,27 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
 from medseg.data.transforms import CT_WINDOWS, resolve_window
 from medseg.errors import ConfigError
 from medseg.inference.cache import EmbeddingCache, embedding_key, weights_hash
+from medseg.inference.prepared import prepare_volume
 from medseg.inference.propagate import PropagationConfig, propagate
 from medseg.inference.recipe import SliceRecipe, embed_into_cache, predict_slice, to_uint8
 from medseg.prompts.contract import Prompts
 from medseg.prompts.files import ObjectPrompts, PromptFileError
 from medseg.prompts.geometry import prompts_on_slice
 
-__all__ = ["PromptedResult", "object_label", "object_prompts", "recipe_for", "segment_objects", "window_from_text"]
+__all__ = [
+    "PromptedResult",
+    "object_label",
+    "object_prompts",
+    "recipe_for",
+    "segment_image_objects",
+    "segment_objects",
+    "window_from_text",
+]
 
 
 def window_from_text(text: str) -> tuple[float, float]:
@@ -270,3 +286,42 @@ def segment_objects(
             mask = _object_mask(model, scaled, item, slice_axis, cache, config, progress, notes, ahead)
             labels[mask] = object_label(item)
     return PromptedResult(labels, encoder.count, notes)
+
+
+def segment_image_objects(
+    model: torch.nn.Module,
+    image: MetaTensor,
+    objects: Sequence[ObjectPrompts | Prompts],
+    *,
+    recipe: SliceRecipe | None = None,
+    slice_axis: int = 2,
+    cache: EmbeddingCache | None = None,
+    progress: bool = False,
+    batch_size: int | None = None,
+) -> PromptedResult:
+    """:func:`segment_objects` on a file as read, sliced on its RAS-oriented grid so every file order of one scan
+    gives the same masks (module docstring).
+
+    Args:
+        model: the promptable model (the built-in ``litemedsam``).
+        image: ``(1, X, Y, Z)`` MetaTensor as read (:func:`medseg.inference.cases.read_case`), affine in RAS+ mm.
+        objects: prompts in voxel indices of ``image`` (the file's array order).
+        slice_axis: the file's array axis to slice along (``--slice-axis``); the model slices the RAS-grid axis it
+            becomes, so the planes are the same whatever the file's order.
+        recipe, cache, progress, batch_size: as for :func:`segment_objects`.
+
+    Returns:
+        :class:`PromptedResult` whose ``labels`` are in the file's array order and shape.
+    """
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ConfigError(f"segment_image_objects takes a (1, X, Y, Z) image, got shape {tuple(image.shape)}.")
+    if slice_axis not in (0, 1, 2):
+        raise ConfigError(f"--slice-axis must be 0, 1 or 2 (an array axis of the input), got {slice_axis}.")
+    volume = prepare_volume(image)
+    axis = int(volume.orientation.to_oriented[slice_axis, 0])
+    oriented = [volume.orientation.prompts(object_prompts(obj)) for obj in objects]
+    result = segment_objects(
+        model, volume.image[0], oriented, recipe=recipe, slice_axis=axis, cache=cache, progress=progress,
+        batch_size=batch_size,
+    )  # fmt: skip
+    return replace(result, labels=volume.native(result.labels))
