@@ -17,6 +17,13 @@ map being built, and calls only :mod:`medseg.inference`:
 
 Masks are painted with the current label value over background and over the current object only, so an object never
 erases another one already committed.
+
+Given the image's affine (the napari reader keeps it in the layer's ``metadata["affine"]``), the session slices the
+volume's RAS-oriented grid (:class:`~medseg.prompts.geometry.Orientation`: axis permutation and flips, no
+interpolation), as ``medseg predict`` does (:func:`medseg.inference.prompted.segment_image_objects`): LiteMedSAM is not
+invariant to flipped or transposed slices, so without it a DICOM series and the NIfTI of the same scan (stored in
+other array orders) would give different masks. Slice indices, boxes, points and :attr:`labels` stay in the file's
+array order; only the model's slices are reoriented.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from medseg.inference.propagate import PropagationConfig, PropagationResult, pro
 from medseg.inference.recipe import SliceRecipe, SliceResult, embed_into_cache, predict_slice, to_uint8
 from medseg.inference.writers import write_label_map
 from medseg.prompts.contract import Prompts
+from medseg.prompts.geometry import Orientation
 
 __all__ = ["SegmentationSession", "guess_intensity"]
 
@@ -67,7 +75,8 @@ class SegmentationSession:
 
     Attributes:
         model: the promptable model (``encode``/``decode``, e.g. LiteMedSAM).
-        axis: array axis the slices are taken along (napari's sliced axis; 2 = axial for RAS volumes).
+        axis: array axis of the file the slices are taken along (napari's sliced axis; 2 = axial for RAS volumes).
+        orientation: file array order <-> the RAS-oriented grid the model slices (identity without an affine).
         labels: ``(X, Y, Z)`` ``uint16`` label map being built (0 background).
         label: the label value the next masks are painted with.
         cache: the embedding cache (per slice; keys follow :mod:`medseg.inference.cache`).
@@ -85,6 +94,7 @@ class SegmentationSession:
         cache: EmbeddingCache | None = None,
         labels: np.ndarray | None = None,
         compile: bool = False,
+        affine: np.ndarray | None = None,
     ) -> None:
         """Args:
         model: a :class:`LoadedModel` of kind ``promptable`` (``medseg.workflows.models.load_model``) or the
@@ -98,6 +108,8 @@ class SegmentationSession:
         compile: compile the model's prompt encoder and mask decoder (the click path) with ``torch.compile``
             (:meth:`~medseg.models.promptable.PromptableSegmenter.compile_decoder`: CUDA graphs on a GPU); the first
             click of each prompt layout pays the compilation. Worth it on a GPU only.
+        affine: the volume's 4x4 voxel-to-RAS+ affine: the model slices the RAS-oriented grid (module docstring), so
+            a DICOM series and the NIfTI of one scan give the same masks. ``None``: the array as given.
 
         Raises:
             ConfigError: a model that takes no prompts, or an axis outside 0-2.
@@ -126,12 +138,14 @@ class SegmentationSession:
                 raise ConfigError(f"{type(model).__name__} has no compile_decoder: compile=True needs a SAM model.")
             model.compile_decoder()
         self.axis = axis
+        self.orientation = Orientation.from_affine(np.eye(4) if affine is None else affine, volume.shape)
+        self._axis, self._flipped = (int(v) for v in self.orientation.to_oriented[axis])  # RAS axis, -1: reversed
         self.recipe = recipe or SliceRecipe(guess_intensity(volume))
-        self.propagation = replace(propagation or PropagationConfig(), axis=axis)
+        self.propagation = replace(propagation or PropagationConfig(), axis=self._axis)
         self.volume = volume
-        prepared = to_uint8(volume, self.recipe, self.recipe.bounds(volume))
-        self.prepared = np.ascontiguousarray(prepared)
-        self._slices = np.moveaxis(self.prepared, axis, 0)
+        prepared = to_uint8(volume, self.recipe, self.recipe.bounds(volume))  # percentiles: the same in any order
+        self.prepared = self.orientation.orient(prepared)  # on the RAS grid
+        self._slices = np.moveaxis(self.prepared, self._axis, 0)
         depth = self._slices.shape[0]
         if cache is None:  # not `cache or ...`: an empty cache has len 0 and is falsy
             cache = EmbeddingCache(max_items=max(256, depth), max_bytes=max(1 << 30, depth * _EMBEDDING_BYTES))
@@ -153,14 +167,44 @@ class SegmentationSession:
         return int(self._slices.shape[0])
 
     def slice(self, index: int) -> np.ndarray:
-        """The prepared (0-255) slice ``index``, as the model sees it before resizing."""
+        """The prepared (0-255) slice ``index`` of the file, as the model sees it before resizing (on the RAS grid:
+        transposed and flipped from the file's slice when the file is not stored in RAS order)."""
+        return self._slices[self._grid_index(index)]
+
+    def _grid_index(self, index: int) -> int:
+        """The file's slice ``index`` -> the index of the same slice on the RAS grid."""
         if not 0 <= index < self.depth:
             raise ConfigError(f"slice {index} is outside 0..{self.depth - 1} along axis {self.axis}.")
-        return self._slices[index]
+        return self.depth - 1 - int(index) if self._flipped < 0 else int(index)
 
     def _key(self, index: int) -> str:
         size = self.model.image_size
         return embedding_key(self.slice(index), weights_hash(self.model), _PREPARED.signature(size, None))
+
+    def _grid_prompts(self, index: int, box, points) -> tuple:
+        """A box ``(i0, j0, i1, j1)`` and points ``(i, j)`` on the file's slice ``index`` -> the same on the RAS
+        grid's slice (corners re-sorted: a flipped axis swaps low and high)."""
+        plane = [a for a in range(3) if a != self.axis]
+
+        def grid(pairs: np.ndarray) -> np.ndarray:
+            ijk = np.full((len(pairs), 3), int(index))
+            ijk[:, plane] = pairs
+            return np.delete(self.orientation.indices(ijk), self._axis, axis=1)
+
+        if box is not None:
+            corners = grid(np.asarray(box, dtype=np.int64).reshape(2, 2))
+            box = [*corners.min(axis=0).tolist(), *corners.max(axis=0).tolist()]
+        if points:
+            points = grid(np.asarray(points, dtype=np.int64).reshape(-1, 2)).tolist()
+        return box, points
+
+    def _file_plane(self, plane: np.ndarray) -> np.ndarray:
+        """A ``(.., ..)`` mask of a RAS-grid slice -> the file's slice (axes back in the file's order, unflipped)."""
+        p, q = (a for a in range(3) if a != self.axis)
+        (grid_p, flip_p), (grid_q, flip_q) = self.orientation.to_oriented[[p, q]]
+        if grid_p > grid_q:
+            plane = plane.T
+        return np.ascontiguousarray(plane[:: int(flip_p), :: int(flip_q)])
 
     def is_embedded(self, index: int) -> bool:
         """Whether slice ``index``'s embedding is cached (a click there skips the encoder)."""
@@ -169,14 +213,15 @@ class SegmentationSession:
     def iter_embeddings(self, indices: Sequence[int] | None = None, batch_size: int = 4) -> Iterator[tuple[int, int]]:
         """Compute the missing embeddings of ``indices`` (default: every slice), yielding ``(done, total)`` after
         each batch so that a caller (the widget's background worker) can show progress."""
-        wanted = list(range(self.depth)) if indices is None else [int(i) for i in indices]
+        wanted = list(range(self.depth)) if indices is None else [int(i) for i in indices]  # the file's indices
         missing = [i for i in wanted if not self.is_embedded(i)]
         total = len(missing)
         yield 0, total
         with torch.inference_mode():
             for start in range(0, total, max(1, batch_size)):
                 chunk = missing[start : start + batch_size]
-                embed_into_cache(self.model, self._slices[chunk], [self._key(i) for i in chunk], self.cache)
+                planes = np.stack([self.slice(i) for i in chunk])
+                embed_into_cache(self.model, planes, [self._key(i) for i in chunk], self.cache)
                 self.encoded += len(chunk)
                 yield start + len(chunk), total
 
@@ -213,12 +258,16 @@ class SegmentationSession:
             refine: feed this object's previous logits on this slice back as SAM's mask input (each further click
                 refines the last mask); ``False`` starts over from the prompts alone.
 
+        Returns:
+            The slice's result, its ``mask`` on the file's slice (``logits`` stay on the model's grid).
+
         Raises:
             ConfigError: no prompt at all, or a slice outside the volume.
         """
         if box is None and not points:
             raise ConfigError("segment_slice needs a box or at least one point on the slice; draw one first.")
         slice_2d = self.slice(index)
+        box, points = self._grid_prompts(index, box, points)
         previous = self._logits.get((self.label, index)) if refine else None
         misses = self.cache.misses
         result = predict_slice(
@@ -232,6 +281,7 @@ class SegmentationSession:
         )
         self.encoded += self.cache.misses - misses
         self._logits[(self.label, index)] = result.logits
+        result = replace(result, mask=self._file_plane(result.mask))
         self._paint(result.mask, index)
         return result
 
@@ -243,20 +293,27 @@ class SegmentationSession:
         point_labels: Sequence[int] | None = None,
     ) -> PropagationResult:
         """Segment the current object through the volume from a prompt on slice ``index`` (slice propagation), and
-        replace the object in :attr:`labels` by the result. Embeddings already computed are reused."""
+        replace the object in :attr:`labels` by the result. Embeddings already computed are reused.
+
+        Returns:
+            The propagation, its ``mask`` in the file's array order and ``first``/``last`` the file's slices."""
         if box is None and not points:
             raise ConfigError("segment_volume needs a box (or points) on the current slice to start from.")
-        self.slice(index)
+        start = self._grid_index(index)
+        box, points = self._grid_prompts(index, box, points)
         result = propagate(
             self.model,
             self.prepared,
-            index,
+            start,
             prompts=_prompts(box, points, point_labels),
             recipe=_PREPARED,
             config=self.propagation,
             cache=self.cache,
         )
         self.encoded += result.encoded
+        first, last = (self.depth - 1 - result.last, self.depth - 1 - result.first) if self._flipped < 0 else (
+            result.first, result.last)  # fmt: skip
+        result = replace(result, mask=self.orientation.native(result.mask), first=first, last=last)
         self._paint(result.mask, None)
         return result
 

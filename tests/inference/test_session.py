@@ -72,6 +72,26 @@ def test_a_second_object_gets_the_next_label_and_keeps_the_first(litemedsam, blo
     assert np.array_equal(session.labels[kept == 1], kept[kept == 1])  # object 1 is never painted over
 
 
+def test_with_its_affine_a_file_in_another_order_is_segmented_as_its_ras_copy(litemedsam, blobs, tight_box):
+    """A file whose axes are swapped and one reversed (as a DICOM series is next to the NIfTI of the same scan) gives,
+    with its affine, the masks the RAS volume gives, without running the encoder again: the model saw the same
+    slices. Without the affine it sees the file's own slice, which the encoder has not seen."""
+    volume, truth = blobs  # the RAS volume (identity affine)
+    stored = np.ascontiguousarray(volume.transpose(1, 0, 2)[::-1])  # file axis 0: y reversed, axis 1: x
+    stored_truth = truth.transpose(1, 0, 2)[::-1]
+    affine = np.array([[0, 1, 0, 0], [-1, 0, 0, volume.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
+    cache = EmbeddingCache()
+    reference = SegmentationSession(litemedsam, volume, cache=cache, affine=np.eye(4))
+    expected = reference.segment_slice(1, box=tight_box(truth[:, :, 1] == 1))
+    session = SegmentationSession(litemedsam, stored, cache=cache, affine=affine)
+    result = session.segment_slice(1, box=tight_box(stored_truth[:, :, 1] == 1))
+    assert cache.misses == 1
+    np.testing.assert_array_equal(result.mask, expected.mask.T[::-1])
+    np.testing.assert_array_equal(session.labels, reference.labels.transpose(1, 0, 2)[::-1])
+    SegmentationSession(litemedsam, stored, cache=cache).segment_slice(1, box=tight_box(stored_truth[:, :, 1] == 1))
+    assert cache.misses == 2
+
+
 # --- mechanics, with a stand-in model -----------------------------------------------------------------------------
 
 
@@ -104,6 +124,24 @@ def test_slices_follow_the_session_axis(bright_in_box):
     assert np.array_equal(session.labels[2] == 1, truth[2]) and not session.labels[[0, 1, 3]].any()
     session.segment_volume(2, box=(6, 10, 15, 17))
     assert np.array_equal(session.labels == 1, truth)
+
+
+def test_with_an_affine_indices_boxes_points_and_labels_stay_in_the_files_order(bright_in_box):
+    """The file (4, 32, 32) slices along axis 0, which its affine reverses (and swaps the other two): prompts and
+    label maps are the file's, only the model's slices are the RAS grid's."""
+    volume, truth = squares(depth=4)
+    volume, truth = np.moveaxis(volume, 2, 0)[::-1].copy(), np.moveaxis(truth, 2, 0)[::-1].copy()
+    truth[:, 6:16, 10:12] = False  # not symmetric: a transposed or flipped mask would not fit
+    volume[~truth] = 0.0
+    affine = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [-1, 0, 0, 3], [0, 0, 0, 1]], dtype=float)  # axes (z-, y, x)
+    session = SegmentationSession(bright_in_box, volume, axis=0, recipe=SliceRecipe("none"), affine=affine)
+    assert session.slice(0).shape == (32, 32) and np.array_equal(session.slice(0) > 0, truth[0].T)
+    result = session.segment_slice(2, box=(6, 12, 15, 17), points=[(10, 14)], point_labels=[1])
+    assert np.array_equal(result.mask, truth[2]) and np.array_equal(session.labels[2] == 1, truth[2])
+    assert not session.labels[[0, 1, 3]].any()
+    volume_result = session.segment_volume(1, box=(6, 12, 15, 17))
+    assert np.array_equal(session.labels == 1, truth) and (volume_result.first, volume_result.last) == (0, 3)
+    assert session.compute_embeddings(indices=[3]) == 0 and session.is_embedded(3)
 
 
 def test_refining_feeds_back_only_the_same_objects_logits(bright_in_box):
