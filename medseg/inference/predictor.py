@@ -55,6 +55,8 @@ from medseg.inference.progress import progress_bar
 from medseg.inference.prompted import recipe_for, segment_image_objects
 from medseg.inference.prompted_run import predict_run_prompts
 from medseg.inference.report import PredictReport
+from medseg.inference.sam2_frames import is_sam2_model
+from medseg.inference.sam2_run import predict_sam2_prompts
 from medseg.inference.writers import write_case_outputs
 from medseg.prompts.files import MAX_LABEL, ObjectPrompts, PromptFileError, load_prompts
 
@@ -243,6 +245,12 @@ def _predict_prompted(
     options: PredictOptions,
     cache: EmbeddingCache | None,
 ) -> Prediction:
+    if is_sam2_model(loaded.model):  # SAM 2 / MedSAM2: memory propagation (the embedding cache is not used)
+        result = predict_sam2_prompts(
+            loaded, image, list(objects or []), slice_axis=options.slice_axis, window=options.window,
+            batch_size=options.slices_per_batch(_device(loaded)),
+        )  # fmt: skip
+        return Prediction(result.labels, None, sorted({0, *(int(o.label) for o in objects or [])}), result.ignored)
     if image.shape[0] != 1:
         raise InputShapeError(
             f"the promptable model takes one-channel 3D volumes; this image has {image.shape[0]} channels (a 4D "

@@ -13,6 +13,11 @@ it dispatches on (:func:`is_run_folder`, :func:`is_classifier_folder`, :func:`is
   come from the run's ``run_data.json`` (:mod:`medseg.inference.run_data`), so the dataset is not needed; runs
   written before it fall back to the dataset (``$MEDSEG_DATA`` or ``data.data_root``).
 - a run folder of ``medseg classify``: :func:`medseg.inference.classified.load_classifier`.
+- an official SAM 2.1 or MedSAM2 checkpoint file (``sam2.1_hiera_*.pt``, ``MedSAM2_latest.pt``; :func:`is_sam2_file`,
+  :func:`load_sam2_file`): the whole ``SAM2Base`` built from the ``sam2`` package's config and loaded strictly, for
+  memory propagation (:mod:`medseg.inference.sam2_run`). The model is named by the file's shapes (Hiera's width and
+  depth: tiny, small, base+, large); Hiera-T files are MedSAM2 (512 px) when the file name says ``medsam2``, SAM 2.1
+  Hiera-T (1024 px) otherwise, since the two have the same keys and shapes.
 - a release folder (``metadata.json`` + ``model.safetensors``) or any other name: :mod:`medseg.release.load`.
 """
 
@@ -26,7 +31,8 @@ import torch
 from omegaconf import OmegaConf
 
 from medseg.backbones.litemedsam import LITEMEDSAM_SHA256
-from medseg.backbones.weights import read_lightning_state
+from medseg.backbones.sam2 import build_sam2_components
+from medseg.backbones.weights import read_checkpoint, read_lightning_state
 from medseg.config import instantiate
 from medseg.data.datamodule import resolve_median_spacing
 from medseg.errors import ConfigError, DatasetError, WeightsError
@@ -42,12 +48,24 @@ __all__ = [
     "is_classifier_folder",
     "is_release_folder",
     "is_run_folder",
+    "is_sam2_file",
     "load_litemedsam",
     "load_run",
+    "load_sam2_file",
     "resolve_device",
+    "sam2_name_of",
 ]
 
 BUILTIN = ("litemedsam",)
+SAM2_SUFFIXES = (".pt", ".pth")
+#: Hiera's first width and number of blocks in each official SAM 2.1 file, and the model they make.
+_SAM2_TRUNKS = {
+    (96, 12): "sam2_hiera_t",
+    (96, 16): "sam2_hiera_s",
+    (112, 24): "sam2_hiera_b_plus",
+    (144, 48): "sam2_hiera_l",
+}
+_SAM2_KEYS = ("image_encoder.trunk.patch_embed.proj.weight", "memory_attention.layers.0.self_attn.q_proj.weight")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -83,6 +101,61 @@ def is_release_folder(path: str | os.PathLike[str]) -> bool:
     """A release folder: ``metadata.json`` and ``model.safetensors``."""
     path = Path(path)
     return (path / "metadata.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def is_sam2_file(path: str | os.PathLike[str]) -> bool:
+    """A checkpoint file ``-m`` may name as a SAM 2 / MedSAM2 model (``.pt``/``.pth``; its keys are checked on load)."""
+    path = Path(path)
+    return path.is_file() and path.suffix.lower() in SAM2_SUFFIXES
+
+
+def sam2_name_of(path: str | os.PathLike[str], state: dict[str, torch.Tensor]) -> str:
+    """The SAM 2 model a file's state dict holds (see the module docstring).
+
+    Raises:
+        WeightsError: not the whole SAM 2 model, or a Hiera of a size medseg does not know.
+    """
+    missing = [key for key in _SAM2_KEYS if key not in state]
+    if missing:
+        raise WeightsError(
+            f"{path} is not a SAM 2 / MedSAM2 checkpoint: it lacks {missing[0]}. Give the official sam2.1_hiera_*.pt "
+            f"or MedSAM2_latest.pt file (its 'model' dict of the whole SAM2Base)."
+        )
+    width = int(state[_SAM2_KEYS[0]].shape[0])
+    blocks = len({key.split(".")[3] for key in state if key.startswith("image_encoder.trunk.blocks.")})
+    name = _SAM2_TRUNKS.get((width, blocks))
+    if name is None:
+        known = ", ".join(f"{n} ({w} wide, {b} blocks)" for (w, b), n in _SAM2_TRUNKS.items())
+        raise WeightsError(f"{path}: a Hiera {width} wide with {blocks} blocks is none of SAM 2.1's: {known}.")
+    return "medsam2" if name == "sam2_hiera_t" and "medsam2" in Path(path).name.lower() else name
+
+
+def load_sam2_file(
+    path: str | os.PathLike[str], device: str | torch.device | None = None, name: str | None = None
+) -> LoadedModel:
+    """An official SAM 2.1 / MedSAM2 checkpoint file as a promptable model (its whole ``SAM2Base``, loaded strictly).
+
+    Args:
+        path: the ``.pt`` file (``{"model": state_dict}``).
+        device: where the model runs (default: the GPU if any).
+        name: the model (``sam2_hiera_t/s/b_plus/l`` or ``medsam2``); default :func:`sam2_name_of` the file.
+
+    Raises:
+        WeightsError: not a SAM 2 file, or one whose keys or shapes do not match the model.
+        ConfigError: the ``sam2`` extra is not installed.
+    """
+    path, device = Path(path), resolve_device(device)
+    name = name or sam2_name_of(path, read_checkpoint(path))
+    components = build_sam2_components(name, checkpoint=path)
+    model = components.model.to(device).eval()
+    return LoadedModel(
+        model=model,
+        kind="promptable",
+        label_names={0: "background"},
+        source=f"{name} ({path.name}, SAM 2 memory propagation)",
+        weights_id=weights_hash(model),
+        extras={"recipe": "sam2", "checkpoint": str(path), "sam2": name},
+    )
 
 
 def load_litemedsam(device: str | torch.device | None = None) -> LoadedModel:
