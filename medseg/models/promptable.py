@@ -37,6 +37,8 @@ from medseg.backbones.litemedsam import LITEMEDSAM_IMAGE_SIZE, LiteMedSAMBackbon
 from medseg.backbones.registry import create_backbone, get_entry
 from medseg.backbones.sam import SamBackbone, decode_masks
 from medseg.errors import ConfigError, InputShapeError
+from medseg.models.interface import sam_prompt_inputs
+from medseg.models.sam2_promptable import Sam2PromptableSegmenter, build_sam2_promptable
 from medseg.models.sam_click import ClickDecoder, supports
 from medseg.models.segmenter import apply_adapter_config
 from medseg.prompts.contract import Prompts
@@ -61,46 +63,6 @@ class ProjectionNeck(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
-
-
-def _as_logits(mask: torch.Tensor) -> torch.Tensor:
-    """SAM's mask input is logits; a previous mask given as probabilities (all values in [0, 1]) is converted."""
-    if mask.min() >= 0 and mask.max() <= 1:
-        mask = mask.clamp(1e-4, 1 - 1e-4)
-        return torch.log(mask / (1 - mask))
-    return mask
-
-
-def sam_prompt_inputs(
-    prompts: Prompts, mask_size: tuple[int, int]
-) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
-    """Translate contract prompts (array order) into SAM's ``points, boxes, masks`` arguments ((x, y) order).
-
-    Args:
-        prompts: 2-D prompts in model-input pixels.
-        mask_size: ``(4h, 4w)`` size of SAM's low-resolution mask input; ``prev_mask`` is resized to it bilinearly.
-
-    Returns:
-        ``((coords (B, N, 2) as x, y; labels (B, N)) or None, boxes (B, 4) as x0, y0, x1, y1 or None,
-        masks (B, 1, 4h, 4w) logits or None)``.
-    """
-    if prompts.spatial_dims not in (None, 2):
-        raise InputShapeError(
-            f"a 2-D promptable model takes 2-D prompts ([B, N, 2] points, [B, 4] boxes), got {prompts.spatial_dims}-D "
-            f"ones; slice 3-D prompts first (medseg.inference.propagate does this along its axis)."
-        )
-    points = None
-    if prompts.point_coords is not None:
-        points = (prompts.point_coords.flip(-1), prompts.point_labels)
-    boxes = None if prompts.box is None else prompts.box[:, [1, 0, 3, 2]]
-    masks = None
-    if prompts.prev_mask is not None:
-        masks = _as_logits(prompts.prev_mask.float())
-        if tuple(masks.shape[-2:]) != tuple(mask_size):
-            masks = F.interpolate(masks, size=mask_size, mode="bilinear", align_corners=False)
-    if points is None and boxes is None and masks is None:
-        raise InputShapeError("the promptable model needs points, a box or a previous mask; class_vector alone is not.")
-    return points, boxes, masks
 
 
 class PromptableSegmenter(nn.Module):
@@ -308,11 +270,17 @@ def build_promptable(
     num_classes: int | None = None,
     attention: str = "fused",
     grad_checkpointing: bool | int | str = False,
-) -> PromptableSegmenter:
+) -> PromptableSegmenter | Sam2PromptableSegmenter:
     """Build a 2-D promptable model; ``pretrained`` (the ``init`` switch) changes initial weights only.
 
+    SAM 2 backbones (``sam2_hiera_*``, ``medsam2``) give a
+    :class:`~medseg.models.sam2_promptable.Sam2PromptableSegmenter` (:func:`~medseg.models.sam2_promptable.
+    build_sam2_promptable`: SAM 2's own prompt encoder, mask decoder and memory; ``decoder_from`` does not apply), so
+    ``model=promptable_2d backbone=sam2_hiera_t`` works as for every other backbone.
+
     Args:
-        backbone: registry name (``litemedsam``, ``sam_vit_b/l/h``, ``dinov2_*``, ``mae_*``).
+        backbone: registry name (``litemedsam``, ``sam_vit_b/l/h``, ``sam2_hiera_*``, ``medsam2``, ``dinov2_*``,
+            ``mae_*``).
         pretrained: official weights for the backbone and, for the SAM family, its prompt encoder and mask decoder
             (for other backbones: ``decoder_from``'s); ``False`` is the scratch twin with the same modules.
         checkpoint: explicit checkpoint of the backbone (SAM family: the full SAM / LiteMedSAM file).
@@ -334,6 +302,11 @@ def build_promptable(
         ConfigError: an image size the backbone cannot take or a bad ``decoder_from``.
     """
     family = get_entry(backbone).family
+    if family == "sam2":
+        return build_sam2_promptable(
+            backbone, pretrained, checkpoint, in_channels, adapter, img_size, input_range=input_range,
+            channel_mode=channel_mode, arch=arch, attention=attention, grad_checkpointing=grad_checkpointing,
+        )  # fmt: skip
     neck = None
     if family == "litemedsam":
         if img_size not in (None, LITEMEDSAM_IMAGE_SIZE):
