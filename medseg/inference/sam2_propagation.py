@@ -78,6 +78,7 @@ class Sam2Tracker:
         frames: the volume's slices as SAM 2 frames (shared by every object of the volume).
         config: the stop rules and threshold (``axis``, ``carry`` and ``box_margin`` unused).
         masks: ``{slice: (H, W) bool}`` of every slice holding the object now.
+        ious: the mask decoder's predicted IoU of each slice's last mask.
         anchor: the first slice prompted, which corrections propagate away from.
     """
 
@@ -87,6 +88,7 @@ class Sam2Tracker:
         self.outputs: dict[str, dict[int, dict]] = {_COND: {}, _NON_COND: {}}
         self.masks: dict[int, np.ndarray] = {}
         self.prompts: dict[int, Prompts] = {}
+        self.ious: dict[int, float] = {}
         self.anchor: int | None = None
 
     # --- one slice ----------------------------------------------------------------------------------------------
@@ -119,14 +121,20 @@ class Sam2Tracker:
 
     def _track(self, index: int, init: bool, points: dict | None, reverse: bool, previous: torch.Tensor | None):
         feats, pos, sizes = self.frames.features(index, -1 if reverse else 1)
+        ious: list[torch.Tensor] = []  # the decoder's predicted IoU, which track_step does not return
+        hook = self.model.sam_mask_decoder.register_forward_hook(lambda _m, _i, out: ious.append(out[1]))
         with _video_settings(self.model):
-            out = self.model.track_step(
-                frame_idx=index, is_init_cond_frame=init, current_vision_feats=feats,
-                current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=points, mask_inputs=None,
-                output_dict=self.outputs, num_frames=self.frames.depth, track_in_reverse=reverse,
-                run_mem_encoder=True, prev_sam_mask_logits=previous,
-            )  # fmt: skip
+            try:
+                out = self.model.track_step(
+                    frame_idx=index, is_init_cond_frame=init, current_vision_feats=feats,
+                    current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=points, mask_inputs=None,
+                    output_dict=self.outputs, num_frames=self.frames.depth, track_in_reverse=reverse,
+                    run_mem_encoder=True, prev_sam_mask_logits=previous,
+                )  # fmt: skip
+            finally:
+                hook.remove()
         keep = ("maskmem_features", "maskmem_pos_enc", "pred_masks", "obj_ptr", "object_score_logits")
+        self.ious[index] = float(ious[-1].max()) if ious else float("nan")
         return {key: out[key] for key in keep}  # what SAM2VideoPredictor keeps of a frame
 
     def tracked(self, index: int) -> bool:
@@ -148,6 +156,13 @@ class Sam2Tracker:
         mask = self._mask(out["pred_masks"])
         self._keep(index, mask)
         return mask
+
+    def forget(self, index: int) -> None:
+        """Drop slice ``index`` from the object (its prompts, mask and memory): a next prompt there starts over."""
+        for store in (self.outputs[_COND], self.outputs[_NON_COND], self.masks, self.prompts, self.ious):
+            store.pop(index, None)
+        if index == self.anchor:
+            self.anchor = min(self.outputs[_COND], default=None)
 
     def _keep(self, index: int, mask: np.ndarray) -> None:
         if mask.any():
@@ -175,8 +190,8 @@ class Sam2Tracker:
         """Track the slices after ``start`` up to ``end`` (inclusive) in direction ``step``; the last stop reason."""
         for k in range(start + step, end + step, step):  # everything beyond the start here is tracked again
             if k not in self.outputs[_COND]:
-                self.outputs[_NON_COND].pop(k, None)
-                self.masks.pop(k, None)
+                for store in (self.outputs[_NON_COND], self.masks, self.ious):
+                    store.pop(k, None)
         previous = self.masks.get(start)
         start_area, reason = float(previous.sum()), "edge"
         k = start + step
@@ -198,6 +213,7 @@ class Sam2Tracker:
             stop = self._stop(mask, previous, start_area)
             if stop is not None:  # this slice is not kept, nor its memory
                 reason, previous = stop, None
+                self.ious.pop(k, None)
                 continue
             self.outputs[_NON_COND][k], self.masks[k], previous = out, mask, mask
             k += step

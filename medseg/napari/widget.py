@@ -7,6 +7,11 @@ point's kind), ``<image> boxes`` (rectangles) and ``<image> labels`` (the sessio
 plugin's writer on the image's grid). The sliced axis and index are napari's current ones. Model loading, embedding
 and propagation run in background workers (``napari.qt.threading``), so the interface never freezes; embedding
 shows its progress slice by slice. With *live* on, adding or moving a prompt re-segments the current slice.
+
+A SAM 2 / MedSAM2 model (an official ``.pt`` file or a fine-tuned SAM 2 run) gets a
+:class:`~medseg.inference.sam2_session.Sam2Session` instead, with the same buttons: *Segment volume* carries the object
+through the volume with SAM 2's memory, and pressed again on another slice after a correction (a click there), it
+re-propagates onward from that slice only.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from qtpy.QtWidgets import (
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.recipe import SliceRecipe
+from medseg.inference.sam2_frames import is_sam2_model
+from medseg.inference.sam2_session import Sam2Session
 from medseg.inference.session import SegmentationSession, guess_intensity
 from medseg.napari.geometry import sliced_data_axis
 from medseg.napari.layers import boxes_layer, labels_layer, layer_name, points_layer
@@ -54,7 +61,8 @@ class SegmentationWidget(QWidget):
     Attributes:
         viewer: the napari viewer.
         loaded: the model in use (``None`` until loaded).
-        session: the current :class:`SegmentationSession` (rebuilt when the image, axis or intensity changes).
+        session: the current :class:`SegmentationSession`, or :class:`Sam2Session` for a SAM 2 model (rebuilt when the
+            image, axis or intensity changes).
         busy: a background job is running.
         last_error: the message of the last failed job (also shown in the status line).
     """
@@ -86,7 +94,9 @@ class SegmentationWidget(QWidget):
         self.image_combo = QComboBox()
         self.image_combo.currentTextChanged.connect(lambda *_: self._select_image())
         self.model_edit = QLineEdit("litemedsam")
-        self.model_edit.setToolTip("litemedsam (built-in, zero-shot), or a run folder / release folder path")
+        self.model_edit.setToolTip(
+            "litemedsam (built-in, zero-shot), a run folder / release folder path, or a SAM 2.1 / MedSAM2 .pt file"
+        )
         browse = self._button("…", self._browse_model, "choose a run or release folder")
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_edit)
@@ -219,7 +229,7 @@ class SegmentationWidget(QWidget):
             raise ConfigError("open a 3-D image first (File > Open: a NIfTI file or a DICOM series folder).")
         return self.image_layer
 
-    def _session(self) -> SegmentationSession:
+    def _session(self) -> SegmentationSession | Sam2Session:
         if self.loaded is None:
             raise ConfigError("load a model first (Load model).")
         image = self._require_image()
@@ -227,15 +237,15 @@ class SegmentationWidget(QWidget):
         volume = np.asarray(image.data)
         intensity = self.intensity_combo.currentText()
         intensity = guess_intensity(volume) if intensity == "auto" else intensity
-        session = self.session
-        if session is None or session.axis != axis or session.recipe.intensity != intensity:
-            session = SegmentationSession(
+        session, kind = self.session, Sam2Session if is_sam2_model(self.loaded.model) else SegmentationSession
+        if not isinstance(session, kind) or session.axis != axis or session.recipe.intensity != intensity:
+            session = kind(
                 self.loaded,
                 volume,
                 axis=axis,
                 recipe=SliceRecipe(intensity),
                 labels=self.labels_layer.data,
-                cache=None if session is None else session.cache,
+                cache=session.cache if isinstance(session, kind) else None,
             )
             session.select_object(self.label_spin.value())
             self.session = session
