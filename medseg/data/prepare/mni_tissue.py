@@ -27,12 +27,13 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.data.formats import write_dataset_json
-from medseg.data.prepare.writing import building_dataset, case_paths, write_nifti
+from medseg.data.prepare.writing import building_dataset, case_paths, write_demo_folds, write_nifti
 from medseg.errors import ConfigError, DatasetError
 
-__all__ = ["DATASET_NAME", "LABELS", "build", "load_template", "tissue_labels"]
+__all__ = ["DATASET_NAME", "LABELS", "NUM_FOLDS", "build", "load_template", "tissue_labels"]
 
 DATASET_NAME = "Dataset991_MNITissue"
+NUM_FOLDS = 4  # conf/data/mni_tissue.yaml data.num_folds: the folds of the published results (write_demo_folds)
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
 
 
@@ -195,4 +196,5 @@ def build(
             licence="MNI ICBM152 2009 licence (see datasets/mni-tissue.md)",
             numTest=2 * num_test_slabs,
         )
+        write_demo_folds(work, NUM_FOLDS)
     return final

@@ -21,19 +21,21 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.data.formats import write_dataset_json
-from medseg.data.prepare.writing import building_dataset, case_paths, write_nifti
+from medseg.data.prepare.writing import building_dataset, case_paths, write_demo_folds, write_nifti
 from medseg.errors import ConfigError
 
 __all__ = [
     "DATASET_NAME",
     "HU",
     "LABELS",
+    "NUM_FOLDS",
     "build",
     "make_phantom",
     "phantom_affine",
 ]
 
 DATASET_NAME = "Dataset990_Synthetic"
+NUM_FOLDS = 4  # conf/data/synthetic.yaml data.num_folds: the folds of the published results (write_demo_folds)
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "spleen": 3, "bone": 4}
 # Mean Hounsfield units of each tissue before bias and noise (contrast-enhanced, portal-venous-like phase).
 HU = {
@@ -346,4 +348,5 @@ def build(
             licence="CC0-1.0 (generated data)",
             numTest=num_test,
         )
+        write_demo_folds(work, NUM_FOLDS)
     return final

@@ -6,6 +6,10 @@ cases, so every dataset is built in a hidden temporary sibling folder and rename
 (a rename within one file system is atomic). Single files are written the same way: to a temporary name, then
 ``os.replace``. Before any work starts, :func:`check_writable_folder` makes sure the destination is a folder this
 process can write (a read-only ``$MEDSEG_DATA`` or one that is a file fails in one line, not after the build).
+
+A demo dataset is built with its folds (:func:`write_demo_folds`): the folds its published results were trained on,
+made with medseg's earlier permutation, which new datasets no longer get (they get nnU-Net's folds,
+:mod:`medseg.data.splits`).
 """
 
 from __future__ import annotations
@@ -20,15 +24,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medseg.atomic import atomic_path
+from medseg.atomic import atomic_path, atomic_write_json
+from medseg.data.splits import SPLITS_FILE, make_kfold_splits
 from medseg.errors import ConfigError, DatasetError
 
 __all__ = [
     "building_dataset",
     "case_paths",
     "check_writable_folder",
+    "write_demo_folds",
     "write_nifti",
 ]
+
+DEMO_SPLIT_SEED = 12345  # data.split_seed's default, with which the demos' published folds were made
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike[str], dtype=None) -> Path:
@@ -154,3 +162,15 @@ def building_dataset(final: str | os.PathLike[str], force: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def write_demo_folds(work: Path, num_folds: int, file_ending: str = ".nii.gz") -> Path | None:
+    """Write the demo dataset's ``splits_final.json``: its ``num_folds`` (the ``data.num_folds`` of its
+    ``conf/data`` file) folds over the cases of ``labelsTr``, with the permutation its published results used
+    (:func:`medseg.data.splits.make_kfold_splits`, seed 12345), so that a fresh build trains on those folds and not on
+    the nnU-Net folds a new dataset gets. Fewer cases than folds (a test's tiny build): no file; the folds are made
+    when a run first needs them."""
+    ids = sorted(p.name[: -len(file_ending)] for p in (Path(work) / "labelsTr").glob(f"*{file_ending}"))
+    if len(ids) < num_folds:
+        return None
+    return atomic_write_json(Path(work) / SPLITS_FILE, make_kfold_splits(ids, num_folds, DEMO_SPLIT_SEED))

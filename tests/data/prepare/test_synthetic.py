@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from scipy import ndimage
 
+from medseg.config import CONFIG_DIR
 from medseg.data.formats import load_dataset_info
-from medseg.data.prepare import synthetic
+from medseg.data.prepare import mni_tissue, synthetic
+from medseg.data.splits import NNUNET_PREPROCESSED, SPLITS_FILE, load_or_create_splits, make_kfold_splits
 from medseg.data.validate import validate_dataset
 from medseg.errors import ConfigError, DatasetError
 
@@ -164,3 +170,21 @@ def test_existing_dataset_is_kept_unless_forced(tmp_path, monkeypatch):
     synthetic.build(tmp_path, seed=2, num_train=1, num_test=0, shape=(16, 16, 8), force=True)
     assert not np.array_equal(_arrays(first / "labelsTr" / "phantom_000.nii.gz")[0], before)
     assert [p.name for p in tmp_path.iterdir()] == [synthetic.DATASET_NAME]
+
+
+@pytest.mark.parametrize("module", [synthetic, mni_tissue], ids=["synthetic", "mni_tissue"])
+def test_the_demos_fold_count_is_their_configs(module):
+    """The folds a demo is built with are those its conf/data file trains on (and its results were published with)."""
+    name = {synthetic: "synthetic", mni_tissue: "mni_tissue"}[module]
+    assert OmegaConf.load(Path(CONFIG_DIR) / "data" / f"{name}.yaml").num_folds == module.NUM_FOLDS
+
+
+def test_the_demo_is_built_with_the_folds_of_its_published_results(small_dataset, monkeypatch):
+    """medseg's earlier permutation (seed 12345), not the nnU-Net folds a new dataset gets, and a run reads them."""
+    monkeypatch.delenv(NNUNET_PREPROCESSED, raising=False)
+    ids = [f"phantom_{i:03d}" for i in range(SMALL["num_train"])]
+    splits = json.loads((small_dataset / SPLITS_FILE).read_text())
+    assert splits == make_kfold_splits(ids, synthetic.NUM_FOLDS, 12345)
+    assert load_or_create_splits(small_dataset, ids, num_folds=5) == splits
+    assert synthetic.build(small_dataset.parent / "tiny", num_train=2, num_test=0, shape=(16, 16, 8)).is_dir()
+    assert not (small_dataset.parent / "tiny" / synthetic.DATASET_NAME / SPLITS_FILE).exists()  # 2 cases, 4 folds
