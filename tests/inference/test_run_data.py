@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from medseg.cli import main
+from medseg.data.dicom import write_dicom_series
+from medseg.data.io import load_image
 from medseg.errors import ConfigError
+from medseg.inference.cases import discover_cases
+from medseg.inference.dicom_seg import GENERIC_CODE, seg_algorithm, write_seg_for_case
+from medseg.inference.loaded import LoadedModel
 from medseg.inference.run_data import read_run_data, write_run_data
 from medseg.inference.sources import _data_from_dataset, load_run
 from medseg.runs import RUN_DATA
@@ -70,3 +77,49 @@ def test_configs_with_nested_omegaconf_values_are_written_as_plain_json(tmp_path
         {"_target_": "x", "a": [1, {"b": 2}]},
     ]
     assert stored.label_names == {0: "background", 1: "organ"} and stored.num_classes == 2
+
+
+CODES = {
+    "organ": {
+        "category": ["123037004", "SCT", "Anatomical Structure"],
+        "type": {"CodeValue": "10200004", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Liver"},
+    }
+}
+
+
+def test_label_codes_travel_in_the_run_data_into_the_seg(tmp_path):
+    """dataset.json's label_codes are kept in run_data.json, so a SEG written from the run folder alone has them."""
+    labels = {"background": 0, "organ": 1, "other": 2}
+    write_run_data(tmp_path / "run", "Dataset1_X", labels, 1, [], label_codes=OmegaConf.create(CODES))
+    stored = read_run_data(tmp_path / "run")
+    liver = ["10200004", "SCT", "Liver"]
+    assert stored.label_codes == {"organ": {"category": CODES["organ"]["category"], "type": liver}}
+    assert json.loads((tmp_path / "run" / RUN_DATA).read_text())["label_codes"] == stored.label_codes
+
+    series = write_dicom_series(np.zeros((6, 5, 4)), np.diag([0.8, 0.9, 2.0, 1.0]), tmp_path / "scan")
+    (case,) = discover_cases(series)
+    loaded = LoadedModel(model=None, kind="dense", label_names=stored.label_names, source="run x")
+    mask = np.zeros((6, 5, 4), np.uint8)
+    mask[1:4, 1:3, 1:3], mask[4, 4, 3] = 1, 2
+    algorithm = seg_algorithm(loaded, prompted=False, codes=stored.label_codes)
+    seg = hd.seg.segread(
+        str(write_seg_for_case(case, mask, algorithm, tmp_path / "out", affine=load_image(series).affine))
+    )
+    organ, other = seg.get_segment_description(1), seg.get_segment_description(2)
+    assert (organ.segment_label, organ.segmented_property_type.value) == ("organ", "10200004")
+    assert organ.segmented_property_category.value == "123037004"
+    assert other.segmented_property_type.value == GENERIC_CODE.value  # no code given: the generic one
+
+    write_run_data(tmp_path / "plain", "Dataset1_X", labels, 1, [])
+    assert "label_codes" not in json.loads((tmp_path / "plain" / RUN_DATA).read_text())
+    assert read_run_data(tmp_path / "plain").label_codes == {}
+
+
+def test_malformed_or_unknown_label_codes_are_refused_when_the_run_is_written(tmp_path):
+    labels = {"background": 0, "organ": 1}
+    broken = {"organ": {"category": ["1", "SCT", "A"], "type": ["10200004", "SCT"]}}
+    with pytest.raises(ConfigError, match=r"Dataset1_X/dataset.json label_codes\['organ'\]\.type must be"):
+        write_run_data(tmp_path, "Dataset1_X", labels, 1, [], label_codes=broken)
+    with pytest.raises(ConfigError, match="'liver', not a label of its \"labels\" \\(background, organ\\)"):
+        write_run_data(tmp_path, "Dataset1_X", labels, 1, [], label_codes={"liver": CODES["organ"]})
+    assert not (tmp_path / RUN_DATA).exists()
