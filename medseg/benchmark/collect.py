@@ -4,7 +4,9 @@
 (``dice/grey_matter``) and as the mean over the foreground classes (``dice``), the per-case counterpart of the
 summary's ``foreground_mean`` (HD95 skips classes where it is undefined; NaN when it is undefined for all). When a
 summary has an ``interactive`` section (promptable runs), its per-case means are added too: ``dice_click1``...
-``dice_click10``, ``noc85``, ``noc90``, ``box_dice``, ``propagation_dice``.
+``dice_click10``, ``noc85``, ``noc90``, ``box_dice``, ``propagation_dice``; when it has a SegFM3D ``protocol``
+section (``task.evaluation.protocol=segfm3d``), the protocol's per-case numbers as ``segfm3d_dsc_auc``,
+``segfm3d_nsd_auc``, ``segfm3d_final_dsc``, ``segfm3d_final_nsd`` and ``segfm3d_seconds_per_step``.
 
 Time is a per-case row too: ``seconds``, the evaluation time of the case (load, predict, invert, write, score;
 :mod:`medseg.evaluation.timing`), where the summary records it. ``cost.csv`` gives each arm's
@@ -31,6 +33,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from medseg.evaluation.metrics import METRICS
+from medseg.evaluation.segfm3d import PROTOCOL, protocol_per_case
 from medseg.evaluation.summary import interactive_per_case, medseg_metrics
 
 __all__ = ["COST_COLUMNS", "PER_CASE_COLUMNS", "SECONDS", "cost_table", "per_case_rows"]
@@ -75,6 +78,13 @@ def per_case_rows(summary: Mapping[str, Any], arm: str, label_fraction: float, s
             values = {f"dice_click{k}": dice for k, dice in enumerate(means.get("dice_at_k") or (), start=1)}
             values.update({metric: means[metric] for metric in _INTERACTIVE if metric in means})
             rows.extend({**base, "case": str(case_id), "metric": m, "value": _number(v)} for m, v in values.items())
+    protocol = summary.get("protocol")
+    if isinstance(protocol, Mapping) and protocol.get("name") == PROTOCOL:
+        for case_id, numbers in protocol_per_case(summary).items():
+            rows.extend(
+                {**base, "case": str(case_id), "metric": f"{PROTOCOL}_{m}", "value": _number(v)}
+                for m, v in numbers.items()
+            )
     return rows
 
 

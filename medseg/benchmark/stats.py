@@ -42,6 +42,8 @@ __all__ = [
 HIGHER_IS_BETTER = {
     "dice": True, "nsd": True, "box_dice": True, "propagation_dice": True,
     "hd95": False, "noc": False, "noc85": False, "noc90": False,
+    "segfm3d_dsc_auc": True, "segfm3d_nsd_auc": True, "segfm3d_final_dsc": True, "segfm3d_final_nsd": True,
+    "segfm3d_seconds_per_step": False,
 }  # fmt: skip
 _CHUNK = 4_000_000  # resampled values held in memory at once (32 MB of float64)
 

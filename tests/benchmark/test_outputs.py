@@ -107,6 +107,28 @@ def test_promptable_runs_add_their_interactive_metrics_per_case():
     assert higher_is_better("dice_click2") and not higher_is_better("noc85")
 
 
+def test_segfm3d_protocol_numbers_become_per_case_rows_with_their_direction():
+    from medseg.benchmark.collect import per_case_rows
+    from medseg.benchmark.stats import higher_is_better
+
+    scores = {"dice": 0.5, "nsd": 0.6, "hd95": 3.0}
+    entry = {"classes": ["liver"], "dsc_auc": 2.5, "nsd_auc": 2.0, "final_dsc": 0.7, "final_nsd": 0.6,
+             "seconds_per_step": 0.25}  # fmt: skip
+    summary = {
+        "dataset": "D",
+        "metric_per_case": [{"case_id": "c1", "metrics": {"liver": scores}}],
+        "protocol": {"name": "segfm3d", "per_case": {"c1": entry, "c2": {"classes": [], "skipped": "empty"}}},
+    }
+    rows = [r for r in per_case_rows(summary, "arm", 1.0, 0) if r["metric"].startswith("segfm3d_")]
+    assert {(r["case"], r["metric"], r["value"]) for r in rows} == {
+        ("c1", "segfm3d_dsc_auc", 2.5), ("c1", "segfm3d_nsd_auc", 2.0), ("c1", "segfm3d_final_dsc", 0.7),
+        ("c1", "segfm3d_final_nsd", 0.6), ("c1", "segfm3d_seconds_per_step", 0.25),
+    }  # fmt: skip
+    assert higher_is_better("segfm3d_final_dsc") and not higher_is_better("segfm3d_seconds_per_step")
+    other = {**summary, "protocol": {"name": "another", "per_case": {"c1": entry}}}
+    assert not [r for r in per_case_rows(other, "arm", 1.0, 0) if r["metric"].startswith("segfm3d_")]
+
+
 def test_seconds_per_case_reach_per_case_and_cost_tables(tmp_path):
     from medseg.benchmark.collect import SECONDS, cost_table, per_case_rows
     from medseg.benchmark.report import render_report
