@@ -19,6 +19,13 @@ on the grid of the files, never on the resampled training grid. Per case:
 Every slice is encoded once per case (:class:`~medseg.inference.cache.EmbeddingCache`), whatever the number of clicks
 and objects.
 
+A SAM 2 / MedSAM2 model (a run whose model holds ``sam2``) goes through the same steps with SAM 2's own machinery:
+the case's slices are SAM 2 frames (the run's intensities min-max scaled over the whole volume,
+:class:`~medseg.inference.sam2_frames.Sam2Frames`, shared by the objects), the clicks of step 2 are SAM 2 on the one
+middle slice with its previous logits as mask input (:func:`~medseg.inference.sam2_propagation.slice_predictor_sam2`),
+and step 3 carries the box through the volume by memory (:func:`~medseg.inference.sam2_propagation.propagate_sam2`),
+with the same stop rules.
+
 A 3-D (volumetric) model is evaluated in 3-D instead (:func:`evaluate_case_3d`): the simulated user clicks on the
 whole native volume (RAS-permuted, as above), each round runs :func:`medseg.inference.volumetric.volume_predictor`
 (sliding windows of the model's ``roi_size``, prompts mapped into each window) with every click so far and the
@@ -57,6 +64,8 @@ from medseg.inference.cache import EmbeddingCache
 from medseg.inference.prepared import PreparedVolume, model_grid, prepare_volume
 from medseg.inference.propagate import PropagationConfig, propagate
 from medseg.inference.recipe import SliceRecipe, minmax_per_image, slice_predictor
+from medseg.inference.sam2_frames import Sam2Frames, is_sam2_model, unit_volume
+from medseg.inference.sam2_propagation import propagate_sam2, slice_predictor_sam2
 from medseg.inference.volumetric import volume_predictor
 from medseg.prompts.contract import Prompts
 from medseg.prompts.geometry import prompts_on_slice
@@ -208,7 +217,7 @@ def evaluate_case(
     Raises:
         ConfigError: a multi-channel image (the slice recipe is single-channel).
     """
-    if int(getattr(model, "spatial_dims", 2)) == 3:
+    if int(getattr(model, "spatial_dims", 2)) == 3 and not is_sam2_model(model):
         return evaluate_case_3d(model, case, labels, settings, seed=seed)
     if case.image.shape[0] != 1:
         raise ConfigError(
@@ -217,6 +226,9 @@ def evaluate_case(
         )
     cache = cache if cache is not None else EmbeddingCache(max_items=4096)
     volume = case.image[0]
+    frames = None
+    if is_sam2_model(model):  # SAM 2: the case's slices as frames, shared by every object (module docstring)
+        frames = Sam2Frames(model, np.moveaxis(unit_volume(volume, _RECIPE), slice_axis, 0))
     spacing_2d = [s for axis, s in enumerate(case.spacing) if axis != slice_axis]
     prediction = np.zeros(case.label.shape, dtype=np.int64)
     objects = _objects(case, labels, settings)
@@ -226,7 +238,10 @@ def evaluate_case(
         box6 = middle_slice_box(mask, slice_axis)
         k = int(box6[slice_axis])
         image_2d, reference_2d = np.take(volume, k, axis=slice_axis), np.take(mask, k, axis=slice_axis)
-        predict = slice_predictor(model, image_2d, cache, settings.multimask, recipe=_RECIPE)
+        if frames is None:
+            predict = slice_predictor(model, image_2d, cache, settings.multimask, recipe=_RECIPE)
+        else:  # SAM 2 picks its best of three masks for a lone click itself
+            predict = slice_predictor_sam2(frames, k)
         scores = evaluate_object(
             predict, reference_2d, spacing_2d, max_clicks=settings.max_clicks, dice_k=settings.dice_k,
             box_jitter_fraction=settings.box_jitter, seed=seed + index,
@@ -235,7 +250,10 @@ def evaluate_case(
         if settings.propagation is not None:
             start = prompts_on_slice(Prompts(box=np.asarray(box6, dtype=np.float32)[None]), slice_axis, k)
             config = PropagationConfig(axis=slice_axis, **dict(settings.propagation))
-            propagated = propagate(model, volume, k, prompts=start, config=config, recipe=_RECIPE, cache=cache).mask
+            if frames is None:
+                propagated = propagate(model, volume, k, prompts=start, config=config, recipe=_RECIPE, cache=cache).mask
+            else:
+                propagated = propagate_sam2(frames, k, start, config).mask
             scores["propagation_dice"] = propagation_dice(propagated, mask)
             prediction[propagated] = value
         else:

@@ -17,8 +17,12 @@ prompts into a 3-D mask with medseg's one promptable path:
   there (a box-trained model keeps the object), then propagates from that slice: the slices it reaches are replaced,
   the others kept. A click outside the slice range widens it. Slice embeddings are cached for the whole case.
 
-SAM 2's memory propagation plugs in as a third session class chosen in :func:`object_sessions`; the protocol itself
-needs nothing more.
+- :class:`MemorySession`, a SAM 2 / MedSAM2 model (a fine-tuned run holding ``sam2``): the box's in-plane part on its
+  ``z_mid`` slice, then SAM 2's memory carries the object through the box's slice range in both directions
+  (:class:`~medseg.inference.sam2_propagation.Sam2Tracker`). A click is a correction: its slice is prompted with
+  every click on it (and the box on ``z_mid``), decoded with the memory of the other slices and its previous logits,
+  and the object re-propagated onward from it (away from ``z_mid``); the slices before it keep their masks. A click
+  outside the slice range widens it. The slices' features are shared by all classes of the case.
 """
 
 from __future__ import annotations
@@ -37,12 +41,15 @@ from medseg.inference.cache import EmbeddingCache
 from medseg.inference.prepared import model_grid
 from medseg.inference.prompted_run import RUN_RECIPE
 from medseg.inference.propagate import PropagationConfig, propagate
-from medseg.inference.recipe import minmax_per_image
+from medseg.inference.recipe import SliceRecipe, minmax_per_image
+from medseg.inference.sam2_frames import Sam2Frames, is_sam2_model, unit_volume
+from medseg.inference.sam2_propagation import Sam2Tracker
 from medseg.inference.volumetric import WindowEncodings, volume_predictor
 from medseg.prompts.contract import Prompts, pad_points
 from medseg.prompts.geometry import prompts_on_slice
 
 __all__ = [
+    "MemorySession",
     "PropagationSession",
     "VolumeSession",
     "evaluate_case_segfm3d",
@@ -121,6 +128,33 @@ class PropagationSession:
         return self._propagate(index, prompts_on_slice(Prompts(**fields), axis, index))
 
 
+class MemorySession:
+    """A SAM 2 model's answers for one class: memory propagation and corrections (module docstring)."""
+
+    def __init__(self, frames: Sam2Frames, config: PropagationConfig):
+        self.tracker, self.axis = Sam2Tracker(frames, config), config.axis
+        self.lo, self.hi, self.mid = 0, frames.depth - 1, None
+        self._box: np.ndarray | None = None
+
+    def _mask(self) -> np.ndarray:
+        return np.moveaxis(self.tracker.volume_mask(), 0, self.axis)
+
+    def box(self, box: ChallengeBox) -> np.ndarray:
+        self.lo, self.hi, self.mid, self._box = box.lo[self.axis], box.hi[self.axis], box.mid, box.box6()[None]
+        self.tracker.correct(box.mid, prompts_on_slice(Prompts(box=self._box), self.axis, box.mid), self.lo, self.hi)
+        return self._mask()
+
+    def click(self, clicks: Sequence[Click]) -> np.ndarray:
+        index = int(clicks[-1][0][self.axis])
+        self.lo, self.hi = min(self.lo, index), max(self.hi, index)
+        here = [(c, label) for c, label in clicks if int(c[self.axis]) == index]
+        coords, labels = pad_points([[c for c, _ in here]], [[label for _, label in here]])
+        box = self._box if index == self.mid else None  # the box's slice keeps its box with the clicks
+        prompts = prompts_on_slice(Prompts(point_coords=coords, point_labels=labels, box=box), self.axis, index)
+        self.tracker.correct(index, prompts, self.lo, self.hi)
+        return self._mask()
+
+
 def protocol_classes(
     label: np.ndarray, labels: Mapping[str, int | Sequence[int]], max_objects: int | None = None
 ) -> dict[str, int]:
@@ -152,11 +186,17 @@ def object_sessions(
     overlap: float = 0.25,
     cache: EmbeddingCache | None = None,
 ) -> dict[str, ObjectSession]:
-    """One session per class name: :class:`VolumeSession` for a 3-D model, :class:`PropagationSession` for a 2-D one.
+    """One session per class name: :class:`MemorySession` for a SAM 2 model, :class:`VolumeSession` for a 3-D model,
+    :class:`PropagationSession` for a 2-D one.
 
     Raises:
-        ConfigError: a multi-channel image for a 2-D model (its slice recipe reads one channel).
+        ConfigError: a multi-channel image for a 2-D or SAM 2 model (their slice recipe reads one channel).
     """
+    if is_sam2_model(model) and case.image.shape[0] == 1:
+        config = PropagationConfig(axis=slice_axis, **dict(settings.propagation or {}))
+        slices = np.moveaxis(unit_volume(case.image[0], SliceRecipe("none")), slice_axis, 0)
+        frames = Sam2Frames(model, slices, config.batch_size)  # shared by the classes: each slice encoded once
+        return {name: MemorySession(frames, config) for name in names}
     if int(getattr(model, "spatial_dims", 2)) == 3:
         volume = minmax_per_image(torch.from_numpy(case.image).float()[None])[0]
         shape = model_grid(case.label.shape, case.spacing, target_spacing)

@@ -15,6 +15,9 @@ MedSAM2's inference): memory attention (``_prepare_memory_conditioned_features``
   outside ``[min_area, max_area]`` times the area of the slice the walk started from); that slice is not kept and
   its memory is dropped. A walk passes through other conditioning slices (their user prompts win, and the area rule
   restarts there); after a stop it resumes at the next conditioning slice ahead, if any.
+- :func:`propagate_sam2` is :func:`medseg.inference.propagate.propagate` for a SAM 2 model (one prompt set on one
+  slice, the same result type), and :func:`slice_predictor_sam2` the click loop on one slice that
+  :func:`medseg.inference.recipe.slice_predictor` is for a 2-D model (the interactive evaluation uses both).
 - A correction (:meth:`Sam2Tracker.correct`) is ``prompt`` then ``propagate`` *onward* from the corrected slice:
   away from the :attr:`~Sam2Tracker.anchor` (the first prompted slice), both ways on the anchor itself. Every slice
   beyond it in that direction is dropped and tracked again; the slices before it keep their masks.
@@ -43,7 +46,7 @@ from medseg.inference.recipe import above_threshold
 from medseg.inference.sam2_frames import Sam2Frames
 from medseg.prompts.contract import Prompts
 
-__all__ = ["Sam2Tracker", "Walk"]
+__all__ = ["Sam2Tracker", "Walk", "propagate_sam2", "slice_predictor_sam2"]
 
 _VIDEO_SETTINGS = {"binarize_mask_from_pts_for_mem_enc": True}
 _COND, _NON_COND = "cond_frame_outputs", "non_cond_frame_outputs"
@@ -264,3 +267,33 @@ class Sam2Tracker:
         return PropagationResult(
             np.moveaxis(self.volume_mask(), 0, axis), walk.first, walk.last, walk.stopped, self.frames.encoded
         )
+
+
+def propagate_sam2(
+    frames: Sam2Frames,
+    index: int,
+    prompts: Prompts,
+    config: PropagationConfig | None = None,
+    lo: int = 0,
+    hi: int | None = None,
+) -> PropagationResult:
+    """One object from ``prompts`` (2-D, the slice's pixels) on slice ``index`` through slices ``lo..hi`` by memory,
+    as :func:`medseg.inference.propagate.propagate` returns it (``config.axis`` the volume's slice axis)."""
+    tracker = Sam2Tracker(frames, config)
+    return tracker.result(tracker.correct(index, prompts, lo, hi), tracker.config.axis)
+
+
+def slice_predictor_sam2(frames: Sam2Frames, index: int, config: PropagationConfig | None = None):
+    """A ``predict_fn(prompts, prev_mask) -> (H, W) bool`` on slice ``index`` for a click loop
+    (:func:`medseg.prompts.simulate.interactive_loop`): SAM 2 on that one frame, no other slice in memory (the image
+    predictor's answer), its own previous logits fed back as mask input when the loop passes ``prev_mask``; each call
+    carries every prompt so far, which replace the slice's earlier ones."""
+    tracker = Sam2Tracker(frames, config)
+
+    def predict(prompts: Prompts, prev_mask: torch.Tensor | None) -> np.ndarray:
+        if prev_mask is None:
+            tracker.forget(index)
+        with torch.inference_mode():
+            return tracker.prompt(index, prompts)
+
+    return predict

@@ -5,6 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from medseg.data.prepare import synthetic
 from medseg.errors import ConfigError
@@ -89,3 +90,39 @@ def _box_mask(mask):
     idx = np.nonzero(mask)
     out[tuple(slice(a.min(), a.max() + 1) for a in idx)] = True
     return out
+
+
+class Sam2Holder(torch.nn.Module):
+    """What a fine-tuned SAM 2 run's model is to the evaluation: a module holding the ``SAM2Base`` as ``sam2``."""
+
+    def __init__(self, sam2: torch.nn.Module) -> None:
+        super().__init__()
+        self.sam2 = sam2
+
+
+def test_a_sam2_model_clicks_on_one_slice_and_propagates_by_memory(phantoms, monkeypatch):
+    """Tiny ``sam2`` architecture with random weights (object-presence head raised): the wiring, not the quality. The
+    clicks run on the object's middle slice, the box then propagates through the volume, every slice encoded once."""
+    pytest.importorskip("sam2")
+    from medseg.backbones.sam2 import build_sam2_components
+    from medseg.evaluation.interactive_run import evaluate_case
+
+    torch.manual_seed(0)
+    tiny = {"embed_dim": 16, "stages": [1, 1, 2, 1], "global_att_blocks": [3], "num_heads": 1}
+    sam2 = build_sam2_components("sam2_hiera_t", pretrained=False, img_size=64, arch=tiny).model.eval()
+    with torch.no_grad():
+        sam2.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(10.0)
+    encoded, forward_image = [], sam2.forward_image
+    monkeypatch.setattr(sam2, "forward_image", lambda images: encoded.append(len(images)) or forward_image(images))
+    images, labels = phantoms
+    case_id = images[0].name[: -len("_0000.nii.gz")]
+    case = load_native_case(case_id, [images[0]], labels / f"{case_id}.nii.gz")
+    names = {"background": 0, **{f"c{v}": int(v) for v in np.unique(case.label) if v}}
+    rules = {"min_iou": None, "min_area": None, "max_area": None}
+    settings = InteractiveSettings(max_clicks=2, dice_k=2, max_objects=1, propagation=rules)
+    [obj], label_map = evaluate_case(Sam2Holder(sam2), case, names, settings)
+    assert len(obj["dice_at_k"]) == 2 and 1 <= obj["clicks"] <= 2 and 0.0 <= obj["box_dice"] <= 1.0
+    assert isinstance(obj["propagation_dice"], float)
+    reached = np.flatnonzero(np.any(label_map == names[obj["class"]], axis=(0, 1)))
+    assert obj["slice"] in reached and len(reached) == case.label.shape[2]  # no stop rules: every slice
+    assert sum(encoded) == case.label.shape[2]  # the click loop and the propagation share the frames

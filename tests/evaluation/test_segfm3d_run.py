@@ -158,3 +158,57 @@ def test_a_tiny_run_is_evaluated_under_the_protocol_into_summary_json(experiment
                                                         "seconds_per_step"}  # fmt: skip
     assert section["mean"]["final_dsc"] == result["final_dsc"]
     assert (tmp_path / "predictions" / f"{case_id}.nii.gz").is_file() and is_complete(tmp_path / "summary.json")
+
+
+class Sam2Holder(torch.nn.Module):
+    """What a fine-tuned SAM 2 run's model is to the protocol: a module holding the ``SAM2Base`` as ``sam2``."""
+
+    def __init__(self, sam2: torch.nn.Module) -> None:
+        super().__init__()
+        self.sam2 = sam2
+
+
+def tiny_sam2() -> torch.nn.Module:
+    """The ``sam2`` architecture, 16-wide Hiera at 64 px, random weights (object-presence head raised so that masks
+    are not blanked): mechanics only, no segmentation quality."""
+    from medseg.backbones.sam2 import build_sam2_components
+
+    torch.manual_seed(0)
+    tiny = {"embed_dim": 16, "stages": [1, 1, 2, 1], "global_att_blocks": [3], "num_heads": 1}
+    model = build_sam2_components("sam2_hiera_t", pretrained=False, img_size=64, arch=tiny).model.eval()
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(10.0)
+    return model
+
+
+def test_a_sam2_model_propagates_by_memory_from_the_box_and_each_click(root, clicks_seen, monkeypatch):
+    """Each class: the box on its median slice within the box's slices, then every click re-propagates from its slice;
+    the slices are encoded once for both classes and all six steps."""
+    from medseg.inference.sam2_propagation import Sam2Tracker
+
+    pytest.importorskip("sam2")
+    case = _case(root)
+    sam2 = tiny_sam2()
+    encoded, forward_image = [], sam2.forward_image
+    monkeypatch.setattr(sam2, "forward_image", lambda images: encoded.append(len(images)) or forward_image(images))
+    calls, correct = [], Sam2Tracker.correct
+
+    def recording(self, index, prompts, lo=0, hi=None):
+        calls.append((id(self), index, lo, hi))
+        return correct(self, index, prompts, lo, hi)
+
+    monkeypatch.setattr(Sam2Tracker, "correct", recording)
+    settings = InteractiveSettings(**SEGFM3D)
+    result, label_map = evaluate_case_segfm3d(Sam2Holder(sam2), case, _names(case), settings)
+    _check_case(result, label_map, case)
+    _check_clicks(clicks_seen)
+    assert 0 < sum(encoded) <= case.label.shape[2]  # 12 slices, shared by both classes
+    trackers = list(dict.fromkeys(tracker for tracker, *_ in calls))
+    assert len(trackers) == 2
+    for tracker, name in zip(trackers, result["classes"], strict=True):
+        mine = [(index, lo, hi) for who, index, lo, hi in calls if who == tracker]
+        target = case.label == int(name[1:])
+        box = result["per_class"][name]["box"]
+        assert mine[0] == (protocol.challenge_box(target).mid, box[2], box[5])
+        clicks = [c for reference, _, c in clicks_seen if c is not None and np.array_equal(reference, target)]
+        assert [index for index, _, _ in mine[1:]] == [coord[2] for coord, _ in clicks]  # each click: its own slice
