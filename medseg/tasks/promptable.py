@@ -27,6 +27,18 @@ evaluation click with the reference (:func:`medseg.prompts.interactive_loop`, on
 
 Images are min-max scaled to [0, 1] per slice (per volume for 3-D models) before the encoder, as the LiteMedSAM
 recipe that evaluation and propagation use does, so training and evaluation inputs follow one convention.
+
+Short slice sequences with memory (``sequence_length`` > 1, SAM 2 / MedSAM2 models only; MedSAM2's fine-tuning): an
+item is a patch of ``sequence_length`` consecutive slices along ``slice_axis`` (``data/sampling=patches_3d`` with
+``patch_size`` ``S x S`` in plane and the sequence's length along the axis). Its first slice is prompted and corrected
+as a 2-D frame is (the first prompt set, then ``num_iterations`` rounds, through SAM 2's own ``_track_step`` with the
+previous logits as ``prev_sam_mask_logits``); its final mask is written into SAM 2's memory, and every following
+slice is segmented from memory alone, conditioned on the earlier slices (:meth:`~medseg.models.sam2_promptable.
+Sam2PromptableSegmenter.track` / ``remember``). The object is the first slice's one, followed through the sequence
+(its class; in ``component`` mode the 3-D components that touch it). Every slice adds its mask and IoU losses, plus
+``object_weight`` times the binary cross-entropy of SAM 2's object score against the object's presence on the slice
+(SAM 2 masks a slice whose score says "absent", so that head must learn too). A sequence is min-max scaled as a
+whole, as memory propagation scales its volume. Validation stays 2-D.
 """
 
 from __future__ import annotations
@@ -39,17 +51,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from scipy import ndimage
 from torch import nn
 
 from medseg.errors import ConfigError
 from medseg.evaluation.interactive import dice, interactive_objects
 from medseg.inference.recipe import decode_best, minmax_per_image, single_click
 from medseg.inference.volumetric import volume_predictor
+from medseg.models.sam2_promptable import Sam2Memory
 from medseg.prompts.simulate import PROMPT_MIX, interactive_loop, sample_prompts
 from medseg.tasks.optimization import OptimizationMixin
 from medseg.tasks.prompt_sampling import ClickState, fit_to_model, mask_iou, pick_masks
 
-__all__ = ["PromptableTask"]
+__all__ = ["PromptableTask", "sequence_targets"]
 
 
 def _plain(value: Any) -> Any:
@@ -93,6 +107,9 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         inference: ``slice_axis`` (axis of 2-D slices, RAS array order) and other prediction settings.
         evaluation: settings of the test-time interactive evaluation (:mod:`medseg.evaluation.interactive_run`).
         label_names: ``{name: value}`` of the dataset, background included.
+        sequence_length: 1 (2-D frames, the default) or the slices of one training sequence with memory (module
+            docstring; a model with SAM 2's memory).
+        object_weight: weight of the object-score loss of sequences.
     """
 
     def __init__(
@@ -117,6 +134,8 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         inference: Mapping[str, Any] | None = None,
         evaluation: Mapping[str, Any] | None = None,
         label_names: Mapping[str, int] | None = None,
+        sequence_length: int = 1,
+        object_weight: float = 1.0,
     ) -> None:
         super().__init__()
         prompt_mix = dict(_plain(prompt_mix) or PROMPT_MIX)
@@ -129,6 +148,17 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         if int(getattr(model, "spatial_dims", 0)) not in (2, 3):
             raise ConfigError(f"{type(model).__name__} has no spatial_dims 2 or 3; a promptable model needs one.")
         clicks_on_device = _clicks_on_device(clicks_on_device)
+        sequence_length = int(sequence_length)
+        if sequence_length < 1:
+            raise ConfigError(f"task.sequence_length must be 1 (2-D frames) or more slices, got {sequence_length}.")
+        if sequence_length > 1 and not (hasattr(model, "track") and hasattr(model, "remember")):
+            raise ConfigError(
+                f"task.sequence_length={sequence_length} trains through SAM 2's memory, which "
+                f"{type(model).__name__} lacks; use a SAM 2 backbone (backbone=sam2_hiera_t|s|b_plus|l|medsam2) or "
+                f"task.sequence_length=1."
+            )
+        if hasattr(model, "freeze_unused"):  # DDP: no trainable parameter may go without a gradient
+            model.freeze_unused(sequence=sequence_length > 1, mask_prompts=int(num_iterations) > 1)
         # Plain containers only: checkpoints must load with torch.load(weights_only=True) on resume.
         self.save_hyperparameters(
             {
@@ -136,7 +166,8 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
                 "max_points": max_points, "object_mode": object_mode, "box_jitter": box_jitter,
                 "num_iterations": num_iterations, "multimask": multimask, "iou_weight": iou_weight,
                 "val_slices": val_slices, "val_clicks": val_clicks, "seed": seed, "clicks_on_device": clicks_on_device,
-                "inference": inference, "evaluation": evaluation,
+                "inference": inference, "evaluation": evaluation, "sequence_length": sequence_length,
+                "object_weight": object_weight,
             }
         )  # fmt: skip
         self.model, self.loss = model, loss
@@ -147,6 +178,7 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         self.iou_weight, self.val_slices, self.val_clicks = float(iou_weight), int(val_slices), val_clicks
         self.seed, self.inference, self.evaluation = int(seed), inference, evaluation
         self.clicks_on_device = clicks_on_device
+        self.sequence_length, self.object_weight = sequence_length, float(object_weight)
         self.label_names = {str(k): int(v) for k, v in (label_names or {}).items()}
         self._val_sum = torch.zeros(0)
         self._val_count = torch.zeros(0)
@@ -164,6 +196,16 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
     # ------------------------------------------------------------------ training
     def _check_batch(self, image: torch.Tensor) -> None:
         dims = image.ndim - 2
+        if self.sequence_length > 1:
+            size, axis = int(self.model.image_size), self.slice_axis
+            expected = [size, size]
+            expected.insert(axis, self.sequence_length)
+            if list(image.shape[2:]) != expected:
+                raise ConfigError(
+                    f"sequences of {self.sequence_length} slices along axis {axis} need patches of {expected} voxels, "
+                    f"got {tuple(image.shape[2:])}; set data/sampling=patches_3d data.sampling.patch_size={expected}."
+                )
+            return
         if dims != self.spatial_dims:
             raise ConfigError(
                 f"the data gives {dims}-D samples {tuple(image.shape)} but the model is {self.spatial_dims}-D; use "
@@ -200,6 +242,12 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         """One decoding round: ``(chosen logits (B, 1, *spatial), mask loss, IoU-head loss)``."""
         prompts = state.prompts(prev, embeddings.device)
         logits, iou = self.model.decode(embeddings, prompts, multimask=self.multimask and single_click(prompts))
+        return self._mask_losses(logits, iou, target)
+
+    def _mask_losses(
+        self, logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(chosen logits, mask loss, IoU-head loss)`` of one round's masks; several masks train the best one."""
         logits = logits.float()
         B, M = logits.shape[:2]
         if M > 1:
@@ -221,6 +269,8 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         # plain tensors: a MetaTensor's metadata handling costs more than the prompt path's small operations
         image, label = (torch.Tensor.as_subclass(batch[key], torch.Tensor) for key in ("image", "label"))
         self._check_batch(image)
+        if self.sequence_length > 1:
+            return self._sequence_step(image, label)
         prompts, target = sample_prompts(
             label, self._rng(), self.prompt_mix, self.max_points, self.object_mode, jitter_fraction=self.box_jitter
         )
@@ -245,6 +295,51 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         self.log("train/loss_last", mask_loss, batch_size=image.shape[0])
         self.log("train/loss", total, prog_bar=True, batch_size=image.shape[0])
         return total
+
+    def _sequence_step(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """One batch of slice sequences through SAM 2's memory (module docstring)."""
+        axis = self.slice_axis + 2
+        # one intensity scale per sequence, as memory propagation scales a whole volume (a per-slice scale would change
+        # the object's contrast from slice to slice): (B, T, C, S, S), (B, T, 1, S, S)
+        frames, labels = minmax_per_image(image.float()).movedim(axis, 1), label.movedim(axis, 1)
+        batch, length = frames.shape[:2]
+        rng, mix, jitter = self._rng(), self.prompt_mix, self.box_jitter
+        prompts, first = sample_prompts(
+            labels[:, 0], rng, mix, self.max_points, self.object_mode, jitter_fraction=jitter
+        )
+        targets = sequence_targets(labels, first, prompts.class_vector[:, 0], self.object_mode).to(image.device)
+        embeddings = self.model.encode(frames.flatten(0, 1)).unflatten(0, (batch, length))
+        memory, total = Sam2Memory(num_frames=length), image.new_zeros(())
+        on_device = self.clicks_on(image.device)
+        references = targets[:, 0, 0] > 0.5
+        references = references if on_device else references.cpu().numpy()
+        state = ClickState(prompts, on_device=on_device)
+        prev: torch.Tensor | None = None
+        for index in range(self.num_iterations):  # the prompted slice: first prompts, then correction clicks
+            if index > 0:
+                current = prev[:, 0] > 0
+                state.add_corrections(references, current if on_device else current.cpu().numpy())
+            step = self.model.track(embeddings[:, 0], memory, 0, state.prompts(prev, image.device))
+            chosen, frame_loss = self._sequence_losses(step, targets[:, 0])
+            total = total + frame_loss
+            prev = chosen.detach()
+            if index == 0:
+                self.log("train/loss_first", frame_loss, batch_size=batch)
+        for t in range(1, length):  # the following slices from memory alone
+            self.model.remember(memory, t - 1, step)
+            step = self.model.track(embeddings[:, t], memory, t)
+            _, frame_loss = self._sequence_losses(step, targets[:, t])
+            total = total + frame_loss
+        self.log("train/loss_last", frame_loss, batch_size=batch)
+        self.log("train/loss", total, prog_bar=True, batch_size=batch)
+        return total
+
+    def _sequence_losses(self, step: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen logits, mask + IoU + object-score loss)`` of one tracked slice."""
+        chosen, mask_loss, iou_loss = self._mask_losses(step.logits, step.iou, target)
+        present = target.flatten(1).amax(1, keepdim=True)
+        object_loss = F.binary_cross_entropy_with_logits(step.object_score_logits.float(), present)
+        return chosen, mask_loss + self.iou_weight * iou_loss + self.object_weight * object_loss
 
     # ------------------------------------------------------------------ validation (interactive)
     def validation_samples(self, image: torch.Tensor, label: torch.Tensor) -> list[tuple[torch.Tensor, np.ndarray]]:
@@ -326,3 +421,28 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
                     f"the checkpoint callback monitors {monitor!r}, which a promptable task does not log; set "
                     f"callbacks.model_checkpoint.monitor=val/dice (logged: {sorted(logged)})."
                 )
+
+
+def sequence_targets(
+    labels: torch.Tensor, first: torch.Tensor, class_ids: torch.Tensor, object_mode: str
+) -> torch.Tensor:
+    """The first slice's object on every slice of a sequence: ``(B, T, 1, S, S)`` float binary masks.
+
+    Args:
+        labels: ``(B, T, 1, S, S)`` label maps of the sequence.
+        first: ``(B, 1, S, S)`` the object :func:`~medseg.prompts.sample_prompts` drew on slice 0.
+        class_ids: ``(B,)`` its class (0: no object, an empty target throughout).
+        object_mode: ``class`` (every voxel of the class) or ``component`` (the class's 3-D connected components,
+            6-connected, that touch the first slice's object).
+    """
+    values = labels[:, :, 0].round().long()
+    ids = class_ids.to(values.device).view(-1, 1, 1, 1)
+    masks = (values == ids) & (ids > 0)
+    if object_mode == "component":
+        kept = np.zeros(tuple(masks.shape), dtype=bool)
+        for b, (mask, seed) in enumerate(zip(masks.cpu().numpy(), first[:, 0].cpu().numpy() > 0.5)):
+            components, _ = ndimage.label(mask)
+            touching = np.unique(components[0][seed])
+            kept[b] = np.isin(components, touching[touching > 0])
+        masks = torch.from_numpy(kept).to(values.device)
+    return masks[:, :, None].float()
