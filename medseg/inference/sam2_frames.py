@@ -11,7 +11,11 @@ the way ``sam2`` prepares its inputs so that no file is written:
    ``SAM2Transforms`` and ``load_video_frames`` do) bilinearly with antialiasing (``torchvision``'s ``Resize``
    on tensors, what ``SAM2ImagePredictor`` runs), repeated onto RGB and normalised with the ImageNet statistics;
 3. :meth:`SAM2Base.forward_image` and ``_prepare_backbone_features`` give the flattened features ``track_step``
-   reads, exactly as ``SAM2VideoPredictor._get_image_feature`` makes them.
+   reads, exactly as ``SAM2VideoPredictor._get_image_feature`` makes them. A fine-tuned model that holds its image
+   encoder as a :class:`~medseg.backbones.sam2.Sam2Backbone` (``model.backbone``, where its adapters sit) is encoded
+   through that backbone instead (:meth:`~medseg.backbones.sam2.Sam2Backbone.encode`: the same channel repeat and
+   ImageNet statistics), followed by the same ``conv_s0``/``conv_s1`` projections ``forward_image`` applies, so an
+   adapter that acts in the backbone's forward pass is not bypassed.
 
 :class:`Sam2Frames` keeps the features of recently used slices (a byte budget, least recently used dropped first) and
 encodes ``batch_size`` slices at a time in the walking direction, so a propagation runs the encoder once per slice and
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.backbones.sam2 import IMAGENET_MEAN, IMAGENET_STD
+from medseg.backbones.sam2 import IMAGENET_MEAN, IMAGENET_STD, Sam2Backbone
 from medseg.errors import ConfigError
 from medseg.inference.recipe import SliceRecipe, to_uint8
 
@@ -90,6 +94,8 @@ class Sam2Frames:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1 slice, got {batch_size}.")
         self.model, self.slices, self.batch_size, self.max_bytes = sam2, slices, int(batch_size), int(max_bytes)
+        backbone = getattr(model, "backbone", None)
+        self.backbone = backbone if isinstance(backbone, Sam2Backbone) and sam2 is not model else None
         self.encoded = 0
         self._features: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
         self._pos: list[torch.Tensor] | None = None
@@ -113,15 +119,30 @@ class Sam2Frames:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def images(self, indices: Sequence[int]) -> torch.Tensor:
-        """Steps 2 of the module docstring: ``(N, 3, S, S)`` normalised model inputs of slices ``indices``."""
+    def unit_images(self, indices: Sequence[int]) -> torch.Tensor:
+        """Slices ``indices`` resized to the model's square input: ``(N, 1, S, S)`` in [0, 1]."""
         x = torch.from_numpy(self.slices[list(indices)])[:, None].to(self.device)
         size = self.image_size
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def images(self, indices: Sequence[int]) -> torch.Tensor:
+        """Step 2 of the module docstring: ``(N, 3, S, S)`` normalised model inputs of slices ``indices``."""
+        x = self.unit_images(indices)
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         return (x.expand(-1, 3, -1, -1) - mean) / std
+
+    def _encode(self, indices: Sequence[int]) -> dict[str, Any]:
+        if self.backbone is None:
+            return self.model.forward_image(self.images(indices))
+        x = self.unit_images(indices).expand(-1, self.backbone.channel_adapter.in_channels, -1, -1)
+        out = self.backbone.encode(x)
+        fpn = list(out["backbone_fpn"])
+        if self.model.use_high_res_features_in_sam:  # what SAM2Base.forward_image adds to its encoder's output
+            fpn[0], fpn[1] = self.model.sam_mask_decoder.conv_s0(fpn[0]), self.model.sam_mask_decoder.conv_s1(fpn[1])
+        return {**out, "backbone_fpn": fpn}
 
     def is_encoded(self, index: int) -> bool:
         return index in self._features
@@ -131,7 +152,7 @@ class Sam2Frames:
         missing = [int(k) for k in dict.fromkeys(indices) if 0 <= k < self.depth and k not in self._features]
         if not missing:
             return
-        out = self.model.forward_image(self.images(missing))
+        out = self._encode(missing)
         _, feats, pos, sizes = self.model._prepare_backbone_features(out)  # (HW)NC per level
         if self._pos is None:
             self._pos, self._sizes = [p[:, :1] for p in pos], sizes

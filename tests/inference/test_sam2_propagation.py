@@ -158,3 +158,25 @@ def test_bad_prompts_and_ranges_are_refused(model, tube):
         tracker.propagate(4, lo=5)
     with pytest.raises(ConfigError, match="not a SAM 2 model"):
         Sam2Frames(torch.nn.Linear(2, 2), np.zeros((2, 4, 4)))
+
+
+def test_a_fine_tuned_models_backbone_encodes_its_frames(model, tube):
+    """A model holding ``sam2`` and its encoder as a ``Sam2Backbone`` (where adapters sit) is encoded through the
+    backbone, with the same projections ``forward_image`` adds: without adapters the features are SAM 2's own."""
+    from medseg.backbones.sam2 import Sam2Backbone
+
+    class FineTuned(torch.nn.Module):
+        def __init__(self, sam2):
+            super().__init__()
+            self.sam2, self.backbone = sam2, Sam2Backbone(sam2.image_encoder, image_size=SIZE)
+
+    slices = unit_volume(tube, SliceRecipe("none"))
+    bare, held = Sam2Frames(model, slices), Sam2Frames(FineTuned(model), slices)
+    assert bare.backbone is None and held.backbone is not None and held.model is model
+    calls = []
+    held.backbone.encode = lambda x, encode=held.backbone.encode: calls.append(x.shape) or encode(x)
+    with torch.inference_mode():
+        ours, theirs = bare.features(3)[0], held.features(3)[0]
+    assert calls == [(1, 1, SIZE, SIZE)]
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
