@@ -11,13 +11,16 @@ window only the prompts that concern it:
 * the box is clipped to the window;
 * ``prev_mask`` is cropped to the window.
 
-A window runs only for the objects (prompt sets) that have a part there. An object with a box is run in the windows
-its box intersects (the box bounds the object); one without, in the windows holding one of its positive points or
-foreground of its previous mask (logit > 0). Negative points refine an object in a window that runs anyway but do not
-start one by themselves. The encoder runs once per window that any object needs and the decoder once
-for all the objects that need it. Overlapping windows are blended with Gaussian importance weights (MONAI's
-``compute_importance_map``); voxels that no window of an object covered keep ``fill_value`` (a large negative logit,
-i.e. background).
+A window runs only for the objects (prompt sets) that the user pointed at there. An object with a box is run in the
+windows its box intersects (the box bounds the object); one without, in the windows holding one of its positive
+points. Negative points refine an object in a window that runs anyway but do not start one by themselves, and nor
+does the previous mask: as in VISTA3D's ``point_based_window_inferer``, a window without a prompt of the object is not
+re-predicted, and the voxels that no window of the object covered keep the previous mask's logits (``fill_value``, a
+large negative logit, i.e. background, when there is none). A window holding only previous-mask foreground is a
+prompt the model never trains on (every training patch holds its object's clicks or box): re-running it let a
+correction click elsewhere erase or bloat the object there, so clicks made Dice worse. The encoder runs once per
+window that any object needs and the decoder once for all the objects that need it. Overlapping windows are blended
+with Gaussian importance weights (MONAI's ``compute_importance_map``).
 
 A volume smaller than the roi along an axis is zero-padded at the end of that axis, which leaves voxel coordinates
 unchanged; the padding is cropped from the result.
@@ -82,11 +85,9 @@ def window_prompts(prompts: Prompts, start: Sequence[int], roi: Sequence[int]) -
         clipped = torch.cat([torch.maximum(box[:, :3], lo), torch.minimum(box[:, 3:], hi)], dim=1) - lo.repeat(2)
         meets = (clipped[:, 3:] >= clipped[:, :3]).all(-1)
         fields["box"] = torch.where(meets[:, None], clipped, torch.zeros_like(clipped))
-    if prompts.prev_mask is not None:
+    if prompts.prev_mask is not None:  # cropped for the window; its foreground alone does not run the window
         crop = tuple(slice(int(s), int(s) + int(r)) for s, r in zip(start, roi))
-        window = prompts.prev_mask[(slice(None), slice(None), *crop)]
-        fields["prev_mask"] = window
-        active |= (mask_as_logits(window.float()) > 0).flatten(1).any(-1).cpu()
+        fields["prev_mask"] = prompts.prev_mask[(slice(None), slice(None), *crop)]
     if prompts.box is not None:  # a box bounds its object: outside it nothing is run, inside it always
         active = meets
     if not active.any():
@@ -124,13 +125,14 @@ def predict_prompted(
             volume's embedding, ``decode(embeddings, prompts) -> (logits (n, 1, *roi), iou)``, ``roi_size``).
         image: ``(C, X, Y, Z)`` preprocessed volume (the model's input space).
         prompts: 3-D prompts of ``B`` objects in voxels of ``image`` (array order, inclusive boxes); ``prev_mask``
-            ``(B, 1, X, Y, Z)`` logits or probabilities if given.
+            ``(B, 1, X, Y, Z)`` logits or probabilities if given: each run window gets its crop, and the voxels
+            that no run window covers keep it (as logits).
         roi_size: window in voxels; default the model's ``roi_size``.
         overlap: fraction of a window shared with its neighbour, per axis.
         mode: ``gaussian`` (window centres weigh more) or ``constant`` blending.
         device: where the model runs (default: its parameters' device); the result stays on the image's device.
         amp: run the model under ``torch.autocast``.
-        fill_value: logit of voxels that no window of an object covered.
+        fill_value: logit of voxels that no window of an object covered, when there is no ``prev_mask``.
 
     Returns:
         ``(B, X, Y, Z)`` float32 logits, on the image's device.
@@ -159,9 +161,12 @@ def predict_prompted(
     padding = [max(r - s, 0) for s, r in zip(shape, roi)]
     pad = [p for axis in reversed(range(3)) for p in (0, padding[axis])]
     volume = F.pad(volume.float(), pad)
-    if prompts.prev_mask is not None and any(padding):
-        prev_logits = mask_as_logits(prompts.prev_mask.float())  # so that the padding's logits read as logits
-        prompts = prompts.with_prev_mask(F.pad(prev_logits, pad, value=fill_value))
+    previous = None  # what voxels that no window of an object covers keep: its previous logits, else fill_value
+    if prompts.prev_mask is not None:
+        previous = mask_as_logits(prompts.prev_mask.float()).to(volume.device)  # probabilities read as logits
+        if any(padding):
+            previous = F.pad(previous, pad, value=fill_value)
+        prompts = prompts.with_prev_mask(previous)
     padded = tuple(volume.shape[1:])
     weight = compute_importance_map(tuple(roi), mode=mode, device=volume.device).float()
     total = torch.zeros(prompts.batch_size, *padded, device=volume.device)
@@ -182,7 +187,8 @@ def predict_prompted(
             region = (index, *crop)
             total[region] += logits[:, 0].float().to(volume.device) * weight
             norm[region] += weight
-    logits = torch.where(norm > 0, total / norm.clamp_min(torch.finfo(norm.dtype).tiny), fill_value)
+    kept = fill_value if previous is None else previous[:, 0]
+    logits = torch.where(norm > 0, total / norm.clamp_min(torch.finfo(norm.dtype).tiny), kept)
     return logits[(slice(None), *(slice(0, s) for s in shape))]
 
 

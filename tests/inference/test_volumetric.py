@@ -148,15 +148,22 @@ def test_small_volumes_are_padded_and_cropped_back(model):
     assert logits.shape == (1, 32, 32, 5) and torch.isfinite(logits).all() and (logits > FILL_VALUE).all()
 
 
-def test_previous_mask_foreground_runs_its_windows(model, recorder):
+def test_previous_mask_alone_runs_no_window_and_uncovered_voxels_keep_it(model, recorder):
     volume = image((40, 32, 8), seed=6)
     prev = torch.full((1, 1, 40, 32, 8), -5.0)
-    prev[0, 0, 36:39, 10:12, 2:4] = 5.0  # foreground only in the second x window
-    prompts = Prompts(point_coords=[[[37.0, 10.0, 3.0]]], point_labels=[[0]], prev_mask=prev)
-    predict_prompted(model, volume, prompts)
+    prev[0, 0, 36:39, 10:12, 2:4] = 5.0  # foreground only in the second x window, and no positive click there
+    negative = Prompts(point_coords=[[[37.0, 10.0, 3.0]]], point_labels=[[0]], prev_mask=prev)
+    logits = predict_prompted(model, volume, negative)
+    assert recorder.encodes == 0  # neither previous foreground nor a negative click starts a window
+    assert torch.equal(logits, prev[:, 0])  # nothing re-predicted: the previous mask stands
+    # a positive click in the first x window (0..31) runs that window only; x >= 32 keeps the previous logits
+    clicked = Prompts(point_coords=[[[5.0, 10.0, 3.0], [37.0, 10.0, 3.0]]], point_labels=[[1, 0]], prev_mask=prev)
+    logits = predict_prompted(model, volume, clicked)
     assert recorder.encodes == 1
-    assert tuple(recorder.prompts[0].prev_mask.shape) == (1, 1, *ROI)
-    assert torch.equal(recorder.prompts[0].prev_mask, prev[:, :, 8:40])
+    (seen,) = recorder.prompts
+    assert torch.equal(seen.prev_mask, prev[:, :, :32]) and seen.point_labels.tolist() == [[1, -1]]
+    assert torch.equal(logits[0, 32:], prev[0, 0, 32:])
+    assert not torch.equal(logits[0, :8], prev[0, 0, :8])
 
 
 def test_bad_requests_raise_medseg_errors(model):
