@@ -13,6 +13,14 @@ What it does is SAM's ``PromptEncoder`` with one more coordinate, as in 3DSAM-ad
   3-D convolutions (SAM's ``mask_downscaling``; stride 1 along the slice axis, which the grid keeps at full
   resolution); without one, a learned "no mask" embedding fills the dense grid.
 
+* **Prompt maps at full resolution** (:meth:`PromptEncoder3d.maps`), as RITM (Sofiiuk et al. 2022, "Reviving
+  iterative training with mask guidance for interactive segmentation") feeds its network: the previous mask as a
+  probability, a disk of ``click_radius`` voxels around every positive and every negative click, and the box's inside,
+  four ``(B, 4, X, Y, Z)`` channels that the decoder's full-resolution stem reads with the image. The tokens above
+  reach the image only on the embedding grid (one cell per 16 px patch in plane: 2 x 2 cells for a 32 px roi), so
+  without these maps a negative click could only switch off a whole patch and the previous mask could not be kept at
+  its own resolution: clicks made a tiny model worse.
+
 Coordinates are in voxels of the model input, in array order (``point_coords[..., a]`` indexes spatial axis ``a`` of
 the ``(B, C, X, Y, Z)`` input), exactly as :mod:`medseg.prompts.contract` defines them; nothing is flipped.
 """
@@ -29,7 +37,11 @@ from torch import nn
 from medseg.errors import ConfigError, InputShapeError
 from medseg.prompts.contract import Prompts
 
-__all__ = ["ChannelNorm3d", "PositionEmbeddingRandom3d", "PromptEncoder3d", "mask_as_logits"]
+__all__ = ["MAP_CHANNELS", "ChannelNorm3d", "PositionEmbeddingRandom3d", "PromptEncoder3d", "mask_as_logits"]
+
+
+MAP_CHANNELS = 4
+"""Channels of :meth:`PromptEncoder3d.maps`: previous mask, positive clicks, negative clicks, box."""
 
 
 def mask_as_logits(mask: torch.Tensor) -> torch.Tensor:
@@ -88,12 +100,16 @@ class PromptEncoder3d(nn.Module):
         embed_dim: channels of the prompt tokens and of the image embedding (even).
         slice_axis: the spatial axis (0, 1 or 2) that the embedding grid keeps at full resolution.
         mask_channels: channels of the hidden layer of the mask downscaling (SAM: 16).
+        click_radius: radius (voxels of the model input) of the disks of :meth:`maps` (RITM: 5 px at 320-480 px).
     """
 
-    def __init__(self, embed_dim: int, slice_axis: int = 2, mask_channels: int = 16) -> None:
+    def __init__(self, embed_dim: int, slice_axis: int = 2, mask_channels: int = 16, click_radius: float = 2.0) -> None:
         super().__init__()
         if embed_dim % 2:
             raise ConfigError(f"the prompt embedding dimension must be even (sine + cosine), got {embed_dim}.")
+        if not click_radius > 0:
+            raise ConfigError(f"click_radius must be a positive number of voxels, got {click_radius}.")
+        self.click_radius = float(click_radius)
         self.embed_dim = embed_dim
         self.slice_axis = slice_axis
         self.pe_layer = PositionEmbeddingRandom3d(embed_dim // 2)
@@ -147,6 +163,34 @@ class PromptEncoder3d(nn.Module):
         if list(mask.shape[-3:]) != mask_size:
             mask = F.interpolate(mask, size=mask_size, mode="trilinear", align_corners=False)
         return self.mask_downscaling(mask)
+
+    def maps(self, prompts: Prompts, size: Sequence[int]) -> torch.Tensor:
+        """Full-resolution prompt maps ``(B, 4, *size)`` in [0, 1] (module docstring): previous mask probability (0
+        without one), positive-click disks, negative-click disks (padding points draw nothing) and the box's inside."""
+        device = self.no_mask_embed.weight.device
+        out = torch.zeros(prompts.batch_size, MAP_CHANNELS, *size, device=device)
+        if prompts.prev_mask is not None:
+            out[:, 0] = torch.sigmoid(mask_as_logits(prompts.prev_mask.to(device).float())[:, 0])
+        axes = [torch.arange(int(n), device=device, dtype=torch.float32) for n in size]
+        if prompts.point_coords is not None:
+            coords = prompts.point_coords.to(device).float()  # (B, N, 3)
+            labels = prompts.point_labels.to(device)
+            squared = sum(
+                (axes[a].view(1, 1, *[-1 if d == a else 1 for d in range(3)]) - coords[..., a, None, None, None]) ** 2
+                for a in range(3)
+            )  # (B, N, *size)
+            disk = squared <= self.click_radius**2
+            for channel, label in ((1, 1), (2, 0)):
+                out[:, channel] = (disk & (labels == label)[..., None, None, None]).any(1).float()
+        if prompts.box is not None:
+            box = prompts.box.to(device).float()  # (B, 6) inclusive
+            inside = [
+                (axes[a] >= box[:, a, None]) & (axes[a] <= box[:, 3 + a, None]) for a in range(3)
+            ]  # (B, n_a) each
+            out[:, 3] = (
+                inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None, :]
+            ).float()
+        return out
 
     def forward(self, prompts: Prompts, size: Sequence[int], grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sparse (B, N', C), dense (B, C, *grid))`` for prompts on a model input of ``size`` voxels.

@@ -15,7 +15,8 @@ segmentation"), the pretrained 2-D ViT is kept and taught to see volumes:
   adapter3d by default (:data:`DEFAULT_ADAPTER`); ``adapter=None`` means full fine-tuning of an unchanged backbone,
   as for every other medseg builder, and then only the depth embedding and the decoder see across slices.
 * **A 3-D prompt encoder** (:mod:`medseg.models.prompt_encoder_3d`) and **a multi-level 3-D decoder**
-  (:mod:`medseg.models.volumetric_decoder`).
+  (:mod:`medseg.models.volumetric_decoder`); besides SAM's tokens, the clicks, box and previous mask reach the
+  decoder's full-resolution stage as maps (RITM), so that a correction click changes the voxels around it.
 
 The interface is that of :class:`~medseg.models.promptable.PromptableSegmenter`, so the promptable training task and
 the interactive evaluation drive both alike: :meth:`~VolumetricPromptableSegmenter.encode` runs the ViT once per
@@ -280,7 +281,8 @@ class VolumetricPromptableSegmenter(nn.Module):
             raise InputShapeError(f"prev_mask {tuple(prompts.prev_mask.shape)} is not at the model-input size {size}.")
         sparse, dense = self.prompt_encoder(prompts, size, grid)
         dense_pe = self.prompt_encoder.dense_pe(grid)
-        return self.mask_decoder(embeddings.levels, embeddings.image, sparse, dense, dense_pe)
+        maps = self.prompt_encoder.maps(prompts, size)
+        return self.mask_decoder(embeddings.levels, embeddings.image, sparse, dense, dense_pe, maps)
 
     def forward(
         self, volumes: torch.Tensor, prompts: Prompts, multimask: bool = False

@@ -9,8 +9,10 @@ From coarse to fine:
 2. **Upsampling with skips.** ``ceil(log2(patch))`` stages bring the prompt-aware grid to the model-input size in
    plane (each stage about doubles it; a 14 px DINOv2 patch works as well as SAM's 16 px one). Stage ``s`` concatenates
    a skip: the earlier ViT blocks, deepest first (as UNETR places blocks 9, 6, 3), each projected by a 1x1x1
-   convolution and resized to the stage, and at full resolution a convolution stem on the input volume itself. Each
-   stage is a MONAI ``UnetResBlock`` (3x3x3 convolutions, instance norm).
+   convolution and resized to the stage, and at full resolution a convolution stem on the input volume itself and
+   the full-resolution prompt maps (previous mask, click disks, box: :meth:`~medseg.models.prompt_encoder_3d.
+   PromptEncoder3d.maps`), so that a click or the previous mask acts at the voxels it concerns, not only through the
+   coarse token grid. Each stage is a MONAI ``UnetResBlock`` (3x3x3 convolutions, instance norm).
 3. **Tokens modulate the dense features.** As in SAM, an MLP maps the mask token to one weight per channel of the
    full-resolution features and the mask logits are their weighted sum; another MLP maps the IoU token to the
    predicted IoU of that mask.
@@ -31,7 +33,7 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
 from medseg.errors import ConfigError
-from medseg.models.prompt_encoder_3d import ChannelNorm3d
+from medseg.models.prompt_encoder_3d import MAP_CHANNELS, ChannelNorm3d
 
 __all__ = ["VolumetricMaskDecoder", "stage_sizes"]
 
@@ -59,7 +61,8 @@ class VolumetricMaskDecoder(nn.Module):
     Args:
         level_dims: channels of the encoder's feature maps, shallow to deep; the last one is fused with the prompts,
             the others are skips.
-        in_channels: channels of the input volume (for the full-resolution stem).
+        in_channels: channels of the input volume (for the full-resolution stem, which also reads the
+            :data:`~medseg.models.prompt_encoder_3d.MAP_CHANNELS` prompt maps).
         patch_size: in-plane pixels per token (sets the number of upsampling stages).
         dim: channels of the prompt tokens and of the fused grid.
         slice_axis: spatial axis that is not downsampled by the encoder.
@@ -104,7 +107,9 @@ class VolumetricMaskDecoder(nn.Module):
         self.mask_token = nn.Embedding(1, dim)
         channels = [dim] + [max(dim // 2**s, min_channels) for s in range(1, self.stages + 1)]
         self.skip_proj = nn.ModuleList(nn.Conv3d(c, channels[i + 1], kernel_size=1) for i, c in enumerate(skips))
-        self.stem = UnetResBlock(3, in_channels, channels[-1], kernel_size=3, stride=1, norm_name="instance")
+        self.stem = UnetResBlock(
+            3, in_channels + MAP_CHANNELS, channels[-1], kernel_size=3, stride=1, norm_name="instance"
+        )
         blocks = []
         for stage in range(1, self.stages + 1):
             has_skip = stage <= len(skips) or stage == self.stages
@@ -121,6 +126,7 @@ class VolumetricMaskDecoder(nn.Module):
         sparse: torch.Tensor,
         dense: torch.Tensor,
         dense_pe: torch.Tensor,
+        maps: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits and predicted IoU of one prompt set per volume.
 
@@ -130,6 +136,7 @@ class VolumetricMaskDecoder(nn.Module):
             sparse: prompt tokens ``(B, N, dim)``.
             dense: dense prompt embedding ``(B, dim, *grid)``.
             dense_pe: positional codes of the grid ``(1, dim, *grid)``.
+            maps: full-resolution prompt maps ``(B, MAP_CHANNELS, *size)``.
 
         Returns:
             ``(logits (B, 1, *size), iou (B, 1))``.
@@ -152,7 +159,7 @@ class VolumetricMaskDecoder(nn.Module):
                 skip = F.interpolate(self.skip_proj[index](skips[index]), size=target, mode="trilinear")
                 x = torch.cat([x, skip], dim=1)
             elif index == self.stages - 1:
-                x = torch.cat([x, self.stem(image)], dim=1)
+                x = torch.cat([x, self.stem(torch.cat([image, maps.to(image.dtype)], dim=1))], dim=1)
             x = block(x)
         weights = self.hyper_mlp(hs[:, 1])  # (B, c)
         logits = torch.einsum("bc,bc...->b...", weights, x)[:, None]
