@@ -188,3 +188,32 @@ def test_sam2_prompts_refuse_multichannel_images(official_file, small_medsam2):
     loaded = load_sam2_file(official_file, "cpu")
     with pytest.raises(InputShapeError, match="one-channel volumes"):
         predict_sam2_prompts(loaded, MetaTensor(torch.zeros(2, 4, 4, 4)), [obj(1, [[0, 0, 1, 3, 3, 1]])])
+
+
+class Sam2Holder(torch.nn.Module):
+    """What a fine-tuned SAM 2 run's model is to prediction: a module holding the ``SAM2Base`` as ``sam2``."""
+
+    def __init__(self, sam2: torch.nn.Module) -> None:
+        super().__init__()
+        self.sam2 = sam2
+
+
+def test_a_fine_tuned_run_predicts_on_its_ras_grid_and_returns_the_files_order(model, tube):
+    """A run's volume is reoriented to RAS (flips here: an LPS affine) and its labels come back in the file's order."""
+    from monai.data import MetaTensor
+    from omegaconf import OmegaConf
+
+    from medseg.inference.loaded import LoadedModel
+    from medseg.inference.sam2_run import predict_sam2_prompts
+
+    rules = {"min_iou": None, "min_area": None, "max_area": None}
+    config = {"data": {"preprocess": [], "num_channels": 1}, "task": {"inference": {"slice_axis": 2}}}
+    config["task"]["evaluation"] = {"propagation": rules}
+    loaded = LoadedModel(Sam2Holder(model), "promptable", OmegaConf.create(config), source="sam2 run")
+    image = MetaTensor(torch.from_numpy(tube[None, ..., :5]), affine=torch.diag(torch.tensor([-1.5, -1.5, 3.0, 1.0])))
+    result = predict_sam2_prompts(loaded, image, [obj(4, [[10, 8, 2, 26, 30, 2]])], slice_axis=0)
+    assert len(result.ignored) == 1 and result.ignored[0].startswith("--slice-axis 0 not used")
+    flipped = np.flip(tube[..., :5], (0, 1))
+    box = [36 - 1 - 26, 40 - 1 - 30, 2, 36 - 1 - 10, 40 - 1 - 8, 2]  # the same box on the RAS grid
+    direct = segment_objects_sam2(model, flipped, [obj(4, [box])], recipe=SliceRecipe("none"), propagation=NO_RULES)
+    assert np.array_equal(result.labels, np.flip(direct.labels, (0, 1))) and result.labels[..., 2].any()
