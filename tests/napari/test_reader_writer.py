@@ -11,6 +11,8 @@ from napari.layers import Image, Labels
 
 from medseg.data.dicom import write_dicom_series
 from medseg.errors import ConfigError, ReaderError
+from medseg.inference.recipe import SliceRecipe
+from medseg.inference.session import SegmentationSession
 from medseg.napari.reader import case_name, napari_get_reader, read_volume
 from medseg.napari.writer import write_labels
 
@@ -82,6 +84,32 @@ def test_dicom_series_lines_up_with_the_nifti_of_the_same_scan(tmp_path):
         other = np.rint(from_dicom.world_to_data(world)).astype(int)
         assert np.allclose(from_dicom.data_to_world(other), world, atol=1e-4)
         assert from_dicom.data[tuple(other)] == from_nifti.data[voxel]
+
+
+def test_a_session_on_the_layers_affine_gives_a_dicom_series_and_its_ras_nifti_the_same_slices(
+    tmp_path, blobs, bright_in_box
+):
+    """What the reader hands the widget (the layer's data and ``metadata["affine"]``) is what the session needs to
+    slice a DICOM series (LPS) and the NIfTI of the same scan stored in RAS order on one grid: the model gets the same
+    slices, and the labels land on the same world voxels."""
+    volume = np.round(blobs[0])
+    folder = write_dicom_series(volume, AXIS_ALIGNED, tmp_path / "scan_dicom")
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.as_closest_canonical(nib.Nifti1Image(volume, AXIS_ALIGNED)), nifti)
+    from_dicom, from_nifti = (image_layer(read_volume(p)[0]) for p in (folder, nifti))
+    assert np.array_equal(from_nifti.data, from_dicom.data[::-1, ::-1])  # x and y stored the other way
+    sessions = [
+        SegmentationSession(bright_in_box, layer.data, recipe=SliceRecipe("mr"), affine=layer.metadata["affine"])
+        for layer in (from_dicom, from_nifti)
+    ]
+    for k in range(volume.shape[2]):
+        assert np.array_equal(sessions[0].slice(k), sessions[1].slice(k))
+    sessions[0].segment_slice(1, box=(10, 14, 34, 34))
+    sessions[1].segment_slice(1, box=(63 - 34, 63 - 34, 63 - 10, 63 - 14))
+    assert sessions[0].labels.any()
+    np.testing.assert_array_equal(sessions[1].labels, sessions[0].labels[::-1, ::-1])
+    plain = SegmentationSession(bright_in_box, from_dicom.data, recipe=SliceRecipe("mr"))
+    assert not np.array_equal(plain.slice(1), sessions[0].slice(1))  # without the affine: the file's own slice
 
 
 def test_labels_of_a_dicom_image_round_trip_its_affine(tmp_path):
