@@ -183,7 +183,10 @@ def _train(cfg: DictConfig, run_dir: Path, leader: bool) -> dict[str, float]:
             log.info("overwrite=true: removed %s", ", ".join(p.name for p in removed))
         save_run_config(run_dir, cfg)
         preprocess, _ = resolve_median_spacing(datamodule.deterministic_config, datamodule.info)
-        write_run_data(run_dir, datamodule.info.root.name, datamodule.label_names, datamodule.num_channels, preprocess)
+        write_run_data(
+            run_dir, datamodule.info.root.name, datamodule.label_names, datamodule.num_channels, preprocess,
+            label_codes=datamodule.info.raw.get("label_codes"),
+        )  # fmt: skip
         if cfg.get("fit", True) and not trainer.fast_dev_run:
             write_state(run_dir, "training")
     facts = _overview(cfg, datamodule, task)
