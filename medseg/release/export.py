@@ -29,6 +29,7 @@ from medseg.data.datamodule import resolve_median_spacing
 from medseg.data.formats import load_dataset_info
 from medseg.errors import ConfigError, WeightsError
 from medseg.evaluation.summary import read_summary
+from medseg.inference.run_data import plain_label_codes
 from medseg.paths import find_dataset
 from medseg.release.card import render_model_card
 from medseg.release.checksums import write_checksums
@@ -238,6 +239,9 @@ def export_release(
         run_cfg, name=name, version=version, mode=mode, num_classes=info.num_classes, in_channels=info.num_channels,
         labels=info.labels, channels=dataset.get("channel_names", {}), spacing=spacing, base=base, layout=layout,
     )  # fmt: skip
+    codes = plain_label_codes(dataset.get("label_codes"), f"{info.root}/dataset.json label_codes")
+    if codes:  # a DICOM SEG written from the release alone carries the dataset's codes
+        config["label_codes"] = codes
 
     staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.tmp"
     staging.mkdir(parents=True)

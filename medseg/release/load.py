@@ -83,6 +83,8 @@ def load_release(
     }
     if base_path is not None:
         extras["base_weights"] = str(base_path)
+    if config.get("label_codes"):
+        extras["label_codes"] = OmegaConf.to_container(config.label_codes)
     return LoadedModel(
         model=model,
         kind=str(config.kind),

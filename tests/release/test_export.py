@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -162,3 +163,24 @@ def test_baseline_release_is_described_as_trained_from_scratch(tiny_unet_run, tm
     assert "Model `unet2d` trained from scratch" in texts[-1]
     assert "base_model" not in read_front_matter(texts[-1])  # a from-scratch baseline has no base model
     assert verify_release(folder).passed
+
+
+def test_dataset_label_codes_travel_into_the_release(tiny_unet_run, tmp_path):
+    """A release keeps dataset.json's DICOM SEG codes, so `medseg predict -m RELEASE` writes them without the data."""
+    from omegaconf import OmegaConf
+
+    data = shutil.copytree(tiny_unet_run.parents[3] / "data", tmp_path / "data")
+    run = shutil.copytree(tiny_unet_run, tmp_path / "run")
+    config = OmegaConf.load(run / ".hydra" / "config.yaml")
+    config.paths.data_dir = str(data)
+    OmegaConf.save(config, run / ".hydra" / "config.yaml")
+    (dataset_json,) = data.glob("*/dataset.json")
+    description = json.loads(dataset_json.read_text())
+    liver = {"category": ["123037004", "SCT", "Anatomical Structure"], "type": ["10200004", "SCT", "Liver"]}
+    description["label_codes"] = {"liver": liver}
+    dataset_json.write_text(json.dumps(description))
+    folder = export_release(run, tmp_path / "coded", name="tiny-unet", version="0.1.0")
+    assert yaml.safe_load((folder / "config.yaml").read_text())["label_codes"] == {"liver": liver}
+    assert load_release(folder).extras["label_codes"] == {"liver": liver}
+    plain = export_release(tiny_unet_run, tmp_path / "plain", name="tiny-unet", version="0.1.0")
+    assert "label_codes" not in load_release(plain).extras
