@@ -20,7 +20,9 @@ MedSAM2's inference): memory attention (``_prepare_memory_conditioned_features``
   :func:`medseg.inference.recipe.slice_predictor` is for a 2-D model (the interactive evaluation uses both).
 - A correction (:meth:`Sam2Tracker.correct`) is ``prompt`` then ``propagate`` *onward* from the corrected slice:
   away from the :attr:`~Sam2Tracker.anchor` (the first prompted slice), both ways on the anchor itself. Every slice
-  beyond it in that direction is dropped and tracked again; the slices before it keep their masks.
+  beyond it in that direction is dropped and tracked again; the slices before it keep their masks. A correction
+  beyond the object's current reach (a slice where the walk had stopped, with untracked slices between) also walks
+  back across that gap, up to the nearest tracked slice.
 
 Settings of ``SAM2VideoPredictor`` that hold no weights are applied for the duration of each call and restored
 (``binarize_mask_from_pts_for_mem_enc``: masks of prompted slices enter memory as the user sees them). Its
@@ -246,14 +248,20 @@ class Sam2Tracker:
 
     def correct(self, index: int, prompts: Prompts, lo: int = 0, hi: int | None = None) -> Walk:
         """Prompt slice ``index`` and propagate onward from it (module docstring); the first prompt of the object
-        propagates both ways."""
+        propagates both ways. A slice beyond the object's current reach also fills the gap back towards it."""
         with torch.inference_mode():
             self.prompt(index, prompts)
         if index == self.anchor:
-            directions: tuple[int, ...] = (1, -1)
-        else:
-            directions = (1,) if index > self.anchor else (-1,)
-        return self.propagate(index, directions, lo, hi)
+            return self.propagate(index, (1, -1), lo, hi)
+        step = 1 if index > self.anchor else -1
+        walk = self.propagate(index, (step,), lo, hi)
+        near = next(k for k in range(index - step, self.anchor - step, -step) if self.tracked(k))
+        if near != index - step:  # untracked slices between the object and the click: walk back across them
+            with torch.inference_mode():
+                walk.stopped["backward" if step > 0 else "forward"] = self._walk(index, -step, near + step)
+        held = [k for k in self.masks if lo <= k <= (self.frames.depth - 1 if hi is None else hi)]
+        walk.first, walk.last = (min(held), max(held)) if held else (index, index - 1)
+        return walk
 
     def volume_mask(self) -> np.ndarray:
         """``(D, H, W)`` bool: the object on every slice (slice axis first)."""

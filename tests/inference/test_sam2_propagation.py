@@ -180,3 +180,16 @@ def test_a_fine_tuned_models_backbone_encodes_its_frames(model, tube):
     assert calls == [(1, 1, SIZE, SIZE)]
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_correction_beyond_the_objects_reach_fills_the_gap_back(model, tube):
+    tracker = Sam2Tracker(Sam2Frames(model, unit_volume(tube, SliceRecipe("none"))), NO_RULES)
+    with torch.inference_mode():
+        tracker.prompt(4, Prompts.single(BOX))
+    tracker.propagate(4, lo=3, hi=5)
+    kept = dict(tracker.outputs["non_cond_frame_outputs"])
+    assert sorted(kept) == [3, 5]
+    walk = tracker.correct(8, Prompts.single(points=[[18, 26]], point_labels=[1]))
+    assert walk.stopped == {"forward": "edge", "backward": "edge"} and (walk.first, walk.last) == (3, 8)
+    after = tracker.outputs["non_cond_frame_outputs"]
+    assert sorted(after) == [3, 5, 6, 7] and after[3] is kept[3] and after[5] is kept[5]  # only the gap was tracked

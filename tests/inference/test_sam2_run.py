@@ -154,18 +154,6 @@ def test_predict_writes_a_label_map_with_an_official_file(official_file, small_m
     assert np.allclose(written.affine, nib.load(source).affine)
 
 
-def _load_model_dispatches_sam2_files() -> bool:
-    import inspect
-
-    from medseg.workflows import models
-
-    return "sam2" in inspect.getsource(models)
-
-
-@pytest.mark.skipif(
-    not _load_model_dispatches_sam2_files(),
-    reason="medseg.workflows.models.load_model does not send .pt files to load_sam2_file yet",
-)
 def test_predict_cli_with_an_official_file(official_file, small_medsam2, tube, tmp_path, capsys):
     from medseg.cli import main
 
