@@ -1,4 +1,4 @@
-"""`-m` sources: run checkpoints read weights-only (a pickled payload refused unrun, old ones load); SAM 2 files named."""
+"""`-m` sources: run checkpoints read weights-only (a pickle refused unrun, old ones load); SAM 2 files named."""
 
 from __future__ import annotations
 
