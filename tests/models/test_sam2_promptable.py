@@ -233,3 +233,35 @@ def test_every_trainable_parameter_gets_a_gradient_after_freezing_the_unused(seq
     (_loss_sequence if sequence else _loss_2d)(net, mask_prompts).backward()
     missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+HIERA_ADAPTERS = ["adapter3d", "adapter3d_norm", "adaptformer", "bitfit", "dora", "frozen", "full", "lora",
+                  "lora_bonly", "lora_norm", "norm", "ssf"]  # fmt: skip
+
+
+@pytest.mark.parametrize("adapter", HIERA_ADAPTERS)
+def test_every_hiera_adapter_config_builds_through_model_promptable_2d(adapter):
+    """``medseg train model=promptable_2d backbone=sam2_hiera_t adapter=...``: the SAM 2 model, PEFT on Hiera only."""
+    from hydra import compose, initialize_config_dir
+
+    from medseg.config import CONFIG_DIR, instantiate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["model=promptable_2d", "backbone=sam2_hiera_t", "init=scratch", f"adapter={adapter}"]
+        )
+    torch.manual_seed(0)
+    net = instantiate(cfg.model, num_classes=3, in_channels=1, img_size=64, arch=TINY)
+    assert isinstance(net, Sam2PromptableSegmenter)
+    encoder = [n for n, p in net.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+    if adapter == "full":
+        assert all(p.requires_grad for p in net.backbone.parameters())
+    elif adapter == "frozen":
+        assert encoder == []
+    else:
+        assert encoder and len(encoder) < len(list(net.backbone.parameters()))
+    assert all(p.requires_grad for p in net.mask_decoder.parameters())  # the decoder trains as for SAM
+    with torch.no_grad():
+        logits, _ = net(torch.rand(1, 1, 64, 64), Prompts(box=[[8.0, 8.0, 40.0, 50.0]]))
+    assert logits.shape == (1, 1, 64, 64) and torch.isfinite(logits).all()
