@@ -265,3 +265,17 @@ def test_every_hiera_adapter_config_builds_through_model_promptable_2d(adapter):
     with torch.no_grad():
         logits, _ = net(torch.rand(1, 1, 64, 64), Prompts(box=[[8.0, 8.0, 40.0, 50.0]]))
     assert logits.shape == (1, 1, 64, 64) and torch.isfinite(logits).all()
+
+
+def test_compiled_decoder_gives_the_eager_masks():
+    """``compile=True`` of ``medseg predict`` and napari compiles SAM 2's prompt encoder and mask decoder in place."""
+    net = tiny().eval()
+    embeddings = net.encode(torch.rand(1, 1, 64, 64)).detach()
+    prompts = Prompts(box=[[8.0, 8.0, 40.0, 50.0]], point_coords=[[[20.0, 20.0]]], point_labels=[[1]])
+    with torch.no_grad():
+        eager = net.decode(embeddings, prompts)[0]
+        net.compile_decoder(backend="aot_eager")  # tracing alone, in seconds
+        compiled = net.decode(embeddings, prompts)[0]
+    assert net.compiled_mode == "aot_eager" and net.click_decoder() is None
+    assert max_diff(compiled, eager) <= 1e-5
+    assert set(net.state_dict()) == set(tiny().state_dict())  # compiled in place: the keys are unchanged
