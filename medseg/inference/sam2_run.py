@@ -189,11 +189,14 @@ def predict_sam2_prompts(
             f"SAM 2 reads one-channel volumes slice by slice; this image has {image.shape[0]} channels (a 4D file). "
             f"Give one 3D volume."
         )
-    if not loaded.config.get("data"):  # an official file: the raw volume through the slice recipe
-        array = np.asarray(image[0].detach().cpu().numpy())
-        return segment_objects_sam2(
-            loaded.model, array, objects, recipe=recipe_for(window), slice_axis=slice_axis, batch_size=batch_size
-        )
+    if not loaded.config.get("data"):  # an official file: the raw volume through the slice recipe, on the RAS grid
+        raw = prepare_volume(image)  # permutation and flips only: a DICOM series and its NIfTI give the same frames
+        oriented = [raw.orientation.prompts(object_prompts(obj)) for obj in objects]
+        result = segment_objects_sam2(
+            loaded.model, raw.image[0], oriented, recipe=recipe_for(window),
+            slice_axis=int(raw.orientation.to_oriented[slice_axis, 0]), batch_size=batch_size,
+        )  # fmt: skip
+        return replace(result, labels=raw.native(result.labels))
     settings = run_prompt_settings(loaded)
     volume = prepare_volume(image, settings.intensity)
     notes = []

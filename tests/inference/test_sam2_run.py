@@ -205,3 +205,22 @@ def test_a_fine_tuned_run_predicts_on_its_ras_grid_and_returns_the_files_order(m
     box = [36 - 1 - 26, 40 - 1 - 30, 2, 36 - 1 - 10, 40 - 1 - 8, 2]  # the same box on the RAS grid
     direct = segment_objects_sam2(model, flipped, [obj(4, [box])], recipe=SliceRecipe("none"), propagation=NO_RULES)
     assert np.array_equal(result.labels, np.flip(direct.labels, (0, 1))) and result.labels[..., 2].any()
+
+
+def test_an_official_file_gives_a_scan_the_same_masks_in_any_array_order(official_file, small_medsam2, tube):
+    """The official path slices the RAS-oriented grid: a file and its flipped (LPS) copy agree voxel for voxel."""
+    from monai.data import MetaTensor
+
+    from medseg.inference.sam2_run import predict_sam2_prompts
+
+    loaded = load_sam2_file(official_file, "cpu")
+    volume = tube[..., :5]
+    ras = MetaTensor(torch.from_numpy(volume[None].copy()), affine=torch.diag(torch.tensor([1.5, 1.5, 3.0, 1.0])))
+    lps_affine = torch.diag(torch.tensor([-1.5, -1.5, 3.0, 1.0]))
+    lps_affine[:2, 3] = torch.tensor([35 * 1.5, 39 * 1.5])  # the same world position for every voxel
+    lps = MetaTensor(torch.from_numpy(np.flip(volume, (0, 1))[None].copy()), affine=lps_affine)
+    box = [10, 8, 2, 26, 30, 2]
+    flipped_box = [35 - 26, 39 - 30, 2, 35 - 10, 39 - 8, 2]
+    first = predict_sam2_prompts(loaded, ras, [obj(2, [box])]).labels
+    second = predict_sam2_prompts(loaded, lps, [obj(2, [flipped_box])]).labels
+    assert first[..., 2].any() and np.array_equal(first, np.flip(second, (0, 1)))
