@@ -39,7 +39,7 @@ from medseg.errors import ConfigError, DatasetError, WeightsError
 from medseg.inference.cache import weights_hash
 from medseg.inference.classified import CONFIG_FILE, WEIGHTS_FILE
 from medseg.inference.loaded import LoadedModel
-from medseg.inference.run_data import RunData, read_run_data
+from medseg.inference.run_data import RunData, plain_label_codes, read_run_data
 from medseg.models.promptable import build_promptable
 from medseg.runs import select_checkpoint
 
@@ -193,7 +193,9 @@ def _data_from_dataset(run_cfg: Any) -> RunData:
         ) from None
     preprocess, _ = resolve_median_spacing(datamodule.deterministic_config, datamodule.info)
     labels = {int(v): str(k) for k, v in datamodule.label_names.items()}
-    return RunData(datamodule.info.root.name, labels, datamodule.num_channels, list(preprocess))
+    where = f"{datamodule.info.root}/dataset.json label_codes"
+    codes = plain_label_codes(datamodule.info.raw.get("label_codes"), where)
+    return RunData(datamodule.info.root.name, labels, datamodule.num_channels, list(preprocess), codes)
 
 
 def load_run(
@@ -249,5 +251,5 @@ def load_run(
         label_names=dict(data.label_names),
         source=f"run {run_dir} ({checkpoint.name})",
         weights_id=weights_hash(model),
-        extras={"checkpoint": str(checkpoint)},
+        extras={"checkpoint": str(checkpoint), "label_codes": data.label_codes},
     )

@@ -123,3 +123,24 @@ def test_malformed_or_unknown_label_codes_are_refused_when_the_run_is_written(tm
     with pytest.raises(ConfigError, match="'liver', not a label of its \"labels\" \\(background, organ\\)"):
         write_run_data(tmp_path, "Dataset1_X", labels, 1, [], label_codes={"liver": CODES["organ"]})
     assert not (tmp_path / RUN_DATA).exists()
+
+
+def test_a_run_folders_label_codes_reach_the_seg_that_predict_writes(dense_run, phantom_scan, tmp_path):
+    """`medseg predict -m RUN` on a DICOM series writes the codes the run kept, with no dataset at hand."""
+    from medseg.inference.preflight import SEG_SUFFIX
+
+    run = shutil.copytree(dense_run, tmp_path / "run")
+    stored = read_run_data(run)
+    names = {name: value for value, name in stored.label_names.items()}
+    organ = next(name for value, name in sorted(stored.label_names.items()) if value)
+    codes = {organ: {"category": CODES["organ"]["category"], "type": ["10200004", "SCT", "Liver"]}}
+    write_run_data(run, stored.dataset, names, stored.num_channels, stored.preprocess, label_codes=codes)
+    assert load_run(run, "cpu").extras["label_codes"] == codes
+    series = write_dicom_series(np.round(phantom_scan["image"]), phantom_scan["affine"], tmp_path / "series")
+    code = main(["predict", "-m", str(run), "-i", str(series), "-o", str(tmp_path / "out"), "--device", "cpu",
+                 "--no-progress"])  # fmt: skip
+    assert code == 0
+    (written,) = (tmp_path / "out").glob(f"*{SEG_SUFFIX}")
+    seg = hd.seg.segread(str(written))
+    numbers = {seg.get_segment_description(n).segment_label: n for n in seg.segment_numbers}
+    assert seg.get_segment_description(numbers[organ]).segmented_property_type.value == "10200004"
