@@ -279,3 +279,23 @@ def test_compiled_decoder_gives_the_eager_masks():
     assert net.compiled_mode == "aot_eager" and net.click_decoder() is None
     assert max_diff(compiled, eager) <= 1e-5
     assert set(net.state_dict()) == set(tiny().state_dict())  # compiled in place: the keys are unchanged
+
+
+def test_slice_propagation_and_the_embedding_cache_run_on_sam2(tmp_path):
+    """The 2-D promptable path unchanged: propagation through a volume, packed embeddings cached on disk and reused."""
+    from medseg.inference.cache import EmbeddingCache
+    from medseg.inference.propagate import PropagationConfig, propagate
+    from medseg.inference.recipe import SliceRecipe
+
+    net = tiny().eval()
+    volume = np.random.default_rng(0).uniform(0, 20, (40, 48, 6)).astype(np.float32)  # every slice its own
+    volume[10:30, 12:36] += 200.0
+    cache = EmbeddingCache(folder=tmp_path / "cache")
+    config, recipe = PropagationConfig(batch_size=2, min_iou=0.0), SliceRecipe("none")
+    first = propagate(net, volume, 3, box=(10, 12, 29, 35), config=config, recipe=recipe, cache=cache)
+    encoded = cache.misses  # the untrained model's masks may stop the walk early: the slices it did encode
+    assert first.mask.shape == volume.shape and encoded >= 1
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == encoded  # one packed tensor per slice
+    reread = EmbeddingCache(folder=tmp_path / "cache")
+    again = propagate(net, volume, 3, box=(10, 12, 29, 35), config=config, recipe=recipe, cache=reread)
+    assert np.array_equal(again.mask, first.mask) and reread.hits >= encoded and reread.misses == 0
