@@ -19,9 +19,9 @@ Masks are painted with the current label value over background and over the curr
 erases another one already committed.
 
 Given the image's affine (the napari reader keeps it in the layer's ``metadata["affine"]``), the session slices the
-volume's RAS-oriented grid (:class:`~medseg.prompts.geometry.Orientation`: axis permutation and flips, no
-interpolation), as ``medseg predict`` does (:func:`medseg.inference.prompted.segment_image_objects`): LiteMedSAM is not
-invariant to flipped or transposed slices, so without it a DICOM series and the NIfTI of the same scan (stored in
+volume's RAS-oriented grid (:class:`~medseg.prompts.geometry.slicing.SliceOrientation`: axis permutation and flips,
+no interpolation), as ``medseg predict`` does (:func:`medseg.inference.prompted.segment_image_objects`): LiteMedSAM is
+not invariant to flipped or transposed slices, so without it a DICOM series and the NIfTI of the same scan (stored in
 other array orders) would give different masks. Slice indices, boxes, points and :attr:`labels` stay in the file's
 array order; only the model's slices are reoriented.
 """
@@ -44,7 +44,7 @@ from medseg.inference.propagate import PropagationConfig, PropagationResult, pro
 from medseg.inference.recipe import SliceRecipe, SliceResult, embed_into_cache, predict_slice, to_uint8
 from medseg.inference.writers import write_label_map
 from medseg.prompts.contract import Prompts
-from medseg.prompts.geometry import Orientation
+from medseg.prompts.geometry.slicing import SliceOrientation
 
 __all__ = ["SegmentationSession", "guess_intensity"]
 
@@ -76,7 +76,8 @@ class SegmentationSession:
     Attributes:
         model: the promptable model (``encode``/``decode``, e.g. LiteMedSAM).
         axis: array axis of the file the slices are taken along (napari's sliced axis; 2 = axial for RAS volumes).
-        orientation: file array order <-> the RAS-oriented grid the model slices (identity without an affine).
+        slicing: the file's slices along ``axis`` <-> the RAS-oriented grid's the model sees (identity without an
+            affine).
         labels: ``(X, Y, Z)`` ``uint16`` label map being built (0 background).
         label: the label value the next masks are painted with.
         cache: the embedding cache (per slice; keys follow :mod:`medseg.inference.cache`).
@@ -130,22 +131,19 @@ class SegmentationSession:
         volume = np.asarray(volume)
         if volume.ndim != 3:
             raise InputShapeError(f"the session segments a 3-D (X, Y, Z) volume; got shape {volume.shape}.")
-        if axis not in (0, 1, 2):
-            raise ConfigError(f"slice axis must be 0, 1 or 2, got {axis}.")
+        self.slicing = SliceOrientation.from_affine(affine, volume.shape, axis)
         self.model = model.eval()
         if compile and getattr(model, "compiled_mode", None) is None:
             if not hasattr(model, "compile_decoder"):
                 raise ConfigError(f"{type(model).__name__} has no compile_decoder: compile=True needs a SAM model.")
             model.compile_decoder()
         self.axis = axis
-        self.orientation = Orientation.from_affine(np.eye(4) if affine is None else affine, volume.shape)
-        self._axis, self._flipped = (int(v) for v in self.orientation.to_oriented[axis])  # RAS axis, -1: reversed
         self.recipe = recipe or SliceRecipe(guess_intensity(volume))
-        self.propagation = replace(propagation or PropagationConfig(), axis=self._axis)
+        self.propagation = replace(propagation or PropagationConfig(), axis=self.slicing.grid_axis)
         self.volume = volume
         prepared = to_uint8(volume, self.recipe, self.recipe.bounds(volume))  # percentiles: the same in any order
-        self.prepared = self.orientation.orient(prepared)  # on the RAS grid
-        self._slices = np.moveaxis(self.prepared, self._axis, 0)
+        self._slices = self.slicing.slices(prepared)  # the RAS grid's, slice axis first
+        self.prepared = np.moveaxis(self._slices, 0, self.slicing.grid_axis)  # the RAS grid (a view)
         depth = self._slices.shape[0]
         if cache is None:  # not `cache or ...`: an empty cache has len 0 and is falsy
             cache = EmbeddingCache(max_items=max(256, depth), max_bytes=max(1 << 30, depth * _EMBEDDING_BYTES))
@@ -169,42 +167,11 @@ class SegmentationSession:
     def slice(self, index: int) -> np.ndarray:
         """The prepared (0-255) slice ``index`` of the file, as the model sees it before resizing (on the RAS grid:
         transposed and flipped from the file's slice when the file is not stored in RAS order)."""
-        return self._slices[self._grid_index(index)]
-
-    def _grid_index(self, index: int) -> int:
-        """The file's slice ``index`` -> the index of the same slice on the RAS grid."""
-        if not 0 <= index < self.depth:
-            raise ConfigError(f"slice {index} is outside 0..{self.depth - 1} along axis {self.axis}.")
-        return self.depth - 1 - int(index) if self._flipped < 0 else int(index)
+        return self._slices[self.slicing.grid_index(index)]
 
     def _key(self, index: int) -> str:
         size = self.model.image_size
         return embedding_key(self.slice(index), weights_hash(self.model), _PREPARED.signature(size, None))
-
-    def _grid_prompts(self, index: int, box, points) -> tuple:
-        """A box ``(i0, j0, i1, j1)`` and points ``(i, j)`` on the file's slice ``index`` -> the same on the RAS
-        grid's slice (corners re-sorted: a flipped axis swaps low and high)."""
-        plane = [a for a in range(3) if a != self.axis]
-
-        def grid(pairs: np.ndarray) -> np.ndarray:
-            ijk = np.full((len(pairs), 3), int(index))
-            ijk[:, plane] = pairs
-            return np.delete(self.orientation.indices(ijk), self._axis, axis=1)
-
-        if box is not None:
-            corners = grid(np.asarray(box, dtype=np.int64).reshape(2, 2))
-            box = [*corners.min(axis=0).tolist(), *corners.max(axis=0).tolist()]
-        if points:
-            points = grid(np.asarray(points, dtype=np.int64).reshape(-1, 2)).tolist()
-        return box, points
-
-    def _file_plane(self, plane: np.ndarray) -> np.ndarray:
-        """A ``(.., ..)`` mask of a RAS-grid slice -> the file's slice (axes back in the file's order, unflipped)."""
-        p, q = (a for a in range(3) if a != self.axis)
-        (grid_p, flip_p), (grid_q, flip_q) = self.orientation.to_oriented[[p, q]]
-        if grid_p > grid_q:
-            plane = plane.T
-        return np.ascontiguousarray(plane[:: int(flip_p), :: int(flip_q)])
 
     def is_embedded(self, index: int) -> bool:
         """Whether slice ``index``'s embedding is cached (a click there skips the encoder)."""
@@ -267,7 +234,7 @@ class SegmentationSession:
         if box is None and not points:
             raise ConfigError("segment_slice needs a box or at least one point on the slice; draw one first.")
         slice_2d = self.slice(index)
-        box, points = self._grid_prompts(index, box, points)
+        box, points = self.slicing.prompts(index, box, points)
         previous = self._logits.get((self.label, index)) if refine else None
         misses = self.cache.misses
         result = predict_slice(
@@ -281,7 +248,7 @@ class SegmentationSession:
         )
         self.encoded += self.cache.misses - misses
         self._logits[(self.label, index)] = result.logits
-        result = replace(result, mask=self._file_plane(result.mask))
+        result = replace(result, mask=self.slicing.file_plane(result.mask))
         self._paint(result.mask, index)
         return result
 
@@ -299,8 +266,8 @@ class SegmentationSession:
             The propagation, its ``mask`` in the file's array order and ``first``/``last`` the file's slices."""
         if box is None and not points:
             raise ConfigError("segment_volume needs a box (or points) on the current slice to start from.")
-        start = self._grid_index(index)
-        box, points = self._grid_prompts(index, box, points)
+        start = self.slicing.grid_index(index)
+        box, points = self.slicing.prompts(index, box, points)
         result = propagate(
             self.model,
             self.prepared,
@@ -311,9 +278,8 @@ class SegmentationSession:
             cache=self.cache,
         )
         self.encoded += result.encoded
-        first, last = (self.depth - 1 - result.last, self.depth - 1 - result.first) if self._flipped < 0 else (
-            result.first, result.last)  # fmt: skip
-        result = replace(result, mask=self.orientation.native(result.mask), first=first, last=last)
+        first, last = self.slicing.file_range(result.first, result.last)
+        result = replace(result, mask=self.slicing.native(result.mask), first=first, last=last)
         self._paint(result.mask, None)
         return result
 
