@@ -16,6 +16,14 @@ widget only chooses the class (:func:`~medseg.inference.sam2_frames.is_sam2_mode
 
 Masks are painted with the current label value over background and over the current object only, as in
 :class:`~medseg.inference.session.SegmentationSession`.
+
+Given the image's affine (the widget passes the layer's ``metadata["affine"]``), the frames are the slices of the
+volume's RAS-oriented grid (:class:`~medseg.prompts.geometry.slicing.SliceOrientation`: axis permutation and flips,
+no interpolation), as in :class:`~medseg.inference.session.SegmentationSession` and ``medseg predict``'s SAM 2 path:
+SAM 2 is not invariant to a flipped or transposed slice, and its memory walks the slices in the grid's order, so a
+DICOM series and the NIfTI of one scan give the same masks. Slice indices, boxes, points, :attr:`labels` and the
+propagation's ``first``/``last`` stay in the file's array order; only the frames (and the trackers' slice numbers)
+are the grid's.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from medseg.inference.sam2_propagation import Sam2Tracker
 from medseg.inference.session import guess_intensity
 from medseg.inference.writers import write_label_map
 from medseg.prompts.contract import Prompts
+from medseg.prompts.geometry.slicing import SliceOrientation
 
 __all__ = ["Sam2Session"]
 
@@ -53,9 +62,11 @@ class Sam2Session:
 
     Attributes:
         model: the ``SAM2Base``.
-        axis: the slice axis.
+        axis: the slice axis (the file's array axis).
+        slicing: the file's slices along ``axis`` <-> the RAS-oriented grid's, which are the frames (identity without
+            an affine).
         recipe: the intensity recipe (default :func:`~medseg.inference.session.guess_intensity`'s choice).
-        propagation: stop rules and threshold of propagation (``axis`` replaced by ``axis``).
+        propagation: stop rules and threshold of propagation (``axis`` replaced by the grid's slice axis).
         labels: ``(X, Y, Z)`` ``uint16`` label map being built.
         label: the label value the next masks are painted with.
         cache: the frame features (:class:`Sam2Frames`), shareable with a later session of the same slices.
@@ -73,10 +84,14 @@ class Sam2Session:
         cache: Sam2Frames | None = None,
         labels: np.ndarray | None = None,
         max_bytes: int = _SESSION_BYTES,
+        affine: np.ndarray | None = None,
     ) -> None:
         """Raises: ConfigError (not a SAM 2 model, a bad axis), InputShapeError (not 3-D, labels of another shape).
 
         ``cache`` is used only when it holds this volume's slices as prepared here (else a new one is made).
+        ``affine``: the volume's 4x4 voxel-to-RAS+ affine; the frames are the RAS-oriented grid's slices (module
+        docstring). ``None``: the array as given. ``labels`` (default a new map) is painted in place, in the file's
+        array order.
         """
         if isinstance(model, LoadedModel):
             if model.kind != "promptable":
@@ -91,12 +106,11 @@ class Sam2Session:
         volume = np.asarray(volume)
         if volume.ndim != 3:
             raise InputShapeError(f"the session segments a 3-D (X, Y, Z) volume; got shape {volume.shape}.")
-        if axis not in (0, 1, 2):
-            raise ConfigError(f"slice axis must be 0, 1 or 2, got {axis}.")
+        self.slicing = SliceOrientation.from_affine(affine, volume.shape, axis)
         self.model, self.axis, self.volume = sam2.eval(), axis, volume
         self.recipe = recipe or SliceRecipe(guess_intensity(volume))
-        self.propagation = replace(propagation or PropagationConfig(), axis=axis)
-        slices = np.moveaxis(unit_volume(volume, self.recipe), axis, 0)
+        self.propagation = replace(propagation or PropagationConfig(), axis=self.slicing.grid_axis)
+        slices = self.slicing.slices(unit_volume(volume, self.recipe))  # whole-volume scale: the same in any order
         same = isinstance(cache, Sam2Frames) and cache.model is sam2 and cache.slices.shape == slices.shape
         if same and np.array_equal(cache.slices, slices):
             self.cache = cache
@@ -120,19 +134,14 @@ class Sam2Session:
         """Number of slices along :attr:`axis`."""
         return self.cache.depth
 
-    def _check(self, index: int) -> int:
-        if not 0 <= index < self.depth:
-            raise ConfigError(f"slice {index} is outside 0..{self.depth - 1} along axis {self.axis}.")
-        return int(index)
-
     def is_embedded(self, index: int) -> bool:
         """Whether slice ``index``'s features are held (a prompt there skips the encoder)."""
-        return self.cache.is_encoded(self._check(index))
+        return self.cache.is_encoded(self.slicing.grid_index(index))
 
     def iter_embeddings(self, indices: Sequence[int] | None = None, batch_size: int = 4) -> Iterator[tuple[int, int]]:
         """Encode the slices of ``indices`` (default all) not held yet, yielding ``(done, total)`` after each batch.
         Beyond the byte budget the least recently used slices are dropped again."""
-        wanted = list(range(self.depth)) if indices is None else [self._check(i) for i in indices]
+        wanted = list(range(self.depth)) if indices is None else [self.slicing.grid_index(i) for i in indices]
         missing = [i for i in wanted if not self.cache.is_encoded(i)]
         yield 0, len(missing)
         with torch.inference_mode():
@@ -172,17 +181,21 @@ class Sam2Session:
         Args:
             box, points, point_labels: the slice's prompts in its array order (they replace the slice's earlier ones).
             refine: use the object's memory and previous logits on this slice; ``False`` starts over from the prompts.
+
+        Returns:
+            The slice's result, its ``mask`` on the file's slice (``logits`` stay on the model's grid).
         """
         if box is None and not points:
             raise ConfigError("segment_slice needs a box or at least one point on the slice; draw one first.")
-        index, tracker = self._check(index), self._tracker()
+        frame, tracker = self.slicing.grid_index(index), self._tracker()
+        box, points = self.slicing.prompts(index, box, points)
         if not refine:
-            tracker.forget(index)
+            tracker.forget(frame)
         with torch.inference_mode():
-            mask = tracker.prompt(index, _prompts(box, points, point_labels))
+            mask = self.slicing.file_plane(tracker.prompt(frame, _prompts(box, points, point_labels)))
         self._paint(mask, index)
-        logits = tracker.outputs["cond_frame_outputs"][index]["pred_masks"].float()
-        return SliceResult(mask=mask, logits=logits, iou=tracker.ious.get(index, float("nan")))
+        logits = tracker.outputs["cond_frame_outputs"][frame]["pred_masks"].float()
+        return SliceResult(mask=mask, logits=logits, iou=tracker.ious.get(frame, float("nan")))
 
     def segment_volume(
         self,
@@ -191,14 +204,19 @@ class Sam2Session:
         points: Sequence[Sequence[float]] | None = None,
         point_labels: Sequence[int] | None = None,
     ) -> PropagationResult:
-        """Prompt slice ``index`` and propagate the current object with SAM 2's memory (module docstring)."""
+        """Prompt slice ``index`` and propagate the current object with SAM 2's memory (module docstring).
+
+        Returns:
+            The object, its ``mask`` in the file's array order and ``first``/``last`` the file's slices."""
         if box is None and not points:
             raise ConfigError("segment_volume needs a box (or points) on the current slice to start from.")
-        index, tracker = self._check(index), self._tracker()
-        walk = tracker.correct(index, _prompts(box, points, point_labels))
-        result = tracker.result(walk, self.axis)
+        frame, tracker = self.slicing.grid_index(index), self._tracker()
+        box, points = self.slicing.prompts(index, box, points)
+        walk = tracker.correct(frame, _prompts(box, points, point_labels))
+        grid = tracker.result(walk, self.slicing.grid_axis)
+        first, last = self.slicing.file_range(grid.first, grid.last)
+        result = replace(grid, mask=self.slicing.native(grid.mask), first=first, last=last, encoded=self.encoded)
         self._paint(result.mask, None)
-        result.encoded = self.encoded
         return result
 
     def _paint(self, mask: np.ndarray, index: int | None) -> None:

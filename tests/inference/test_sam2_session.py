@@ -104,3 +104,56 @@ def test_models_and_inputs_that_do_not_fit_are_refused(loaded, volume):
         session.segment_slice(1)
     with pytest.raises(ConfigError, match="outside 0..5"):
         session.segment_volume(6, box=(0, 0, 3, 3))
+
+
+def _stored(array: np.ndarray) -> np.ndarray:
+    """The RAS ``volume`` as another file would store it: axes x and y swapped, y and z reversed (as a DICOM series
+    is next to the NIfTI of the same scan); ``STORED_AFFINE`` is that file's voxel-to-RAS affine."""
+    return np.ascontiguousarray(array.transpose(1, 0, 2)[::-1, :, ::-1])
+
+
+STORED_AFFINE = np.array([[0, 1, 0, 0], [-1, 0, 0, 35], [0, 0, -1, 5], [0, 0, 0, 1]], dtype=float)  # (32, 36, 6)
+
+
+def _box_on(block: np.ndarray, index: int) -> tuple[int, int, int, int]:
+    (i0, j0), (i1, j1) = (lambda w: (w.min(0), w.max(0)))(np.argwhere(block[:, :, index]))
+    return int(i0), int(j0), int(i1), int(j1)
+
+
+def test_with_its_affine_a_file_in_another_order_gets_the_masks_of_its_ras_copy(loaded, volume):
+    """The same scan stored transposed and flipped, with its affine, is segmented voxel for voxel as the RAS volume
+    (in world space): SAM 2 sees the same frames (the RAS copy's features serve it, nothing is encoded again) and
+    walks them in the same order; indices, prompts, labels and the reported slice range stay in the file's order."""
+    assert np.array_equal(nib.as_closest_canonical(nib.Nifti1Image(_stored(volume), STORED_AFFINE)).dataobj, volume)
+    block = np.zeros(volume.shape, dtype=bool)
+    block[8:24, 10:26, 2] = True  # the box (8, 10, 23, 25) on RAS slice 2 is slice 3 of the file
+    point = np.zeros(volume.shape, dtype=bool)
+    point[15, 20, 4] = True  # a correction on RAS slice 4, file slice 1
+    stored_box, (stored_point,) = _box_on(_stored(block), 3), np.argwhere(_stored(point))[:, :2].tolist()
+    reference = Sam2Session(loaded, volume, propagation=NO_RULES, affine=np.eye(4))
+    given = np.zeros((36, 32, 6), dtype=np.uint16)  # the widget's Labels data, painted in place
+    stored = Sam2Session(loaded, _stored(volume), propagation=NO_RULES, cache=reference.cache, labels=given,
+                         affine=STORED_AFFINE)  # fmt: skip
+    assert stored.cache is reference.cache and stored.slicing.reversed
+
+    expected = reference.segment_slice(2, box=(8, 10, 23, 25))
+    result = stored.segment_slice(3, box=stored_box)
+    assert expected.mask.any() and np.array_equal(result.mask, expected.mask.T[::-1])
+    assert np.array_equal(stored.labels, _stored(reference.labels)) and stored.labels is given
+    expected = reference.segment_slice(2, box=(8, 10, 23, 25), points=[[15, 17]], point_labels=[0])
+    result = stored.segment_slice(3, box=stored_box, points=[[35 - 17, 15]], point_labels=[0])
+    assert np.array_equal(result.mask, expected.mask.T[::-1]) and torch.equal(result.logits, expected.logits)
+
+    expected = reference.segment_volume(2, box=(8, 10, 23, 25))
+    result = stored.segment_volume(3, box=stored_box)
+    assert np.array_equal(result.mask, _stored(expected.mask)) and np.array_equal(given, _stored(reference.labels))
+    assert (result.first, result.last) == (5 - expected.last, 5 - expected.first)
+    expected = reference.segment_volume(4, points=[[15, 20]], point_labels=[0])
+    result = stored.segment_volume(1, points=[stored_point], point_labels=[0])
+    assert np.array_equal(given, _stored(reference.labels))
+    assert (result.first, result.last) == (5 - expected.last, 5 - expected.first)
+    assert reference.cache.encoded == 6 and stored.is_embedded(0)  # each frame encoded once for both sessions
+    assert sorted(stored._trackers[1].masks) == sorted(reference._trackers[1].masks)  # the same frames, grid order
+
+    plain = Sam2Session(loaded, _stored(volume), propagation=NO_RULES, cache=reference.cache)
+    assert plain.cache is not reference.cache  # without the affine its frames are the file's own slices
