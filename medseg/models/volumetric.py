@@ -170,6 +170,7 @@ class VolumetricPromptableSegmenter(nn.Module):
         layers: backbone blocks whose outputs are the decoder's skip levels (the final features are the deepest).
         input_range: ``unit``/``minmax`` ([0, 1] input) or ``zscore`` (``z -> z / 6 + 0.5`` first).
         adapter_names: backbone parameters trained by adapter methods.
+        click_radius: radius in voxels of the click disks of the decoder's prompt maps.
     """
 
     spatial_dims = 3
@@ -184,6 +185,7 @@ class VolumetricPromptableSegmenter(nn.Module):
         num_heads: int = 8,
         input_range: str = "unit",
         adapter_names: set[str] | frozenset[str] = frozenset(),
+        click_radius: float = 2.0,
     ) -> None:
         super().__init__()
         if input_range not in _INPUT_RANGES:
@@ -206,7 +208,7 @@ class VolumetricPromptableSegmenter(nn.Module):
         self.adapter_names = set(adapter_names)
         self.depth_embedding = DepthPositionEmbedding(roi[slice_axis], backbone.block_dim)
         _patch_embedding(backbone).register_forward_hook(self.depth_embedding.hook)
-        self.prompt_encoder = PromptEncoder3d(decoder_dim, slice_axis)
+        self.prompt_encoder = PromptEncoder3d(decoder_dim, slice_axis, click_radius=click_radius)
         level_dims = [backbone.block_dim] * len(self.layers) + [backbone.embed_dim]
         self.mask_decoder = VolumetricMaskDecoder(
             level_dims, self.in_channels, patch, decoder_dim, slice_axis, num_heads=num_heads
@@ -315,6 +317,7 @@ def build_volumetric_promptable(
     num_classes: int | None = None,
     attention: str = "fused",
     grad_checkpointing: bool | int | str = False,
+    click_radius: float = 2.0,
 ) -> VolumetricPromptableSegmenter:
     """Build a volumetric promptable model; ``pretrained`` (the ``init`` switch) changes the ViT's weights only.
 
@@ -345,6 +348,8 @@ def build_volumetric_promptable(
         attention: ``fused`` (default) or ``reference`` ViT attention (``backbone.attention``).
         grad_checkpointing: ViT activation checkpointing, ``none``/``all``/every ``k``-th block
             (``backbone.activation_checkpointing``); the adapter3d volume depth is replayed on recomputation.
+        click_radius: radius (voxels of the model input) of the click disks that the decoder's full-resolution
+            stem reads (:meth:`~medseg.models.prompt_encoder_3d.PromptEncoder3d.maps`).
 
     Raises:
         ConfigError: an unsupported backbone (LiteMedSAM), a bad roi or decoder setting.
@@ -379,5 +384,13 @@ def build_volumetric_promptable(
     net.set_activation_checkpointing(grad_checkpointing)
     adapter_names = apply_adapter_config(net, adapter)
     return VolumetricPromptableSegmenter(
-        net, roi, slice_axis, layers, decoder_dim, num_heads, input_range=input_range, adapter_names=adapter_names
+        net,
+        roi,
+        slice_axis,
+        layers,
+        decoder_dim,
+        num_heads,
+        input_range=input_range,
+        adapter_names=adapter_names,
+        click_radius=click_radius,
     )
