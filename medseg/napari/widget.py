@@ -4,7 +4,8 @@ It only wires napari to the session (micro-sam's rule: thin widgets, logic teste
 layer it adds three layers sharing the image's transform, so their data are the image's voxel indices: ``<image>
 points`` (the ``prompt`` feature says ``positive`` or ``negative``; press ``n`` on the layer to switch the next
 point's kind), ``<image> boxes`` (rectangles) and ``<image> labels`` (the session's label map itself, saved by the
-plugin's writer on the image's grid). The sliced axis and index are napari's current ones. Model loading, embedding
+plugin's writer on the image's grid). The sliced axis and index are napari's current ones; the session gets the
+reader's ``metadata["affine"]``, so its model slices the RAS grid as ``medseg predict`` does. Model loading, embedding
 and propagation run in background workers (``napari.qt.threading``), so the interface never freezes; embedding
 shows its progress slice by slice. With *live* on, adding or moving a prompt re-segments the current slice.
 
@@ -237,6 +238,7 @@ class SegmentationWidget(QWidget):
         volume = np.asarray(image.data)
         intensity = self.intensity_combo.currentText()
         intensity = guess_intensity(volume) if intensity == "auto" else intensity
+        affine = image.metadata.get("affine")  # None for a layer the reader did not make: the array as given
         session, kind = self.session, Sam2Session if is_sam2_model(self.loaded.model) else SegmentationSession
         if not isinstance(session, kind) or session.axis != axis or session.recipe.intensity != intensity:
             session = kind(
@@ -246,6 +248,7 @@ class SegmentationWidget(QWidget):
                 recipe=SliceRecipe(intensity),
                 labels=self.labels_layer.data,
                 cache=session.cache if isinstance(session, kind) else None,
+                affine=affine,
             )
             session.select_object(self.label_spin.value())
             self.session = session

@@ -102,3 +102,22 @@ def test_mistakes_are_reported_in_the_status_line(viewer_with_widget, qtbot, bri
     widget.buttons[0].click()  # Load model, in the background
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     assert "neither a run folder" in widget.last_error
+
+
+def test_the_layers_affine_reaches_the_session(viewer_with_widget, bright_in_box, blobs):
+    """A layer the reader made carries its affine in ``metadata``: the session slices the RAS grid (here the file's
+    x and y run the other way, so the model's slice is the file's flipped); a layer without one is sliced as given."""
+    from medseg.inference.session import SegmentationSession
+
+    viewer, widget = viewer_with_widget
+    widget.use_model(LoadedModel(bright_in_box, "promptable", source="stand-in"))
+    go_to_slice(viewer, 1)
+    plain = widget._session()
+    assert isinstance(plain, SegmentationSession) and np.array_equal(plain.slice(1), plain.prepared[:, :, 1])
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS, as a DICOM series is stored
+    volume, _ = blobs
+    viewer.add_image(volume, name="lps", rgb=False, metadata={"affine": affine})
+    widget.image_combo.setCurrentText("lps")
+    session = widget._session()
+    assert session is not plain and session.slicing.grid_axis == 2 and not session.slicing.reversed
+    assert np.array_equal(session.slice(1), plain.slice(1)[::-1, ::-1])  # the model sees the RAS slice
