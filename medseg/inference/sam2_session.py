@@ -28,10 +28,8 @@ are the grid's.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,8 +41,7 @@ from medseg.inference.propagate import PropagationConfig, PropagationResult
 from medseg.inference.recipe import SliceRecipe, SliceResult
 from medseg.inference.sam2_frames import Sam2Frames, sam2_of, unit_volume
 from medseg.inference.sam2_propagation import Sam2Tracker
-from medseg.inference.session import guess_intensity
-from medseg.inference.writers import write_label_map
+from medseg.inference.session import InteractiveSession, guess_intensity
 from medseg.prompts.contract import Prompts
 from medseg.prompts.geometry.slicing import SliceOrientation
 
@@ -57,7 +54,7 @@ def _prompts(box, points, point_labels) -> Prompts:
     return Prompts.single(box, list(points) if points else None, point_labels if points else None)
 
 
-class Sam2Session:
+class Sam2Session(InteractiveSession):
     """Interactive SAM 2 segmentation of one ``(X, Y, Z)`` volume along ``axis`` (module docstring).
 
     Attributes:
@@ -116,12 +113,7 @@ class Sam2Session:
             self.cache = cache
         else:
             self.cache = Sam2Frames(sam2, slices, self.propagation.batch_size, max_bytes)
-        if labels is None:
-            labels = np.zeros(volume.shape, dtype=np.uint16)
-        elif np.shape(labels) != volume.shape:
-            raise InputShapeError(f"labels of shape {np.shape(labels)} do not match the volume {volume.shape}.")
-        self.labels = labels
-        self.label = max(1, int(labels.max()) if labels.size else 1)
+        self._start_labels(labels, volume.shape)
         self._start = self.cache.encoded
         self._trackers: dict[int, Sam2Tracker] = {}
 
@@ -148,19 +140,6 @@ class Sam2Session:
             for start in range(0, len(missing), max(1, batch_size)):
                 self.cache.ensure(missing[start : start + batch_size])
                 yield min(start + batch_size, len(missing)), len(missing)
-
-    def compute_embeddings(
-        self,
-        indices: Sequence[int] | None = None,
-        batch_size: int = 4,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> int:
-        """Encode the slices not held yet; returns how many. ``progress(done, total)`` after each batch."""
-        done = 0
-        for done, total in self.iter_embeddings(indices, batch_size):
-            if progress is not None:
-                progress(done, total)
-        return done
 
     def _tracker(self) -> Sam2Tracker:
         if self.label not in self._trackers:
@@ -219,29 +198,7 @@ class Sam2Session:
         self._paint(result.mask, None)
         return result
 
-    def _paint(self, mask: np.ndarray, index: int | None) -> None:
-        """Write ``mask`` (a slice's, or the volume's when ``index`` is None) as the current object."""
-        target = self.labels if index is None else np.moveaxis(self.labels, self.axis, 0)[index]
-        mine = target == self.label
-        target[mine & ~mask] = 0
-        target[mask & ((target == 0) | mine)] = self.label
-
-    def next_object(self) -> int:
-        """Commit the current object and move to a new label value (one above every value in use)."""
-        self.label = max(self.label, int(self.labels.max())) + 1
-        return self.label
-
-    def select_object(self, label: int) -> None:
-        """Continue with label value ``label`` (its memory, if it has one in this session)."""
-        if not 1 <= int(label) <= np.iinfo(self.labels.dtype).max:
-            raise ConfigError(f"label values run from 1 to {np.iinfo(self.labels.dtype).max}, got {label}.")
-        self.label = int(label)
-
     def clear_object(self) -> None:
         """Erase the current object from the label map and forget its memory."""
         self.labels[self.labels == self.label] = 0
         self._trackers.pop(self.label, None)
-
-    def save(self, path: str | os.PathLike[str], reference) -> Path:
-        """Write :attr:`labels` as NIfTI on ``reference``'s grid (a NIfTI path or a 4x4 affine), atomically."""
-        return write_label_map(self.labels, reference, path)

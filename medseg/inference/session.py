@@ -29,6 +29,7 @@ array order; only the model's slices are reoriented.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +47,7 @@ from medseg.inference.writers import write_label_map
 from medseg.prompts.contract import Prompts
 from medseg.prompts.geometry.slicing import SliceOrientation
 
-__all__ = ["SegmentationSession", "guess_intensity"]
+__all__ = ["InteractiveSession", "SegmentationSession", "guess_intensity"]
 
 _PREPARED = SliceRecipe("none")  # the session's slices are already 0-255: the recipe's later steps only
 _EMBEDDING_BYTES = 256 * 64 * 64 * 4  # one LiteMedSAM slice embedding, float32
@@ -70,7 +71,72 @@ def guess_intensity(volume: np.ndarray) -> str:
     return "mr"
 
 
-class SegmentationSession:
+class InteractiveSession(ABC):
+    """What both interactive sessions (this module's and :class:`~medseg.inference.sam2_session.Sam2Session`) do the
+    same way, whatever the model: the label map of objects in the file's array order (painted in place, so the
+    widget's Labels layer shows it), the current object's label value, embedding progress and saving. A subclass sets
+    :attr:`axis` and implements ``iter_embeddings``, the ``segment_*`` methods and ``clear_object``."""
+
+    axis: int
+    labels: np.ndarray
+    label: int
+
+    def _start_labels(self, labels: np.ndarray | None, shape: tuple[int, ...]) -> None:
+        """Continue ``labels`` (painted in place) or start an empty ``uint16`` map; the next label is the highest."""
+        if labels is None:
+            labels = np.zeros(shape, dtype=np.uint16)
+        elif np.shape(labels) != shape:
+            raise InputShapeError(f"labels of shape {np.shape(labels)} do not match the volume {shape}.")
+        self.labels = labels
+        self.label = max(1, int(labels.max()) if labels.size else 1)
+
+    @abstractmethod
+    def iter_embeddings(self, indices: Sequence[int] | None = None, batch_size: int = 4) -> Iterator[tuple[int, int]]:
+        """Encode the slices of ``indices`` (default all) not held yet, yielding ``(done, total)`` after each batch."""
+
+    @abstractmethod
+    def clear_object(self) -> None:
+        """Erase the current object from the label map and forget what the model holds of it."""
+
+    def compute_embeddings(
+        self,
+        indices: Sequence[int] | None = None,
+        batch_size: int = 4,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Run the encoder on the slices not held yet; returns how many it ran on. ``progress(done, total)`` after
+        each batch."""
+        done = 0
+        for done, total in self.iter_embeddings(indices, batch_size):
+            if progress is not None:
+                progress(done, total)
+        return done
+
+    def _paint(self, mask: np.ndarray, index: int | None) -> None:
+        """Write ``mask`` (a file slice's, or the volume's when ``index`` is None) as the current object: over
+        background and over the current object only, so an object never erases another one already committed."""
+        target = self.labels if index is None else np.moveaxis(self.labels, self.axis, 0)[index]
+        mine = target == self.label
+        target[mine & ~mask] = 0
+        target[mask & ((target == 0) | mine)] = self.label
+
+    def next_object(self) -> int:
+        """Commit the current object and move to a new label value (one above every value in use)."""
+        self.label = max(self.label, int(self.labels.max())) + 1
+        return self.label
+
+    def select_object(self, label: int) -> None:
+        """Continue with label value ``label`` (a class id, or an object to correct)."""
+        if not 1 <= int(label) <= np.iinfo(self.labels.dtype).max:
+            raise ConfigError(f"label values run from 1 to {np.iinfo(self.labels.dtype).max}, got {label}.")
+        self.label = int(label)
+
+    def save(self, path: str | os.PathLike[str], reference) -> Path:
+        """Write :attr:`labels` as NIfTI on ``reference``'s grid (a NIfTI path or a 4x4 affine), atomically."""
+        return write_label_map(self.labels, reference, path)
+
+
+class SegmentationSession(InteractiveSession):
     """Interactive promptable segmentation of one ``(X, Y, Z)`` volume, slice by slice along ``axis``.
 
     Attributes:
@@ -148,12 +214,7 @@ class SegmentationSession:
         if cache is None:  # not `cache or ...`: an empty cache has len 0 and is falsy
             cache = EmbeddingCache(max_items=max(256, depth), max_bytes=max(1 << 30, depth * _EMBEDDING_BYTES))
         self.cache = cache
-        if labels is None:
-            labels = np.zeros(volume.shape, dtype=np.uint16)
-        elif np.shape(labels) != volume.shape:
-            raise InputShapeError(f"labels of shape {np.shape(labels)} do not match the volume {volume.shape}.")
-        self.labels = labels
-        self.label = max(1, int(labels.max()) if labels.size else 1)
+        self._start_labels(labels, volume.shape)
         self.encoded = 0
         self._logits: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -191,19 +252,6 @@ class SegmentationSession:
                 embed_into_cache(self.model, planes, [self._key(i) for i in chunk], self.cache)
                 self.encoded += len(chunk)
                 yield start + len(chunk), total
-
-    def compute_embeddings(
-        self,
-        indices: Sequence[int] | None = None,
-        batch_size: int = 4,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> int:
-        """Run the encoder on the slices not cached yet; returns how many it ran on. ``progress(done, total)``."""
-        done = 0
-        for done, total in self.iter_embeddings(indices, batch_size):
-            if progress is not None:
-                progress(done, total)
-        return done
 
     # --- segmentation ---------------------------------------------------------------------------------------------
 
@@ -283,31 +331,9 @@ class SegmentationSession:
         self._paint(result.mask, None)
         return result
 
-    def _paint(self, mask: np.ndarray, index: int | None) -> None:
-        """Write ``mask`` (a slice's, or the volume's when ``index`` is None) as the current object."""
-        target = self.labels if index is None else np.moveaxis(self.labels, self.axis, 0)[index]
-        mine = target == self.label
-        target[mine & ~mask] = 0
-        target[mask & ((target == 0) | mine)] = self.label
-
     # --- objects and output -------------------------------------------------------------------------------------
-
-    def next_object(self) -> int:
-        """Commit the current object and move to a new label value (one above every value in use)."""
-        self.label = max(self.label, int(self.labels.max())) + 1
-        return self.label
-
-    def select_object(self, label: int) -> None:
-        """Continue with label value ``label`` (a class id, or an object to correct)."""
-        if not 1 <= int(label) <= np.iinfo(self.labels.dtype).max:
-            raise ConfigError(f"label values run from 1 to {np.iinfo(self.labels.dtype).max}, got {label}.")
-        self.label = int(label)
 
     def clear_object(self) -> None:
         """Erase the current object from the label map and forget its masks."""
         self.labels[self.labels == self.label] = 0
         self._logits = {key: value for key, value in self._logits.items() if key[0] != self.label}
-
-    def save(self, path: str | os.PathLike[str], reference) -> Path:
-        """Write :attr:`labels` as NIfTI on ``reference``'s grid (a NIfTI path or a 4x4 affine), atomically."""
-        return write_label_map(self.labels, reference, path)
