@@ -8,6 +8,8 @@ step                        what                                             whe
 file voxel <-> world        ``A @ [i, j, k, 1]``, RAS+ mm; DICOM LPS; world  :mod:`~medseg.prompts.geometry.world`
                             boxes; a resampled grid through the world
 file voxel <-> RAS grid     axis permutation and flips, no interpolation     :mod:`~medseg.prompts.geometry.orientation`
+file slice <-> RAS slice    a slice index, its 2-D prompts and masks, for    :mod:`~medseg.prompts.geometry.slicing`
+                            the interactive sessions
 RAS grid -> model input     a slice's 2-D prompts; the 2-D model's resized   :mod:`~medseg.prompts.geometry.model_input`
                             slice (pixel centres, or the LiteMedSAM recipe);
                             the 3-D model's zoomed grid
@@ -29,6 +31,7 @@ from medseg.prompts.geometry.model_input import (
     zoom_prompts,
 )
 from medseg.prompts.geometry.orientation import Orientation
+from medseg.prompts.geometry.slicing import SliceOrientation
 from medseg.prompts.geometry.world import (
     box_voxel_to_world,
     check_inside,
@@ -46,6 +49,7 @@ from medseg.prompts.geometry.world import (
 __all__ = [
     "Orientation",
     "SliceGeometry",
+    "SliceOrientation",
     "box_to_model_input_2d",
     "box_voxel_to_world",
     "check_inside",
