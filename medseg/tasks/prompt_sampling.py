@@ -19,13 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms import Resize, SpatialPad
+from scipy import ndimage
 
 from medseg.prompts.contract import Prompts, pad_points
 from medseg.prompts.device_clicks import DeviceClickSimulator
 from medseg.prompts.host_clicks import correction_clicks as host_correction_clicks
 from medseg.prompts.simulate import ClickSimulator
 
-__all__ = ["ClickState", "fit_to_model", "mask_iou", "pick_masks"]
+__all__ = ["ClickState", "fit_to_model", "mask_iou", "pick_masks", "sequence_targets"]
 
 
 def fit_to_model(image: torch.Tensor, label: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,3 +234,28 @@ class ClickState:
         kwargs["point_coords"], kwargs["point_labels"] = self.point_tensors(dims)
         kwargs["prev_mask"] = prev_mask
         return Prompts(**kwargs).to(device)
+
+
+def sequence_targets(
+    labels: torch.Tensor, first: torch.Tensor, class_ids: torch.Tensor, object_mode: str
+) -> torch.Tensor:
+    """The first slice's object on every slice of a sequence: ``(B, T, 1, S, S)`` float binary masks.
+
+    Args:
+        labels: ``(B, T, 1, S, S)`` label maps of the sequence.
+        first: ``(B, 1, S, S)`` the object :func:`~medseg.prompts.sample_prompts` drew on slice 0.
+        class_ids: ``(B,)`` its class (0: no object, an empty target throughout).
+        object_mode: ``class`` (every voxel of the class) or ``component`` (the class's 3-D connected components,
+            6-connected, that touch the first slice's object).
+    """
+    values = labels[:, :, 0].round().long()
+    ids = class_ids.to(values.device).view(-1, 1, 1, 1)
+    masks = (values == ids) & (ids > 0)
+    if object_mode == "component":
+        kept = np.zeros(tuple(masks.shape), dtype=bool)
+        for b, (mask, seed) in enumerate(zip(masks.cpu().numpy(), first[:, 0].cpu().numpy() > 0.5)):
+            components, _ = ndimage.label(mask)
+            touching = np.unique(components[0][seed])
+            kept[b] = np.isin(components, touching[touching > 0])
+        masks = torch.from_numpy(kept).to(values.device)
+    return masks[:, :, None].float()

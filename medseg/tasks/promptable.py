@@ -51,7 +51,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from scipy import ndimage
 from torch import nn
 
 from medseg.errors import ConfigError
@@ -61,9 +60,9 @@ from medseg.inference.volumetric import volume_predictor
 from medseg.models.sam2_promptable import Sam2Memory
 from medseg.prompts.simulate import PROMPT_MIX, interactive_loop, sample_prompts
 from medseg.tasks.optimization import OptimizationMixin
-from medseg.tasks.prompt_sampling import ClickState, fit_to_model, mask_iou, pick_masks
+from medseg.tasks.prompt_sampling import ClickState, fit_to_model, mask_iou, pick_masks, sequence_targets
 
-__all__ = ["PromptableTask", "sequence_targets"]
+__all__ = ["PromptableTask"]
 
 
 def _plain(value: Any) -> Any:
@@ -421,28 +420,3 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
                     f"the checkpoint callback monitors {monitor!r}, which a promptable task does not log; set "
                     f"callbacks.model_checkpoint.monitor=val/dice (logged: {sorted(logged)})."
                 )
-
-
-def sequence_targets(
-    labels: torch.Tensor, first: torch.Tensor, class_ids: torch.Tensor, object_mode: str
-) -> torch.Tensor:
-    """The first slice's object on every slice of a sequence: ``(B, T, 1, S, S)`` float binary masks.
-
-    Args:
-        labels: ``(B, T, 1, S, S)`` label maps of the sequence.
-        first: ``(B, 1, S, S)`` the object :func:`~medseg.prompts.sample_prompts` drew on slice 0.
-        class_ids: ``(B,)`` its class (0: no object, an empty target throughout).
-        object_mode: ``class`` (every voxel of the class) or ``component`` (the class's 3-D connected components,
-            6-connected, that touch the first slice's object).
-    """
-    values = labels[:, :, 0].round().long()
-    ids = class_ids.to(values.device).view(-1, 1, 1, 1)
-    masks = (values == ids) & (ids > 0)
-    if object_mode == "component":
-        kept = np.zeros(tuple(masks.shape), dtype=bool)
-        for b, (mask, seed) in enumerate(zip(masks.cpu().numpy(), first[:, 0].cpu().numpy() > 0.5)):
-            components, _ = ndimage.label(mask)
-            touching = np.unique(components[0][seed])
-            kept[b] = np.isin(components, touching[touching > 0])
-        masks = torch.from_numpy(kept).to(values.device)
-    return masks[:, :, None].float()

@@ -18,7 +18,8 @@ from medseg.evaluation.summary import is_complete, read_summary
 from medseg.models.promptable import build_promptable
 from medseg.models.sam2_promptable import Sam2PromptableSegmenter
 from medseg.prompts.contract import Prompts
-from medseg.tasks.promptable import PromptableTask, sequence_targets
+from medseg.tasks.prompt_sampling import sequence_targets
+from medseg.tasks.promptable import PromptableTask
 from medseg.workflows.models import load_model
 from medseg.workflows.training import train
 
