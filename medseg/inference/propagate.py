@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from medseg.inference.recipe import (
 from medseg.prompts.contract import Prompts
 from medseg.prompts.geometry import to_recipe_input
 
-__all__ = ["PropagationConfig", "PropagationResult", "propagate"]
+__all__ = ["PropagationConfig", "PropagationResult", "propagate", "stop_reason"]
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,9 @@ def _carried(mask: torch.Tensor, logits: torch.Tensor, config: PropagationConfig
     return Prompts(**kwargs)
 
 
-def _stop(mask: torch.Tensor, previous: torch.Tensor, start_area: float, config: PropagationConfig) -> str | None:
+def stop_reason(mask: Any, previous: Any, start_area: float, config: PropagationConfig) -> str | None:
+    """Why propagation stops at ``mask`` (boolean torch tensor or array) after ``previous``: ``empty``, ``area``,
+    ``growth``, ``iou``, or ``None`` to go on. One rule set for every propagation (SAM 2's memory walk included)."""
     area = float(mask.sum())
     if area == 0:
         return "empty"
@@ -218,7 +221,7 @@ def propagate(
                 while 0 <= k < depth:
                     advance()
                     next_logits, next_mask = decode(k, step, _carried(previous, previous_logits, config, size))
-                    reason = _stop(next_mask, previous, start_area, config)
+                    reason = stop_reason(next_mask, previous, start_area, config)
                     if reason is not None:
                         stopped[name] = reason
                         break

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.errors import ConfigError
-from medseg.inference.propagate import PropagationConfig, PropagationResult
+from medseg.inference.propagate import PropagationConfig, PropagationResult, stop_reason
 from medseg.inference.recipe import above_threshold
 from medseg.inference.sam2_frames import Sam2Frames
 from medseg.prompts.contract import Prompts
@@ -177,20 +177,6 @@ class Sam2Tracker:
 
     # --- walking ------------------------------------------------------------------------------------------------
 
-    def _stop(self, mask: np.ndarray, previous: np.ndarray, start_area: float) -> str | None:
-        config, area = self.config, float(mask.sum())
-        if area == 0:
-            return "empty"
-        if config.min_area is not None and area < config.min_area * start_area:
-            return "area"
-        if config.max_area is not None and area > config.max_area * start_area:
-            return "growth"
-        if config.min_iou is not None:
-            iou = float((mask & previous).sum()) / float((mask | previous).sum())
-            if iou < config.min_iou:
-                return "iou"
-        return None
-
     def _walk(self, start: int, step: int, end: int) -> str:
         """Track the slices after ``start`` up to ``end`` (inclusive) in direction ``step``; the last stop reason."""
         for k in range(start + step, end + step, step):  # everything beyond the start here is tracked again
@@ -215,7 +201,7 @@ class Sam2Tracker:
                 continue
             out = self._track(k, False, None, step < 0, None)
             mask = self._mask(out["pred_masks"])
-            stop = self._stop(mask, previous, start_area)
+            stop = stop_reason(mask, previous, start_area, self.config)
             if stop is not None:  # this slice is not kept, nor its memory
                 reason, previous = stop, None
                 self.ious.pop(k, None)
