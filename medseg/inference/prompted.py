@@ -52,6 +52,7 @@ from medseg.prompts.geometry import prompts_on_slice
 
 __all__ = [
     "PromptedResult",
+    "lead_point_slice",
     "object_label",
     "object_prompts",
     "recipe_for",
@@ -173,6 +174,23 @@ class _Encoder:
             self.model.encode = self._previous
 
 
+def lead_point_slice(item: Prompts, axis: int, label: int) -> int:
+    """The slice (along ``axis``) holding most of an object's positive points: where a points-only object starts.
+
+    Raises:
+        PromptFileError: the object has negative points only.
+    """
+    coords, labels = item.point_coords[0], item.point_labels[0]
+    positive = coords[labels == 1]
+    if not len(positive):
+        raise PromptFileError(
+            f"object with label {label} has only negative points (point_labels 0) and no box: nothing says "
+            f"where it is. Add a positive point (label 1) or a box."
+        )
+    slices, counts = np.unique(positive[:, axis].numpy(), return_counts=True)
+    return int(slices[counts.argmax()])
+
+
 def _object_mask(
     model: torch.nn.Module,
     volume: np.ndarray,
@@ -190,14 +208,7 @@ def _object_mask(
     for item in (prompts[b] for b in range(prompts.batch_size)):
         if item.box is None:  # points alone: propagation from the slice holding most positive points
             coords, labels = item.point_coords[0], item.point_labels[0]
-            positive = coords[labels == 1]
-            if not len(positive):
-                raise PromptFileError(
-                    f"object with label {label} has only negative points (point_labels 0) and no box: nothing says "
-                    f"where it is. Add a positive point (label 1) or a box."
-                )
-            slices, counts = np.unique(positive[:, axis].numpy(), return_counts=True)
-            start = int(slices[counts.argmax()])
+            start = lead_point_slice(item, axis, label)
             elsewhere = int(((coords[:, axis] != start) & (labels >= 0)).sum())
             if elsewhere:
                 notes.append(

@@ -37,14 +37,14 @@ from monai.data import MetaTensor
 from medseg.errors import ConfigError, InputShapeError
 from medseg.inference.loaded import LoadedModel
 from medseg.inference.prepared import prepare_volume
-from medseg.inference.prompted import PromptedResult, object_label, object_prompts, recipe_for
+from medseg.inference.prompted import PromptedResult, lead_point_slice, object_label, object_prompts, recipe_for
 from medseg.inference.propagate import PropagationConfig
 from medseg.inference.recipe import SliceRecipe
 from medseg.inference.run_settings import run_prompt_settings
 from medseg.inference.sam2_frames import Sam2Frames, unit_volume
 from medseg.inference.sam2_propagation import Sam2Tracker
 from medseg.prompts.contract import Prompts
-from medseg.prompts.files import ObjectPrompts, PromptFileError
+from medseg.prompts.files import ObjectPrompts
 from medseg.prompts.geometry import prompts_on_slice
 
 __all__ = ["predict_sam2_prompts", "segment_objects_sam2", "tracker_plans"]
@@ -93,15 +93,7 @@ def tracker_plans(prompts: Prompts, axis: int, depth: int) -> list[tuple[dict[in
         item = items[0]
         slices = dict(flat)
         if not slices:  # points alone: the slice with most positive points leads
-            coords, labels = item.point_coords[0], item.point_labels[0]
-            positive = coords[labels == 1]
-            if not len(positive):
-                raise PromptFileError(
-                    f"object with label {object_label(prompts)} has only negative points (point_labels 0) and no "
-                    f"box: nothing says where it is. Add a positive point (label 1) or a box."
-                )
-            values, counts = np.unique(positive[:, axis].numpy(), return_counts=True)
-            lead = int(values[counts.argmax()])
+            lead = lead_point_slice(item, axis, object_label(prompts))
             slices[lead] = _points_on(item, axis, lead)
         for k in _point_slices(item, axis):
             slices.setdefault(k, _points_on(item, axis, k))
