@@ -31,7 +31,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,13 @@ def evaluate_litemedsam(dataset: Path, max_cases: int | None) -> dict[str, Any]:
     }
 
 
+def run_identity(run_dir: Path) -> tuple[str, str]:
+    """``(model_name, dataset folder name)`` of a run folder, from its saved config (``MEDSEG_DATA`` resolves it)."""
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    model = str(OmegaConf.select(saved, "model_name", default=run_dir.parent.name))
+    return model, load_dataset_info(find_dataset(str(saved.data.dataset)) / "dataset.json").name
+
+
 def evaluate_run(run_dir: Path, ckpt: str, max_cases: int | None) -> dict[str, Any]:
     """A trained promptable run under the protocol, through ``medseg evaluate``'s own function (module docstring)."""
     from medseg.workflows.evaluation import evaluate  # lazy: Lightning and the task stack
@@ -168,11 +176,11 @@ def evaluate_run(run_dir: Path, ckpt: str, max_cases: int | None) -> dict[str, A
     )  # fmt: skip
     summary = evaluate(cfg)
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    dataset = load_dataset_info(find_dataset(str(saved.data.dataset)) / "dataset.json").name
+    model, dataset = run_identity(run_dir)
     builder = str(OmegaConf.select(saved, "model._target_", default="?")).rsplit(".", 1)[-1]
     backbone = str(OmegaConf.select(saved, "backbone.name", default="?"))
     return {
-        "model": str(OmegaConf.select(saved, "model_name", default=run_dir.name)),
+        "model": model,
         "dataset": dataset,
         "kind": f"trained run ({builder}, backbone {backbone}), checkpoint {summary.get('checkpoint', ckpt)}; "
         f"trained on {dataset} only",
@@ -199,6 +207,9 @@ def table(records: Sequence[Mapping[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in records:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['dataset']} | failed: {r['error']} |||||||")
+            continue
         curve = " ".join(f"{v:.2f}" for v in r["dsc_per_step"])
         lines.append(
             f"| {r['model']} | {r['dataset']} | {r['n_cases']} | {r['dsc_auc']:.3f} | {r['nsd_auc']:.3f} | "
@@ -211,6 +222,34 @@ def _read_existing(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return list(json.loads(path.read_text()).get("records", []))
+
+
+def _dataset_job(dataset: Path, max_cases: int | None) -> tuple[str, str, Callable[[], dict[str, Any]]]:
+    if not (dataset / "dataset.json").is_file():
+        raise ConfigError(f"--dataset {dataset} has no dataset.json; give a folder written by medseg prepare.")
+    name = load_dataset_info(dataset / "dataset.json").name
+    return "litemedsam", name, lambda: evaluate_litemedsam(dataset, max_cases)
+
+
+def _run_job(run_dir: Path, ckpt: str, max_cases: int | None) -> tuple[str, str, Callable[[], dict[str, Any]]]:
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        raise ConfigError(f"--run {run_dir} has no .hydra/config.yaml; give a folder written by medseg train.")
+    return (*run_identity(run_dir), lambda: evaluate_run(run_dir, ckpt, max_cases))
+
+
+def _measure(model: str, dataset: str, job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One model's record with its wall time; a failure becomes ``{"model", "dataset", "error"}`` so that it does not
+    discard the minutes spent on the others (a bug's traceback is printed, a user error's message only)."""
+    start = time.perf_counter()
+    try:
+        record = job()
+    except Exception as error:
+        if not isinstance(error, MedsegError):
+            traceback.print_exc()
+        message = " ".join(str(error).split())
+        print(f"bench_segfm3d.py: error: {model} on {dataset}: {message}", file=sys.stderr, flush=True)
+        return {"model": model, "dataset": dataset, "error": f"{type(error).__name__}: {message}"}
+    return {**record, "wall_s": round(time.perf_counter() - start, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,23 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("nothing to evaluate: give --dataset DIR (LiteMedSAM) and/or --run DIR (a trained run).")
     if args.threads:
         torch.set_num_threads(args.threads)
-    records = []
-    try:
-        for dataset in args.dataset:
-            if not (dataset / "dataset.json").is_file():
-                raise ConfigError(f"--dataset {dataset} has no dataset.json; give a folder written by medseg prepare.")
-            start = time.perf_counter()
-            records.append({**evaluate_litemedsam(dataset, args.max_cases), "wall_s": 0.0})
-            records[-1]["wall_s"] = round(time.perf_counter() - start, 1)
-        for run_dir in args.run:
-            if not (run_dir / ".hydra" / "config.yaml").is_file():
-                raise ConfigError(f"--run {run_dir} has no .hydra/config.yaml; give a folder written by medseg train.")
-            start = time.perf_counter()
-            records.append({**evaluate_run(run_dir, args.ckpt, args.max_cases), "wall_s": 0.0})
-            records[-1]["wall_s"] = round(time.perf_counter() - start, 1)
+    try:  # every argument checked before the minutes of evaluation
+        jobs = [_dataset_job(dataset, args.max_cases) for dataset in args.dataset]
+        jobs += [_run_job(run_dir, args.ckpt, args.max_cases) for run_dir in args.run]
     except MedsegError as error:
         print(f"bench_segfm3d.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    records = [_measure(*job) for job in jobs]
     command = " ".join([Path(sys.executable).name, *(sys.argv if argv is None else ["tools/bench_segfm3d.py", *argv])])
     for record in records:
         record.setdefault("command", command)
@@ -263,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.output, out)
     if args.table:
         print(table(merged))
-    return 0
+    failed = [f"{r['model']} on {r['dataset']}" for r in records if "error" in r]
+    if failed:
+        print(f"bench_segfm3d.py: error: {', '.join(failed)} failed (see above and in {args.output})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -121,3 +121,14 @@ def test_bad_arguments_are_one_line_errors_and_write_nothing(tool, tmp_path, cap
     assert err.startswith("bench_segfm3d.py: error: --dataset") and err.count("\n") == 1
     assert tool.main(["--run", str(tmp_path), "--output", str(output)]) == 2
     assert "medseg train" in capsys.readouterr().err and not output.exists()
+
+
+def test_a_failing_model_becomes_an_error_record_and_a_failed_row(tool, capsys):
+    def broken():
+        raise ConfigError("no weights\n here")
+
+    record = tool._measure("tinysam2", "Dataset990_Synthetic", broken)
+    assert record == {"model": "tinysam2", "dataset": "Dataset990_Synthetic", "error": "ConfigError: no weights here"}
+    assert capsys.readouterr().err == "bench_segfm3d.py: error: tinysam2 on Dataset990_Synthetic: no weights here\n"
+    assert tool.table([record]).splitlines()[2].startswith("| tinysam2 | Dataset990_Synthetic | failed: ConfigError")
+    assert tool._measure("m", "d", lambda: {"model": "m"})["wall_s"] >= 0.0
