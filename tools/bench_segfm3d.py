@@ -159,9 +159,12 @@ def evaluate_litemedsam(dataset: Path, max_cases: int | None) -> dict[str, Any]:
 
 
 def run_identity(run_dir: Path) -> tuple[str, str]:
-    """``(model_name, dataset folder name)`` of a run folder, from its saved config (``MEDSEG_DATA`` resolves it)."""
+    """``(model_name, dataset folder name)`` of a run folder, from its saved config (``MEDSEG_DATA`` resolves it);
+    a run trained on slice sequences (``task.sequence_length`` > 1) is named so, apart from its 2-D-frame twin."""
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     model = str(OmegaConf.select(saved, "model_name", default=run_dir.parent.name))
+    length = int(OmegaConf.select(saved, "task.sequence_length", default=1) or 1)
+    model = model if length == 1 else f"{model} (sequences of {length} slices)"
     return model, load_dataset_info(find_dataset(str(saved.data.dataset)) / "dataset.json").name
 
 
