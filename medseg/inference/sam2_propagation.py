@@ -183,14 +183,17 @@ class Sam2Tracker:
             if k not in self.outputs[_COND]:
                 for store in (self.outputs[_NON_COND], self.masks, self.ious):
                     store.pop(k, None)
-        previous = self.masks.get(start)
-        start_area, reason = float(previous.sum()), "edge"
+
+        def restart(k: int) -> tuple[np.ndarray | None, float, str]:
+            """The rules restart from prompted slice ``k``: its mask (none when it decoded empty), area, reason."""
+            mask = self.masks.get(k)
+            return mask, (0.0 if mask is None else float(mask.sum())), ("edge" if mask is not None else "empty")
+
+        previous, start_area, reason = restart(start)
         k = start + step
         while (k - end) * step <= 0:
             if k in self.outputs[_COND]:  # a prompted slice: its user prompts win; the rules restart from it
-                previous = self.masks.get(k)
-                start_area = 0.0 if previous is None else float(previous.sum())
-                reason = "edge" if previous is not None else "empty"
+                previous, start_area, reason = restart(k)
                 k += step
                 continue
             if previous is None:  # stopped: resume at the next prompted slice ahead, if any

@@ -193,3 +193,16 @@ def test_a_correction_beyond_the_objects_reach_fills_the_gap_back(model, tube):
     assert walk.stopped == {"forward": "edge", "backward": "edge"} and (walk.first, walk.last) == (3, 8)
     after = tracker.outputs["non_cond_frame_outputs"]
     assert sorted(after) == [3, 5, 6, 7] and after[3] is kept[3] and after[5] is kept[5]  # only the gap was tracked
+
+
+def test_a_correction_that_decodes_empty_beyond_the_objects_reach_ends_the_walk(model, tube, monkeypatch):
+    """A correction click whose slice decodes to nothing (kept as no mask) stops the walk back there: "empty"."""
+    tracker = Sam2Tracker(Sam2Frames(model, unit_volume(tube, SliceRecipe("none"))), NO_RULES)
+    with torch.inference_mode():
+        tracker.prompt(4, Prompts.single(BOX))
+    tracker.propagate(4, lo=3, hi=5)
+    decode = Sam2Tracker._mask
+    monkeypatch.setattr(Sam2Tracker, "_mask", lambda self, low_res: decode(self, low_res) & False)
+    walk = tracker.correct(8, Prompts.single(points=[[18, 26]], point_labels=[0]))
+    assert 8 not in tracker.masks and walk.stopped["backward"] == "empty"
+    assert (walk.first, walk.last) == (3, 5)  # the object as it was: nothing added from the empty click
