@@ -24,10 +24,12 @@ features from ``_prepare_memory_conditioned_features`` on frames after the promp
 training sees every candidate mask, its IoU and the object score, and so that the prompted frame can take correction
 clicks (``prev_sam_mask_logits``, SAM 2's own iterative refinement) before its memory is written.
 
-Parameters a training mode never uses. In 2-D frames (``decode``) the memory attention, memory encoder, object-pointer
-heads and the object-score head get no gradient; in sequences the mask-as-output path (``mask_downsample``) and, with
-``directly_add_no_mem_embed``, ``no_mem_pos_enc`` get none. DDP refuses parameters that receive no gradient, so
-:meth:`~Sam2PromptableSegmenter.freeze_unused` freezes exactly those for the chosen mode (the promptable task calls it).
+Parameters a training mode never uses. In 2-D frames (``decode``) the memory attention, memory encoder and object-pointer
+heads get no gradient (the object-score head does: :meth:`~Sam2PromptableSegmenter.decode_with_object_score` gives its
+logits, and the task trains them, because memory propagation masks every slice the head calls absent); in sequences the
+mask-as-output path (``mask_downsample``) and, with ``directly_add_no_mem_embed``, ``no_mem_pos_enc`` get none. DDP
+refuses parameters that receive no gradient, so :meth:`~Sam2PromptableSegmenter.freeze_unused` freezes exactly those for
+the chosen mode (the promptable task calls it).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ _BACKBONE_ENCODER = "backbone.image_encoder."
 # SAM2Base parts that 2-D frames never reach (memory, object pointers) and that sequences never reach (mask as output).
 _MEMORY_ONLY = (
     "memory_attention", "memory_encoder", "maskmem_tpos_enc", "no_mem_pos_enc", "obj_ptr_proj", "obj_ptr_tpos_proj",
-    "mask_downsample", "no_obj_ptr", "no_obj_embed_spatial", "sam_mask_decoder.pred_obj_score_head",
+    "mask_downsample", "no_obj_ptr", "no_obj_embed_spatial",
 )  # fmt: skip
 _SEQUENCE_UNUSED = ("mask_downsample",)
 
@@ -230,7 +232,16 @@ class Sam2PromptableSegmenter(nn.Module):
     def decode(
         self, embeddings: torch.Tensor, prompts: Prompts, multimask: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks for one prompt set per embedding, as ``SAM2ImagePredictor`` predicts them on one image.
+        """Masks for one prompt set per embedding, as ``SAM2ImagePredictor`` predicts them on one image:
+        ``(logits, iou)`` of :meth:`decode_with_object_score`."""
+        logits, iou, _ = self.decode_with_object_score(embeddings, prompts, multimask)
+        return logits, iou
+
+    def decode_with_object_score(
+        self, embeddings: torch.Tensor, prompts: Prompts, multimask: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`decode` plus SAM 2's object-score logits ``(B, 1)`` (is the object on this frame?), which 2-D
+        training supervises so that memory propagation, which blanks frames scored absent, can use the model.
 
         Returns:
             ``(logits (B, M, S, S), iou (B, M))``, ``M`` 3 if ``multimask`` else 1: SAM 2's low-resolution logits
@@ -244,23 +255,23 @@ class Sam2PromptableSegmenter(nn.Module):
         mask_size = tuple(self.prompt_encoder.mask_input_size)
         points, boxes, masks = sam_prompt_inputs(prompts.to(embeddings.device), mask_size)
         if torch.is_grad_enabled():
-            logits, iou = self._decode(embeddings, points, boxes, masks, multimask)
+            logits, iou, scores = self._decode(embeddings, points, boxes, masks, multimask)
         else:
             dtype = self.sam2.no_mem_embed.dtype
             with torch.autocast(embeddings.device.type, enabled=False):
-                logits, iou = self._decode(embeddings.to(dtype), points, boxes, masks, multimask)
+                logits, iou, scores = self._decode(embeddings.to(dtype), points, boxes, masks, multimask)
         if logits.shape[-1] != self.image_size:
             logits = F.interpolate(logits, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
-        return logits, iou
+        return logits, iou, scores
 
-    def _decode(self, embeddings, points, boxes, masks, multimask) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, embeddings, points, boxes, masks, multimask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         frame = self.frame_features(embeddings)
         embed = frame.vision
         if self.sam2.directly_add_no_mem_embed:  # a frame without memory (SAM2ImagePredictor.set_image)
             embed = embed + self.sam2.no_mem_embed.reshape(1, -1, 1, 1)
         features = Sam2ImageFeatures(embed, frame.high_res)
         out = decode_sam2_masks(self.prompt_encoder, self.mask_decoder, features, boxes, points, masks, multimask)
-        return out.logits, out.iou
+        return out.logits, out.iou, out.object_score_logits
 
     def forward(
         self, images: torch.Tensor, prompts: Prompts, multimask: bool = False

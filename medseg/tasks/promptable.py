@@ -28,17 +28,18 @@ evaluation click with the reference (:func:`medseg.prompts.interactive_loop`, on
 Images are min-max scaled to [0, 1] per slice (per volume for 3-D models) before the encoder, as the LiteMedSAM
 recipe that evaluation and propagation use does, so training and evaluation inputs follow one convention.
 
-Short slice sequences with memory (``sequence_length`` > 1, SAM 2 / MedSAM2 models only; MedSAM2's fine-tuning): an
-item is a patch of ``sequence_length`` consecutive slices along ``slice_axis`` (``data/sampling=patches_3d`` with
+Short slice sequences with memory (``sequence_length`` > 1, SAM 2 / MedSAM2 models only; MedSAM2's fine-tuning): an item
+is a patch of ``sequence_length`` consecutive slices along ``slice_axis`` (``data/sampling=patches_3d`` with
 ``patch_size`` ``S x S`` in plane and the sequence's length along the axis). Its first slice is prompted and corrected
 as a 2-D frame is (the first prompt set, then ``num_iterations`` rounds, through SAM 2's own ``_track_step`` with the
-previous logits as ``prev_sam_mask_logits``); its final mask is written into SAM 2's memory, and every following
-slice is segmented from memory alone, conditioned on the earlier slices (:meth:`~medseg.models.sam2_promptable.
-Sam2PromptableSegmenter.track` / ``remember``). The object is the first slice's one, followed through the sequence
-(its class; in ``component`` mode the 3-D components that touch it). Every slice adds its mask and IoU losses, plus
-``object_weight`` times the binary cross-entropy of SAM 2's object score against the object's presence on the slice
-(SAM 2 masks a slice whose score says "absent", so that head must learn too). A sequence is min-max scaled as a
-whole, as memory propagation scales its volume. Validation stays 2-D.
+previous logits as ``prev_sam_mask_logits``); its final mask is written into SAM 2's memory, and every following slice
+is segmented from memory alone, conditioned on the earlier slices (:meth:`~medseg.models.sam2_promptable.
+Sam2PromptableSegmenter.track` / ``remember``). The object is the first slice's one, followed through the sequence (its
+class; in ``component`` mode the 3-D components that touch it). Every slice adds its mask and IoU losses, plus
+``object_weight`` times the binary cross-entropy of SAM 2's object score against the object's presence on the slice (SAM
+2 masks a slice whose score says "absent", so that head must learn too; 2-D frames of a SAM 2 model train it the same
+way, so that a model fine-tuned on frames alone can propagate through memory). A sequence is min-max scaled as a whole,
+as memory propagation scales its volume. Validation stays 2-D.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
         label_names: ``{name: value}`` of the dataset, background included.
         sequence_length: 1 (2-D frames, the default) or the slices of one training sequence with memory (module
             docstring; a model with SAM 2's memory).
-        object_weight: weight of the object-score loss of sequences.
+        object_weight: weight of a SAM 2 model's object-score loss (2-D frames and sequences).
     """
 
     def __init__(
@@ -237,11 +238,20 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
 
     def _round(
         self, embeddings: torch.Tensor, state: ClickState, prev: torch.Tensor | None, target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One decoding round: ``(chosen logits (B, 1, *spatial), mask loss, IoU-head loss)``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoding round: ``(chosen logits (B, 1, *spatial), mask loss, IoU-head loss, object-score loss)``; the
+        last is a SAM 2 model's (module docstring), zero for the others."""
         prompts = state.prompts(prev, embeddings.device)
-        logits, iou = self.model.decode(embeddings, prompts, multimask=self.multimask and single_click(prompts))
-        return self._mask_losses(logits, iou, target)
+        multimask = self.multimask and single_click(prompts)
+        if not hasattr(self.model, "decode_with_object_score"):
+            logits, iou = self.model.decode(embeddings, prompts, multimask=multimask)
+            return (*self._mask_losses(logits, iou, target), target.new_zeros(()))
+        logits, iou, scores = self.model.decode_with_object_score(embeddings, prompts, multimask=multimask)
+        return (*self._mask_losses(logits, iou, target), self._object_loss(scores, target))
+
+    def _object_loss(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """SAM 2's object-score BCE against the object's presence (SAM 2 masks a frame its score calls absent)."""
+        return F.binary_cross_entropy_with_logits(scores.float(), target.flatten(1).amax(1, keepdim=True))
 
     def _mask_losses(
         self, logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor
@@ -286,8 +296,8 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
             if index > 0:
                 current = prev[:, 0] > 0
                 state.add_corrections(references, current if on_device else current.cpu().numpy())
-            chosen, mask_loss, iou_loss = self._round(embeddings, state, prev, target)
-            total = total + mask_loss + self.iou_weight * iou_loss
+            chosen, mask_loss, iou_loss, object_loss = self._round(embeddings, state, prev, target)
+            total = total + mask_loss + self.iou_weight * iou_loss + self.object_weight * object_loss
             prev = chosen.detach()  # SAM: no gradient through the mask prompt of the next round
             if index == 0:
                 self.log("train/loss_first", mask_loss, batch_size=image.shape[0])
@@ -336,8 +346,7 @@ class PromptableTask(OptimizationMixin, L.LightningModule):
     def _sequence_losses(self, step: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(chosen logits, mask + IoU + object-score loss)`` of one tracked slice."""
         chosen, mask_loss, iou_loss = self._mask_losses(step.logits, step.iou, target)
-        present = target.flatten(1).amax(1, keepdim=True)
-        object_loss = F.binary_cross_entropy_with_logits(step.object_score_logits.float(), present)
+        object_loss = self._object_loss(step.object_score_logits, target)
         return chosen, mask_loss + self.iou_weight * iou_loss + self.object_weight * object_loss
 
     # ------------------------------------------------------------------ validation (interactive)

@@ -197,8 +197,8 @@ def test_adapters_train_on_hiera_with_the_decoder(method):
 def _loss_2d(net: Sam2PromptableSegmenter, mask_prompts: bool) -> torch.Tensor:
     embeddings = net.encode(torch.rand(2, 1, 64, 64))
     prompts = Prompts(box=[[4.0, 4.0, 40.0, 50.0], [10.0, 8.0, 60.0, 30.0]])
-    logits, iou = net.decode(embeddings, prompts)
-    total = logits.square().mean() + iou.square().mean()
+    logits, iou, scores = net.decode_with_object_score(embeddings, prompts)
+    total = logits.square().mean() + iou.square().mean() + scores.square().mean()
     if mask_prompts:  # a correction round: the previous logits, detached, as mask prompt
         logits, _ = net.decode(embeddings, prompts.with_prev_mask(logits.detach()))
         total = total + logits.square().mean()
@@ -228,7 +228,7 @@ def test_every_trainable_parameter_gets_a_gradient_after_freezing_the_unused(seq
         assert frozen[:3] == ["sam2.no_mem_pos_enc", "sam2.mask_downsample.weight", "sam2.mask_downsample.bias"]
     else:
         assert any(n.startswith("sam2.memory_attention.") for n in frozen)
-        assert "sam2.sam_mask_decoder.pred_obj_score_head.layers.0.weight" in frozen
+        assert not any(".pred_obj_score_head." in n for n in frozen)  # 2-D frames train the object score too
     assert any(".mask_downscaling." in n for n in frozen) is not mask_prompts
     (_loss_sequence if sequence else _loss_2d)(net, mask_prompts).backward()
     missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
@@ -299,3 +299,20 @@ def test_slice_propagation_and_the_embedding_cache_run_on_sam2(tmp_path):
     reread = EmbeddingCache(folder=tmp_path / "cache")
     again = propagate(net, volume, 3, box=(10, 12, 29, 35), config=config, recipe=recipe, cache=reread)
     assert np.array_equal(again.mask, first.mask) and reread.hits >= encoded and reread.misses == 0
+
+
+def test_decode_gives_the_object_score_of_sam2s_decoder_beside_the_masks():
+    """2-D training supervises the object score (memory propagation blanks a frame scored absent)."""
+    net = tiny().eval()
+    embeddings = net.encode(torch.rand(2, 1, 64, 64))
+    prompts = Prompts(box=[[4.0, 4.0, 40.0, 50.0], [10.0, 8.0, 60.0, 30.0]])
+    decoded: list[torch.Tensor] = []  # the mask decoder's own object-score output
+    hook = net.mask_decoder.register_forward_hook(lambda _m, _i, out: decoded.append(out[3]))
+    try:
+        with torch.no_grad():
+            logits, iou = net.decode(embeddings, prompts)
+            with_score = net.decode_with_object_score(embeddings, prompts)
+    finally:
+        hook.remove()
+    assert torch.equal(with_score[0], logits) and torch.equal(with_score[1], iou)
+    assert with_score[2].shape == (2, 1) and torch.equal(with_score[2], decoded[-1])
