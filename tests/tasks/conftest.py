@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,3 +72,28 @@ def small_synthetic_root(tmp_path_factory) -> Path:
 def compose_config():
     """:func:`compose_train` itself, for tests that compose other experiments than the tiny UNet."""
     return compose_train
+
+
+@pytest.fixture
+def ddp_digests(small_synthetic_root, tmp_path) -> Callable[..., tuple[list[str], list[str], Path]]:
+    """Train ``medseg.train <overrides>`` as DDP on 2 CPU processes (gloo); each rank's weights digest and step count,
+    and the run folder: ``(rank0, rank1, run_dir)`` with ``rank = [digest, steps]``."""
+
+    def run(overrides: list[str], steps: int, timeout: int = 600) -> tuple[list[str], list[str], Path]:
+        run_dir, digests = tmp_path / "run", tmp_path / "digests"
+        command = [
+            sys.executable, "-m", "medseg.train", *overrides, "trainer=ddp", "trainer.accelerator=cpu",
+            "trainer.devices=2", "trainer.precision=32-true", "trainer.sync_batchnorm=false",
+            f"trainer.max_steps={steps}", "evaluate=false", "resume=false",
+            "+callbacks.weights_digest._target_=medseg.tasks.callbacks.WeightsDigest",
+            f"+callbacks.weights_digest.output_dir={digests}",
+            f"paths.data_dir={small_synthetic_root}", f"hydra.run.dir={run_dir}",
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSEG_DATA": str(small_synthetic_root)}
+        result = subprocess.run(
+            command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=timeout
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        return (digests / "rank0.txt").read_text().split(), (digests / "rank1.txt").read_text().split(), run_dir
+
+    return run

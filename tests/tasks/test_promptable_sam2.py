@@ -3,10 +3,6 @@ train through SAM 2's memory; every trainable parameter gets a gradient (DDP), a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
@@ -154,21 +150,6 @@ def test_sequence_targets_follow_the_first_slice_object():
     assert sequence_targets(labels, first * 0, torch.tensor([0]), "class").sum() == 0  # no object: empty throughout
 
 
-def test_ddp_two_cpu_processes_agree(small_synthetic_root, tmp_path):
-    run_dir, digests = tmp_path / "run", tmp_path / "digests"
-    command = [
-        sys.executable, "-m", "medseg.train", *QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32-true", "trainer.sync_batchnorm=false", "trainer.max_steps=2", "evaluate=false",
-        "resume=false", "data.num_workers=0",
-        "+callbacks.weights_digest._target_=medseg.tasks.callbacks.WeightsDigest",
-        f"+callbacks.weights_digest.output_dir={digests}",
-        f"paths.data_dir={small_synthetic_root}", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSEG_DATA": str(small_synthetic_root)}
-    result = subprocess.run(
-        command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    rank0 = (digests / "rank0.txt").read_text().split()
-    rank1 = (digests / "rank1.txt").read_text().split()
+def test_ddp_two_cpu_processes_agree(ddp_digests):
+    rank0, rank1, _ = ddp_digests([*QUICK, "data.num_workers=0"], steps=2, timeout=900)
     assert rank0[1] == rank1[1] == "2" and rank0[0] == rank1[0]  # identical weights after the all-reduce
