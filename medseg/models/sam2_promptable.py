@@ -24,12 +24,12 @@ features from ``_prepare_memory_conditioned_features`` on frames after the promp
 training sees every candidate mask, its IoU and the object score, and so that the prompted frame can take correction
 clicks (``prev_sam_mask_logits``, SAM 2's own iterative refinement) before its memory is written.
 
-Parameters a training mode never uses. In 2-D frames (``decode``) the memory attention, memory encoder and object-pointer
-heads get no gradient (the object-score head does: :meth:`~Sam2PromptableSegmenter.decode_with_object_score` gives its
-logits, and the task trains them, because memory propagation masks every slice the head calls absent); in sequences the
-mask-as-output path (``mask_downsample``) and, with ``directly_add_no_mem_embed``, ``no_mem_pos_enc`` get none. DDP
-refuses parameters that receive no gradient, so :meth:`~Sam2PromptableSegmenter.freeze_unused` freezes exactly those for
-the chosen mode (the promptable task calls it).
+Parameters a training mode never uses. In 2-D frames (``decode``) the memory attention, memory encoder and
+object-pointer heads get no gradient (the object-score head does:
+:meth:`~Sam2PromptableSegmenter.decode_with_object_score` gives its logits, and the task trains them, because memory
+propagation masks every slice the head calls absent); in sequences the mask-as-output path (``mask_downsample``) and,
+with ``directly_add_no_mem_embed``, ``no_mem_pos_enc`` get none. DDP refuses parameters that receive no gradient, so
+:meth:`~Sam2PromptableSegmenter.freeze_unused` freezes exactly those for the chosen mode (the promptable task calls it).
 """
 
 from __future__ import annotations
